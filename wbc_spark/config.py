@@ -1,0 +1,181 @@
+"""Configuration: dataclass defaults, then a YAML file, then ``section.key=value`` overrides.
+
+Unknown sections or keys are errors, so a misspelt option never silently does nothing.
+Relative paths in the file are resolved against the current directory (the jobs are run
+from the repository root, as the README shows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[2]"
+    app_name: str = "wbc_spark"
+    # Extra spark.* settings, e.g. {"spark.executor.memory": "2g"}.
+    conf: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # What ingest reads: "krd_wbc" (published layout), "folder" (one sub-folder per class, or
+    # unlabelled folders) or "manifest" (a CSV with path[,label,group,slide,mask]).
+    source: str = "krd_wbc"
+    # The lake: KRD-WBC's root, an image folder, or a manifest CSV. Empty: KRD-WBC from
+    # $WBC_SPARK_KRD_WBC or ../shared/data/KRD-WBC.
+    lake: str = ""
+    dataset: str = "runs/dataset"  # ingested Parquet table (one batch=<run> folder per run)
+    quarantine: str = "runs/quarantine"  # files that could not be ingested, with the reason
+    crop_size: int = 224  # side of the cell crop stored for training and scoring
+    context: float = 1.5  # crop side / located cell's larger side (fixed cell scale)
+    min_side: int = 32  # smaller images are quarantined
+    max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
+    extensions: list = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp",
+                                                      ".tif", ".tiff"])
+
+
+@dataclass
+class ModelConfig:
+    source: str = "bvlc"  # "bvlc" (raw Caffe blobs, offline) or "torchvision" (download)
+    weights_dir: str = ""  # explicit BVLC folder; empty: the documented lookup order
+    freeze_until: str = "inception4e"  # this block and every block before it stay frozen
+    dropout: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    num_processes: int = 2  # TorchDistributor processes (GPUs when use_gpu)
+    use_gpu: bool = False
+    local_mode: bool = True  # True: processes on the driver; False: on executors
+    epochs: int = 8
+    batch_size: int = 32  # per process
+    lr: float = 3e-3  # for the new head; upper Inception blocks get lr * block_lr_factor
+    block_lr_factor: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    class_weighting: str = "inverse_sqrt"  # "none", "inverse", "inverse_sqrt"
+    seed: int = 0
+    folds: int = 5
+    test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
+    val_fraction: float = 0.2  # of the remaining data, for choosing the epoch and temperature
+    threads_per_process: int = 1
+    output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
+    petastorm_cache: str = "runs/petastorm_cache"
+
+
+@dataclass
+class ScoreConfig:
+    input: str = ""  # image folder (recursive), glob, or an ingested Parquet dataset
+    model: str = "runs/model/model.pt"
+    results: str = "runs/results"  # per-image table; per-class table in <results>_per_class
+    batch_size: int = 64  # Arrow records per batch sent to the UDF
+    threads_per_worker: int = 1
+
+
+@dataclass
+class Config:
+    classes: list = field(default_factory=lambda: list(CLASSES))
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _apply(target: Any, values: dict, where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {where}{key!r}; valid keys: {', '.join(sorted(names))}"
+            )
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a mapping, got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, _coerce(value, current, f"{where}{key}"))
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            return type(current)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(current, str):
+        return "" if value is None else str(value)
+    return value
+
+
+def parse_override(text: str) -> dict:
+    """``train.epochs=3`` -> ``{"train": {"epochs": 3}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    out: dict = {}
+    node = out
+    parts = dotted.lstrip("-").split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``section.key=value`` override."""
+    config = Config()
+    if path:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: must hold a mapping of sections")
+        _apply(config, values, "")
+    for item in overrides or []:
+        _apply(config, parse_override(item), "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Refuse settings that cannot work, naming the valid choices."""
+    from wbc_spark.model.googlenet import BLOCKS
+    from wbc_spark.model.weights import SOURCES
+
+    if config.data.source not in ("krd_wbc", "folder", "manifest"):
+        raise ConfigError(f"data.source={config.data.source!r}; choose krd_wbc, folder or "
+                          "manifest")
+    if config.model.source not in SOURCES:
+        raise ConfigError(f"model.source={config.model.source!r}; choose one of "
+                          f"{', '.join(SOURCES)}")
+    if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
+        raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
+                          f"one of {', '.join(BLOCKS[:-1])}")
+    if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
+        raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
+    if not 0 <= config.train.test_fold < config.train.folds:
+        raise ConfigError(f"train.test_fold must be in 0..{config.train.folds - 1}")
+    if len(set(config.classes)) != len(config.classes) or len(config.classes) < 2:
+        raise ConfigError("classes must be at least two distinct names")

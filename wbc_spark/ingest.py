@@ -1,0 +1,289 @@
+"""Image lake -> validated Parquet dataset (plus a quarantine table for files that fail).
+
+Spark lists and reads the files in parallel (``binaryFile``); ``process_batch`` decodes and
+checks each one, hashes it, locates the white cell and stores its crop at the network's input
+size, so training and scoring never decode a full frame again.
+
+Dataset schema (``DATASET_SCHEMA``), one row per good image:
+
+==============  =========  ================================================================
+column          type       meaning
+==============  =========  ================================================================
+image_id        string     stable ID (``krd-wbc/image12``, or the path relative to the lake)
+path            string     the file's path as Spark lists it (``file:/...``)
+source          string     krd_wbc, folder or manifest
+sha256          string     SHA-256 of the file's bytes
+width, height   int        of the original image
+label           string     class name, null when unlabelled
+group           string     images that must stay on one side of a split share it
+slide           string     slide or session, null when unknown
+mask            binary     ground-truth cell mask as PNG (thresholded > 127), or null
+image           binary     the original file's bytes
+crop            binary     cell crop, crop_size x crop_size x 3 uint8 RGB, row-major
+crop_size       int        side of ``crop``
+crop_box        array<int> left, top, side of the crop in the original image
+cell_found      boolean    false when no stained cell stood out (centre crop used)
+cell_iou        double     IoU of the located cell with the true mask (null without mask)
+file_length     long       bytes, as listed
+file_mtime      timestamp  modification time, as listed
+ingested_at     timestamp  when this run processed it
+==============  =========  ================================================================
+
+Quarantine schema (``QUARANTINE_SCHEMA``): path, image_id, source, label, reason, file_length,
+file_mtime, ingested_at.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from wbc_spark import images, tables
+from wbc_spark.config import Config
+from wbc_spark.sources import CATALOG_COLUMNS, folder, krd_wbc, manifest
+from wbc_spark.transforms import cell_crop, mask_iou
+
+log = logging.getLogger(__name__)
+
+DATASET_SCHEMA = T.StructType([
+    T.StructField("image_id", T.StringType()),
+    T.StructField("path", T.StringType()),
+    T.StructField("source", T.StringType()),
+    T.StructField("sha256", T.StringType()),
+    T.StructField("width", T.IntegerType()),
+    T.StructField("height", T.IntegerType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("group", T.StringType()),
+    T.StructField("slide", T.StringType()),
+    T.StructField("mask", T.BinaryType()),
+    T.StructField("image", T.BinaryType()),
+    T.StructField("crop", T.BinaryType()),
+    T.StructField("crop_size", T.IntegerType()),
+    T.StructField("crop_box", T.ArrayType(T.IntegerType())),
+    T.StructField("cell_found", T.BooleanType()),
+    T.StructField("cell_iou", T.DoubleType()),
+    T.StructField("file_length", T.LongType()),
+    T.StructField("file_mtime", T.TimestampType()),
+    T.StructField("ingested_at", T.TimestampType()),
+])
+QUARANTINE_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("image_id", T.StringType()),
+    T.StructField("source", T.StringType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("reason", T.StringType()),
+    T.StructField("file_length", T.LongType()),
+    T.StructField("file_mtime", T.TimestampType()),
+    T.StructField("ingested_at", T.TimestampType()),
+])
+# What process_batch emits: the dataset columns plus the reason (null when the file is good).
+PROCESSED_SCHEMA = T.StructType(DATASET_SCHEMA.fields + [T.StructField("reason", T.StringType())])
+
+
+class DuplicateLabelError(ValueError):
+    """One file content carries two different labels."""
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    crop_size: int = 224
+    context: float = 1.5
+    min_side: int = 32
+    max_pixels: int = 40_000_000
+
+    @classmethod
+    def from_config(cls, config: Config) -> IngestSettings:
+        d = config.data
+        return cls(d.crop_size, d.context, d.min_side, d.max_pixels)
+
+
+def process_row(row: dict, settings: IngestSettings) -> dict:
+    """Decode, check and crop one file; on failure the row carries ``reason``."""
+    out = {name: row.get(name) for name in PROCESSED_SCHEMA.fieldNames()}
+    content = row.get("content")
+    out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size, reason=None)
+    if content is None:
+        out["reason"] = "file listed but not found"
+        return out
+    out["sha256"] = images.sha256(content)
+    try:
+        img = images.decode(content, min_side=settings.min_side, max_pixels=settings.max_pixels)
+        out["width"], out["height"] = img.size
+        crop, box, estimate = cell_crop(img, settings.crop_size, context=settings.context)
+        if row.get("mask_content") is not None:
+            truth = images.decode_mask(row["mask_content"], img.size)
+            out["mask"] = images.encode_png(truth)
+            out["cell_iou"] = mask_iou(estimate, truth)
+        elif row.get("mask_path"):
+            raise images.BadImage(f"mask {row['mask_path']} not found")
+    except images.BadImage as exc:
+        out["reason"] = str(exc)
+        return out
+    except Exception as exc:  # a bad file must never stop the batch: record and go on
+        out["reason"] = f"unexpected {type(exc).__name__}: {exc}"
+        return out
+    out.update(image=content, crop=crop.tobytes(), crop_box=[box.left, box.top, box.side],
+               cell_found=box.found)
+    return out
+
+
+def process_batch(frames, settings: IngestSettings):
+    """``mapInPandas`` body: each input frame of files -> frame of ``PROCESSED_SCHEMA`` rows."""
+    names = PROCESSED_SCHEMA.fieldNames()
+    for pdf in frames:
+        now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
+        rows = [process_row(r, settings) for r in pdf.to_dict("records")]
+        out = pd.DataFrame(rows, columns=names)
+        out["ingested_at"] = now
+        for col in ("width", "height", "crop_size"):
+            out[col] = out[col].astype("Int32")
+        yield out
+
+
+def _strip_scheme(col):
+    return F.regexp_replace(col, r"^file:(//)?", "")
+
+
+def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
+    """The lake's catalog joined with its files' bytes; returns (frame, lake description)."""
+    d = config.data
+    if d.source == "folder":
+        if not d.lake:
+            raise ValueError("data.lake must name the image folder for data.source=folder")
+        lake = str(Path(d.lake).resolve()) if "://" not in d.lake else d.lake
+        files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+                 .load(lake))
+        meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
+                                    ("image_id", "label", "group", "slide")])
+        classes = list(config.classes)
+
+        @F.udf(meta_schema)
+        def meta(path):
+            return folder.path_metadata(path, lake, classes)
+
+        files = files.withColumn("_m", meta("path"))
+        df = files.select(
+            F.col("_m.image_id").alias("image_id"), "path", F.lit("folder").alias("source"),
+            F.col("_m.label").alias("label"), F.col("_m.group").alias("group"),
+            F.col("_m.slide").alias("slide"), F.lit(None).cast("string").alias("mask_path"),
+            F.lit(None).cast("binary").alias("mask_content"), "content",
+            F.col("length").alias("file_length"), F.col("modificationTime").alias("file_mtime"),
+        )
+        return df, lake
+    if d.source == "krd_wbc":
+        root = Path(d.lake) if d.lake else krd_wbc.default_root()
+        cat = krd_wbc.catalog(root, config.classes)
+        lake = str(root)
+    else:
+        cat = manifest.catalog(d.lake, config.classes)
+        lake = d.lake
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in CATALOG_COLUMNS])
+    cat_df = spark.createDataFrame(cat.astype(object).where(cat.notna(), None), schema)
+    image_dirs = sorted({str(Path(p).parent) for p in cat["path"]})
+    files = (spark.read.format("binaryFile").load(image_dirs)
+             .withColumn("_local", _strip_scheme(F.col("path"))))
+    df = cat_df.join(files.select("_local", F.col("path").alias("uri"), "content",
+                                  F.col("length").alias("file_length"),
+                                  F.col("modificationTime").alias("file_mtime")),
+                     cat_df.path == F.col("_local"), "left")
+    mask_paths = [p for p in cat["mask_path"].dropna()]
+    if mask_paths:
+        mask_dirs = sorted({str(Path(p).parent) for p in mask_paths})
+        masks = (spark.read.format("binaryFile").load(mask_dirs)
+                 .select(_strip_scheme(F.col("path")).alias("_mask_local"),
+                         F.col("content").alias("mask_content")))
+        df = df.join(masks, df.mask_path == F.col("_mask_local"), "left")
+    else:
+        df = df.withColumn("mask_content", F.lit(None).cast("binary"))
+    df = df.select(
+        "image_id", F.coalesce("uri", F.concat(F.lit("file:"), cat_df.path)).alias("path"),
+        "source", "label", "group", "slide", "mask_path", "mask_content", "content",
+        "file_length", "file_mtime",
+    )
+    return df, lake
+
+
+@dataclass
+class IngestSummary:
+    read: int
+    written: int
+    quarantined: int
+    duplicates: int
+    skipped_known: int
+    run_id: str
+
+    def line(self) -> str:
+        return (f"ingest: read {self.read}, written {self.written}, quarantined "
+                f"{self.quarantined}, duplicates {self.duplicates}, already ingested "
+                f"{self.skipped_known} (run {self.run_id})")
+
+
+def duplicate_report(df: DataFrame) -> pd.DataFrame:
+    """Contents present more than once: sha256, paths and labels (small: aggregates only)."""
+    groups = (df.groupBy("sha256")
+              .agg(F.count("*").alias("n"), F.sort_array(F.collect_list("path")).alias("paths"),
+                   F.collect_set("label").alias("labels"))
+              .where("n > 1"))
+    return groups.toPandas()
+
+
+def check_duplicate_labels(report: pd.DataFrame) -> None:
+    """Refuse one content with two labels, naming the files."""
+    for row in report.itertuples():
+        labels = sorted(set(row.labels))
+        if len(labels) > 1:
+            raise DuplicateLabelError(
+                f"same image content (sha256 {row.sha256[:12]}) labelled {' and '.join(labels)}"
+                f": {' and '.join(row.paths)}; fix the labels in the lake and run ingest again"
+            )
+
+
+def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
+    """Ingest the configured lake; idempotent (files already ingested or quarantined skip)."""
+    settings = IngestSettings.from_config(config)
+    run_id = tables.new_run_id()
+    dataset, quarantine = config.data.dataset, config.data.quarantine
+    for table in (dataset, quarantine):
+        tables.clear_staging(spark, table)
+    files, lake = _catalog(spark, config)
+    log.info("ingesting %s (%s) into %s", lake, config.data.source, dataset)
+
+    # Skip what an earlier run already handled (same path, size and time): nothing is added
+    # twice, and a replaced file (new size or time) is ingested again.
+    key = ["path", "file_length", "file_mtime"]
+    known = (tables.read(spark, dataset, DATASET_SCHEMA).select(*key)
+             .unionByName(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select(*key)))
+    listed = files.count()
+    fresh = files.join(known, key, "left_anti")
+
+    processed = fresh.mapInPandas(lambda it: process_batch(it, settings), PROCESSED_SCHEMA)
+    processed = processed.persist()
+    try:
+        good = processed.where(F.col("reason").isNull()).drop("reason")
+        bad = processed.where(F.col("reason").isNotNull()).select(
+            *QUARANTINE_SCHEMA.fieldNames())
+        n_good, n_bad = good.count(), bad.count()
+        existing = tables.read(spark, dataset, DATASET_SCHEMA).select("sha256", "path", "label")
+        report = duplicate_report(good.select("sha256", "path", "label").unionByName(existing))
+        check_duplicate_labels(report)
+        for row in report.itertuples():
+            log.warning("duplicate content %s: %s", row.sha256[:12], ", ".join(row.paths))
+        if n_good:
+            tables.append(good, dataset, run_id, kind="batch",
+                          partitions=max(1, n_good // 256))
+        if n_bad:
+            tables.append(bad, quarantine, run_id, kind="batch", partitions=1)
+            for r in bad.select("path", "reason").limit(20).toLocalIterator():
+                log.warning("quarantined %s: %s", r.path, r.reason)
+    finally:
+        processed.unpersist()
+    return IngestSummary(read=listed, written=n_good, quarantined=n_bad,
+                         duplicates=int(sum(report["n"] - 1)) if len(report) else 0,
+                         skipped_known=listed - n_good - n_bad, run_id=run_id)

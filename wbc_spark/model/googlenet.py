@@ -1,0 +1,116 @@
+"""GoogLeNet (Inception v1) in the two flavours wbc_spark can load pretrained weights into.
+
+``BVLCGoogLeNet`` is the original Caffe network (Szegedy et al. 2014) exactly as the BVLC model
+zoo trained it. It differs from torchvision's ``googlenet`` in four ways that matter for the
+pretrained weights (see ``shared/weights/bvlc_googlenet/PROVENANCE.md``):
+
+* the "5x5" branch of each Inception block is a real 5x5 convolution (torchvision uses 3x3,
+  pytorch/vision#906);
+* LocalResponseNorm after pool1 and after conv2; without them the activations drift and the
+  ImageNet predictions are wrong;
+* every max-pool rounds its output size up (Caffe), which ``ceil_mode=True`` reproduces;
+* convolutions carry biases and there is no BatchNorm.
+
+Block names follow torchvision (``conv1``, ``conv2``, ``inception3a`` ... ``inception5b``,
+``fc``) so that ``freeze_until`` means the same thing for both flavours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# (in, 1x1, 3x3_reduce, 3x3, 5x5_reduce, 5x5, pool_proj) for each Inception block.
+INCEPTION_CONFIG: dict[str, tuple[int, int, int, int, int, int, int]] = {
+    "inception3a": (192, 64, 96, 128, 16, 32, 32),
+    "inception3b": (256, 128, 128, 192, 32, 96, 64),
+    "inception4a": (480, 192, 96, 208, 16, 48, 64),
+    "inception4b": (512, 160, 112, 224, 24, 64, 64),
+    "inception4c": (512, 128, 128, 256, 24, 64, 64),
+    "inception4d": (512, 112, 144, 288, 32, 64, 64),
+    "inception4e": (528, 256, 160, 320, 32, 128, 128),
+    "inception5a": (832, 256, 160, 320, 32, 128, 128),
+    "inception5b": (832, 384, 192, 384, 48, 128, 128),
+}
+
+#: The network's blocks in forward order; ``freeze_until`` names one of them.
+BLOCKS: tuple[str, ...] = ("conv1", "conv2", *INCEPTION_CONFIG, "fc")
+
+
+def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, bias=True), nn.ReLU(inplace=True))
+
+
+class Inception(nn.Module):
+    """One Caffe Inception block: four branches concatenated along channels."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pp: int) -> None:
+        super().__init__()
+        self.branch1 = _conv_relu(cin, c1, 1)
+        self.branch2 = nn.Sequential(_conv_relu(cin, c3r, 1), _conv_relu(c3r, c3, 3, pad=1))
+        self.branch3 = nn.Sequential(_conv_relu(cin, c5r, 1), _conv_relu(c5r, c5, 5, pad=2))
+        self.branch4 = nn.Sequential(
+            nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), _conv_relu(cin, pp, 1)
+        )
+        self.out_channels = c1 + c3 + c5 + pp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class BVLCGoogLeNet(nn.Module):
+    """The BVLC Caffe GoogLeNet. Input: BGR, 0..255, minus the Caffe mean, 224 x 224."""
+
+    def __init__(self, *, num_classes: int = 1000, dropout: float = 0.4) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            _conv_relu(3, 64, 7, stride=2, pad=3),
+            nn.MaxPool2d(3, stride=2, ceil_mode=True),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+        )
+        self.conv2 = nn.Sequential(
+            _conv_relu(64, 64, 1),
+            _conv_relu(64, 192, 3, pad=1),
+            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+            nn.MaxPool2d(3, stride=2, ceil_mode=True),
+        )
+        for name, cfg in INCEPTION_CONFIG.items():
+            self.add_module(name, Inception(*cfg))
+        self.pool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.pool4 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1024, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled 1024-d features of a batch (N x 1024)."""
+        x = self.conv2(self.conv1(x))  # N x 192 x 28 x 28
+        x = self.inception3b(self.inception3a(x))  # N x 480 x 28 x 28
+        x = self.pool3(x)  # N x 480 x 14 x 14
+        for name in ("inception4a", "inception4b", "inception4c", "inception4d", "inception4e"):
+            x = getattr(self, name)(x)
+        x = self.pool4(x)  # N x 832 x 7 x 7
+        x = self.inception5b(self.inception5a(x))  # N x 1024 x 7 x 7
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x)))
+
+
+def caffe_blob_names() -> dict[str, str]:
+    """Map each ``BVLCGoogLeNet`` parameter name to its blob path (without ``_filter/_bias``)."""
+    names: dict[str, str] = {
+        "conv1.0.0": "conv1/7x7_s2",
+        "conv2.0.0": "conv2/3x3_reduce",
+        "conv2.1.0": "conv2/3x3",
+        "fc": "loss3/classifier",
+    }
+    for block in INCEPTION_CONFIG:
+        caffe = f"inception_{block[-2:]}"
+        names[f"{block}.branch1.0"] = f"{caffe}/1x1"
+        names[f"{block}.branch2.0.0"] = f"{caffe}/3x3_reduce"
+        names[f"{block}.branch2.1.0"] = f"{caffe}/3x3"
+        names[f"{block}.branch3.0.0"] = f"{caffe}/5x5_reduce"
+        names[f"{block}.branch3.1.0"] = f"{caffe}/5x5"
+        names[f"{block}.branch4.1.0"] = f"{caffe}/pool_proj"
+    return names
