@@ -1,0 +1,124 @@
+"""The self-describing model artifact: weights plus everything needed to use and trust them.
+
+Saved with ``torch.save`` as a dict of tensors and plain Python values, so it loads with
+``torch.load(path, weights_only=True)`` (no pickled code runs on load). Written atomically:
+a temporary file in the same folder, fsynced, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from wbc_spark.model.transfer import WBCNet, rebuild
+from wbc_spark.model.weights import InputConvention
+
+FORMAT = "wbc_spark.model/1"
+REQUIRED = ("format", "model_id", "classes", "state_dict", "preprocessing", "architecture",
+            "temperature")
+
+
+class ArtifactError(ValueError):
+    """A model artifact is unreadable, incomplete, or does not fit the request."""
+
+
+def versions() -> dict:
+    import numpy
+    import pyarrow
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+           "pyarrow": pyarrow.__version__}
+    try:
+        import pyspark
+
+        out["pyspark"] = pyspark.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: str,
+         convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
+         metrics: dict, temperature: float = 1.0) -> str:
+    """Atomically write the artifact; return its model ID (a digest of the weights)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode())
+        digest.update(state[k].numpy().tobytes())
+    model_id = digest.hexdigest()[:16]
+    payload = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "classes": list(classes),
+        "state_dict": state,
+        "architecture": {"name": "googlenet", "source": source,
+                         "freeze_until": model.freeze_until,
+                         "dropout": float(model.dropout.p)},
+        "preprocessing": {**preprocessing, "input_convention": convention.to_dict()},
+        "temperature": float(temperature),
+        "config": config,
+        "weights_provenance": provenance,
+        "versions": versions(),
+        "metrics": metrics,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return model_id
+
+
+def load(path: str | os.PathLike, *, expected_classes: list[str] | None = None
+         ) -> tuple[WBCNet, dict]:
+    """Load an artifact safely; refuse one that is incomplete or made for other classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: model artifact not found; train one with "
+                            "jobs/train_distributed.py or set score.model")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable wbc_spark model artifact "
+                            f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} artifact")
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise ArtifactError(f"{path}: artifact lacks {', '.join(missing)}")
+    classes = list(payload["classes"])
+    if expected_classes is not None and list(expected_classes) != classes:
+        raise ArtifactError(
+            f"{path}: model is for classes {classes}, but {list(expected_classes)} were asked "
+            "for; use a model trained for these classes or change 'classes' in the config"
+        )
+    arch = payload["architecture"]
+    convention = InputConvention.from_dict(payload["preprocessing"]["input_convention"])
+    model = rebuild(arch["source"], convention, len(classes), arch["freeze_until"],
+                    arch.get("dropout", 0.4))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: weights do not fit the declared architecture: "
+                            f"{str(exc).splitlines()[0]}") from None
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta

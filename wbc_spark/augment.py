@@ -1,0 +1,99 @@
+"""Training augmentation on cell crops (uint8 RGB), chosen for what differs between labs.
+
+* the eight flips and rotations (a cell has no up);
+* cell scale jitter of +-12% (locators and microscopes differ);
+* stain colour jitter: hue, saturation, brightness and contrast shifts of the size seen
+  between Wright-Giemsa labs, so the model cannot key on one lab's background tint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    scale: float = 0.12
+    hue: float = 0.04  # fraction of the hue circle (0.04 ~ 14 degrees)
+    saturation: float = 0.3
+    brightness: float = 0.15
+    contrast: float = 0.15
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """float RGB in 0..1 (... x 3) -> HSV in 0..1."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    maxc = rgb.max(-1)
+    minc = rgb.min(-1)
+    v = maxc
+    delta = maxc - minc
+    s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-8), 0)
+    safe = np.maximum(delta, 1e-8)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = np.where(r == maxc, bc - gc, np.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
+    return np.stack([h, s, v], -1)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    i = np.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.astype(np.int32) % 6
+    conds = [i == k for k in range(6)]
+    r = np.select(conds, [v, q, p, p, t, v])
+    g = np.select(conds, [t, v, v, q, p, p])
+    b = np.select(conds, [p, p, t, v, v, q])
+    return np.stack([r, g, b], -1)
+
+
+def stain_shift(image: np.ndarray, hue: float, saturation: float, brightness: float,
+                contrast: float) -> np.ndarray:
+    """Shift one uint8 RGB image's stain colour: hue by ``hue`` (circle fraction), scale
+    saturation, brightness and contrast by the given factors."""
+    hsv = rgb_to_hsv(image.astype(np.float32) / 255.0)
+    hsv[..., 0] = (hsv[..., 0] + hue) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
+    rgb = hsv_to_rgb(hsv) * brightness
+    mean = rgb.mean()
+    rgb = (rgb - mean) * contrast + mean
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def rescale(image: np.ndarray, factor: float) -> np.ndarray:
+    """Zoom a square crop by ``factor`` about its centre, keeping its size (reflect pad)."""
+    size = image.shape[0]
+    if abs(factor - 1) < 1e-3:
+        return image
+    src = size / factor  # side of the source square that maps onto the output
+    if src <= size:
+        off = (size - src) / 2
+        box = (off, off, off + src, off + src)
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
+    pad = int(np.ceil((src - size) / 2))
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    off = pad - (src - size) / 2
+    box = (off, off, off + src, off + src)
+    return np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR, box=box))
+
+
+def augment(image: np.ndarray, rng: np.random.Generator,
+            settings: AugmentSettings = AugmentSettings()) -> np.ndarray:
+    """One random training view of a uint8 RGB crop."""
+    k = int(rng.integers(8))
+    out = np.rot90(image, k % 4)
+    if k >= 4:
+        out = out[:, ::-1]
+    out = np.ascontiguousarray(out)
+    out = rescale(out, float(np.exp(rng.uniform(-settings.scale, settings.scale))))
+    return stain_shift(
+        out,
+        hue=float(rng.uniform(-settings.hue, settings.hue)),
+        saturation=float(np.exp(rng.uniform(-settings.saturation, settings.saturation))),
+        brightness=float(np.exp(rng.uniform(-settings.brightness, settings.brightness))),
+        contrast=float(np.exp(rng.uniform(-settings.contrast, settings.contrast))),
+    )

@@ -1,0 +1,154 @@
+"""Transfer learning: split GoogLeNet into frozen and trainable stages, replace the head.
+
+``WBCNet`` takes uint8 RGB images (N x H x W x 3) and does the input convention itself, so
+every caller (training, scoring, benchmarks) feeds the same thing and no caller can get the
+channel order or mean wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
+from wbc_spark.model.weights import InputConvention, PretrainedModel, build_architecture
+
+log = logging.getLogger(__name__)
+
+
+class Normalize(nn.Module):
+    """uint8 RGB N x H x W x 3 -> the network's float N x 3 x H x W input."""
+
+    def __init__(self, convention: InputConvention) -> None:
+        super().__init__()
+        self.bgr = convention.channel_order == "BGR"
+        self.scale = convention.scale
+        self.register_buffer("mean", torch.tensor(convention.mean).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(convention.std).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        if self.bgr:
+            x = x.flip(1)
+        return (x * self.scale - self.mean) / self.std
+
+
+class _TorchvisionInput(nn.Module):
+    """torchvision's GoogLeNet re-maps ImageNet-normalised input internally; keep that step."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net._transform_input(x)
+
+
+def googlenet_stages(net: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """The network as named stages in forward order; block names are those of ``BLOCKS``."""
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    if isinstance(net, BVLCGoogLeNet):
+        stages["conv1"] = net.conv1
+        stages["conv2"] = net.conv2
+    else:  # torchvision.models.GoogLeNet
+        stages["input"] = _TorchvisionInput(net)
+        stages["conv1"] = nn.Sequential(net.conv1, net.maxpool1)
+        stages["conv2"] = nn.Sequential(net.conv2, net.conv3, net.maxpool2)
+    stages["inception3a"] = net.inception3a
+    stages["inception3b"] = net.inception3b
+    stages["pool3"] = net.pool3 if isinstance(net, BVLCGoogLeNet) else net.maxpool3
+    for name in ("inception4a", "inception4b", "inception4c", "inception4d", "inception4e"):
+        stages[name] = getattr(net, name)
+    stages["pool4"] = net.pool4 if isinstance(net, BVLCGoogLeNet) else net.maxpool4
+    stages["inception5a"] = net.inception5a
+    stages["inception5b"] = net.inception5b
+    stages["avgpool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return stages
+
+
+class WBCNet(nn.Module):
+    """GoogLeNet trunk (frozen up to ``freeze_until``), trainable upper blocks, new head."""
+
+    def __init__(self, net: nn.Module, convention: InputConvention, num_classes: int, *,
+                 freeze_until: str = "inception4e", dropout: float = 0.4) -> None:
+        super().__init__()
+        stages = googlenet_stages(net)
+        names = list(stages)
+        if freeze_until == "none":
+            cut = 0
+        elif freeze_until in names:
+            cut = names.index(freeze_until) + 1
+        else:
+            raise ValueError(f"freeze_until={freeze_until!r}; choose none or one of "
+                             f"{', '.join(BLOCKS[:-1])}")
+        # Pooling stages right after the cut hold no weights: keep them with the frozen part
+        # so the cached/frozen output is as small as possible.
+        while cut < len(names) and names[cut].startswith("pool"):
+            cut += 1
+        self.normalize = Normalize(convention)
+        self.frozen = nn.Sequential(OrderedDict((n, stages[n]) for n in names[:cut]))
+        self.trainable = nn.Sequential(OrderedDict((n, stages[n]) for n in names[cut:]))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(1024, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        self.freeze_until = freeze_until
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "WBCNet":
+        super().train(mode)
+        self.frozen.eval()  # frozen layers never switch to training behaviour
+        return self
+
+    def embed_frozen(self, images: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen part for uint8 N x H x W x 3 images (no gradient)."""
+        with torch.no_grad():
+            return self.frozen(self.normalize(images))
+
+    def head(self, frozen_out: torch.Tensor) -> torch.Tensor:
+        """Trainable part: frozen-part output -> class logits."""
+        return self.fc(self.dropout(self.trainable(frozen_out)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed_frozen(images))
+
+
+def parameter_summary(model: WBCNet) -> dict:
+    """Frozen and trainable parameter counts, by stage."""
+    frozen = {n: sum(p.numel() for p in m.parameters()) for n, m in model.frozen.named_children()}
+    trained = {n: sum(p.numel() for p in m.parameters())
+               for n, m in model.trainable.named_children()}
+    trained["fc"] = sum(p.numel() for p in model.fc.parameters())
+    return {
+        "frozen_stages": [n for n, c in frozen.items() if c],
+        "trainable_stages": [n for n, c in trained.items() if c],
+        "frozen_parameters": sum(frozen.values()),
+        "trainable_parameters": sum(trained.values()),
+    }
+
+
+def build_classifier(pretrained: PretrainedModel, num_classes: int, *,
+                     freeze_until: str = "inception4e", dropout: float = 0.4) -> WBCNet:
+    """Replace the 1000-way ImageNet classifier with a ``num_classes`` head and freeze."""
+    model = WBCNet(pretrained.model, pretrained.convention, num_classes,
+                   freeze_until=freeze_until, dropout=dropout)
+    s = parameter_summary(model)
+    log.info("replaced classifier fc (1000 -> %d classes; ImageNet fc weights dropped)",
+             num_classes)
+    log.info("frozen: %s (%d parameters); trained: %s (%d parameters)",
+             ", ".join(s["frozen_stages"]) or "nothing", s["frozen_parameters"],
+             ", ".join(s["trainable_stages"]), s["trainable_parameters"])
+    return model
+
+
+def rebuild(source: str, convention: InputConvention, num_classes: int, freeze_until: str,
+            dropout: float = 0.4) -> WBCNet:
+    """An untrained ``WBCNet`` with the right structure for a saved state dict."""
+    return WBCNet(build_architecture(source, 1000), convention, num_classes,
+                  freeze_until=freeze_until, dropout=dropout)

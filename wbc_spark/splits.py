@@ -1,0 +1,69 @@
+"""Grouped, stratified splits: images of one group (or one content) never straddle a split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+
+def split_groups(meta: pd.DataFrame) -> np.ndarray:
+    """One integer group per row: rows sharing ``group`` or ``sha256`` are joined (union-find).
+
+    ``group`` carries known near-duplicates (e.g. KRD-WBC's same field photographed twice);
+    ``sha256`` catches byte-identical files that nobody listed.
+    """
+    parent = list(range(len(meta)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for column in ("group", "sha256"):
+        if column not in meta:
+            continue
+        first: dict = {}
+        for i, key in enumerate(meta[column].tolist()):
+            if key is None or (isinstance(key, float) and np.isnan(key)):
+                continue
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    roots = [find(i) for i in range(len(meta))]
+    _, ids = np.unique(roots, return_inverse=True)
+    return ids
+
+
+def assign_folds(meta: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..folds-1) per row, grouped by ``split_groups`` and stratified by label."""
+    groups = split_groups(meta)
+    labels = meta["label"].to_numpy()
+    counts = pd.Series(labels).value_counts()
+    if counts.min() < folds:
+        raise ValueError(f"class {counts.idxmin()!r} has {counts.min()} images, fewer than "
+                         f"{folds} folds; lower train.folds")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold = np.full(len(meta), -1)
+    for k, (_, test_idx) in enumerate(splitter.split(np.zeros(len(meta)), labels, groups)):
+        fold[test_idx] = k
+    return fold
+
+
+def train_val_test(meta: pd.DataFrame, *, folds: int, test_fold: int, val_fraction: float,
+                   seed: int) -> np.ndarray:
+    """"train", "val" or "test" per row.
+
+    The test fold is one of ``folds`` grouped stratified folds; the validation part is split
+    off the remaining rows the same way (about ``val_fraction`` of them), so choosing the epoch
+    and calibrating never look at the test fold.
+    """
+    outer = assign_folds(meta, folds, seed)
+    role = np.where(outer == test_fold, "test", "train").astype(object)
+    rest = np.flatnonzero(outer != test_fold)
+    inner_folds = max(2, int(round(1 / val_fraction)))
+    inner = assign_folds(meta.iloc[rest].reset_index(drop=True), inner_folds, seed + 1)
+    role[rest[inner == 0]] = "val"
+    return role

@@ -1,0 +1,91 @@
+"""Driver side of distributed training: split, petastorm converters, TorchDistributor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from wbc_spark import tables
+from wbc_spark.config import Config
+from wbc_spark.ingest import DATASET_SCHEMA
+from wbc_spark.splits import train_val_test
+from wbc_spark.train import Recipe, distributed_worker
+
+log = logging.getLogger(__name__)
+
+
+def _uri(path: str) -> str:
+    return path if "://" in path else Path(path).resolve().as_uri()
+
+
+def run_training(spark: SparkSession, config: Config) -> dict:
+    """Train on the ingested dataset with TorchDistributor; return rank 0's summary."""
+    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    t = config.train
+    classes = list(config.classes)
+    if not tables.has_data(spark, config.data.dataset):
+        raise FileNotFoundError(f"{config.data.dataset}: no ingested dataset; run "
+                                "jobs/ingest.py first")
+    data = tables.read(spark, config.data.dataset, DATASET_SCHEMA)
+    labelled = data.where(F.col("label").isin(classes))
+    others = data.where(F.col("label").isNotNull() & ~F.col("label").isin(classes)).count()
+    if others:
+        raise ValueError(f"{others} images carry labels outside classes {classes}; refusing "
+                         "to drop them silently (set 'classes' or fix the labels)")
+    sizes = [r.crop_size for r in labelled.select("crop_size").distinct().collect()]
+    if sizes != [config.data.crop_size]:
+        raise ValueError(f"dataset crops are {sizes}, config wants {config.data.crop_size}; "
+                         "ingest again with the same data.crop_size")
+    # Metadata only (no pixels) comes to the driver to compute the grouped split.
+    meta = (labelled.select("image_id", "sha256", "label", "group").orderBy("image_id")
+            .toPandas())
+    roles = train_val_test(meta, folds=t.folds, test_fold=t.test_fold,
+                           val_fraction=t.val_fraction, seed=t.seed)
+    meta["role"] = roles
+    meta["row"] = np.arange(len(meta))
+    meta["label_index"] = meta["label"].map({c: i for i, c in enumerate(classes)})
+    split_sizes = {r: int((roles == r).sum()) for r in ("train", "val", "test")}
+    counts = [int(((roles == "train") & (meta["label"] == c)).sum()) for c in classes]
+    log.info("split (grouped, stratified, test fold %d of %d): %s; train per class %s",
+             t.test_fold, t.folds, split_sizes, dict(zip(classes, counts)))
+    for c, n in zip(classes, counts):
+        if n == 0:
+            raise ValueError(f"class {c} has no training images after the split")
+
+    roles_df = spark.createDataFrame(meta[["image_id", "role", "row", "label_index"]])
+    joined = labelled.join(roles_df, "image_id").select("crop", "label_index", "row", "role")
+    spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, _uri(t.petastorm_cache))
+    world = max(1, t.num_processes)
+    converters = {}
+    try:
+        for role in ("train", "val", "test"):
+            part = joined.where(F.col("role") == role).drop("role")
+            # Small row groups: petastorm shards by row group, so each rank needs several.
+            converters[role] = make_spark_converter(
+                part.repartition(max(2, 2 * world)), parquet_row_group_size_bytes=1 << 20)
+        job = {
+            "classes": classes, "recipe": Recipe.from_config(t).__dict__,
+            "model_source": config.model.source, "weights_dir": config.model.weights_dir,
+            "freeze_until": config.model.freeze_until, "dropout": config.model.dropout,
+            "crop_size": config.data.crop_size, "context": config.data.context,
+            "threads_per_process": t.threads_per_process, "use_gpu": t.use_gpu,
+            "n_train": split_sizes["train"], "class_counts": counts,
+            "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,
+            "image_ids": meta["image_id"].tolist(), "output": str(Path(t.output).resolve()),
+            "config": config.to_dict(),
+            "conv_train": converters["train"], "conv_val": converters["val"],
+            "conv_test": converters["test"],
+        }
+        distributor = TorchDistributor(num_processes=world, local_mode=t.local_mode,
+                                       use_gpu=t.use_gpu)
+        summary = distributor.run(distributed_worker, job)
+    finally:
+        for conv in converters.values():
+            conv.delete()
+    return summary
