@@ -33,13 +33,14 @@ def versions() -> dict:
     import pyarrow
     import torchvision
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-           "pyarrow": pyarrow.__version__}
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
+    out = {"python": platform.python_version(), "torch": str(torch.__version__),
+           "torchvision": str(torchvision.__version__), "numpy": str(numpy.__version__),
+           "pyarrow": str(pyarrow.__version__)}
     try:
         import pyspark
 
-        out["pyspark"] = pyspark.__version__
+        out["pyspark"] = str(pyspark.__version__)
     except ImportError:
         pass
     return out
@@ -97,8 +98,9 @@ def load(path: str | os.PathLike, *, expected_classes: list[str] | None = None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise ArtifactError(f"{path}: not a readable wbc_spark model artifact "
-                            f"({type(exc).__name__}: {exc})") from None
+                            f"({type(exc).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a {FORMAT} artifact")
     missing = [k for k in REQUIRED if k not in payload]

@@ -43,8 +43,6 @@ class DataConfig:
     context: float = 1.5  # crop side / located cell's larger side (fixed cell scale)
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
-    extensions: list = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp",
-                                                      ".tif", ".tiff"])
 
 
 @dataclass

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# spark-submit wrapper: deploy/submit.sh JOB [--master URL] [--config FILE] [key=value ...]
+#   JOB is ingest, train_distributed or score. Uses the project's virtual environment for the
+#   driver and the Python workers, ships the wbc_spark package to executors as a zip, and
+#   keeps Spark's own logging at WARN.
+# Environment: WBC_SPARK_VENV (default: .venv in the repo), SPARK_MASTER (default: from the
+# config file), SPARK_SUBMIT_OPTS_EXTRA (more spark-submit options).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${WBC_SPARK_VENV:-$repo/.venv}"
+job="${1:?usage: deploy/submit.sh ingest|train_distributed|score [options]}"; shift
+[ -f "$repo/jobs/$job.py" ] || { echo "submit: no job '$job' (choose ingest, train_distributed, score)" >&2; exit 2; }
+export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$venv/bin/python}"
+export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$venv/bin/python}"
+master=()
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --master) master=(--master "$2"); shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [ ${#master[@]} -eq 0 ] && [ -n "${SPARK_MASTER:-}" ]; then master=(--master "$SPARK_MASTER"); fi
+if [ ${#master[@]} -gt 0 ]; then export SPARK_MASTER_FROM_SUBMIT=1; fi
+# Executors on other machines need the library: ship it as a zip (rebuilt each time, small).
+mkdir -p "$repo/runs"
+zip_path="$repo/runs/wbc_spark.zip"
+(cd "$repo" && "$PYSPARK_PYTHON" - "$zip_path" <<'PY'
+import sys, zipfile, pathlib
+with zipfile.ZipFile(sys.argv[1] + ".tmp", "w") as z:
+    for p in pathlib.Path("wbc_spark").rglob("*.py"):
+        z.write(p)
+pathlib.Path(sys.argv[1] + ".tmp").replace(sys.argv[1])
+PY
+)
+cd "$repo"
+exec "$venv/bin/spark-submit" "${master[@]}" \
+  --driver-java-options "-Dlog4j2.configurationFile=file:$repo/conf/log4j2.properties" \
+  --conf "spark.executor.extraJavaOptions=-Dlog4j2.configurationFile=file:$repo/conf/log4j2.properties" \
+  --py-files "$zip_path" ${SPARK_SUBMIT_OPTS_EXTRA:-} \
+  "jobs/$job.py" "${args[@]}"

@@ -1,0 +1,290 @@
+"""Batch scoring: a pandas UDF (iterator form) classifies images; results go to two tables.
+
+Per-image table (``<score.results>``), one row per file and model:
+
+=================  =========  ==========================================================
+column             type       meaning
+=================  =========  ==========================================================
+path               string     the file (``file:/...``)
+image_id           string     from the dataset, or the file name for a raw lake
+slide              string     slide (folder relative to the lake, or from the dataset)
+sha256             string     of the file's bytes (null when unreadable)
+file_length        long       as listed, with file_mtime: what incremental runs compare
+file_mtime         timestamp
+predicted_class    string     null when ``error`` is set
+confidence         double     calibrated probability of ``predicted_class``
+p_<Class>          double     calibrated probability of each class
+cell_found         boolean    whether the stain locator found a cell
+model_id           string     the artifact's ID (digest of its weights)
+scored_at          timestamp
+error              string     why the file could not be classified, else null
+run                string     partition: the scoring run that wrote the row
+=================  =========  ==========================================================
+
+Per-class table (``<score.results>_per_class``), rebuilt from the per-image table each run:
+model_id, slide (null: every image that model scored), class, count, classified (images with
+a prediction in that scope), fraction, ci_low, ci_high (95% Wilson), errors, updated_at.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from wbc_spark import artifact, images, tables
+from wbc_spark.config import Config
+from wbc_spark.ingest import DATASET_SCHEMA
+from wbc_spark.metrics import wilson
+from wbc_spark.sources.folder import path_metadata
+from wbc_spark.train import softmax
+from wbc_spark.transforms import cell_crop
+
+log = logging.getLogger(__name__)
+
+KEY = ["path", "file_length", "file_mtime"]
+
+
+def prediction_schema(classes: list[str]) -> T.StructType:
+    """What the UDF returns for each image."""
+    return T.StructType([
+        T.StructField("sha256", T.StringType()),
+        T.StructField("predicted_class", T.StringType()),
+        T.StructField("confidence", T.DoubleType()),
+        *[T.StructField(f"p_{c}", T.DoubleType()) for c in classes],
+        T.StructField("cell_found", T.BooleanType()),
+        T.StructField("error", T.StringType()),
+    ])
+
+
+def results_schema(classes: list[str]) -> T.StructType:
+    pred = prediction_schema(classes)
+    return T.StructType([
+        T.StructField("path", T.StringType()),
+        T.StructField("image_id", T.StringType()),
+        T.StructField("slide", T.StringType()),
+        pred["sha256"],
+        T.StructField("file_length", T.LongType()),
+        T.StructField("file_mtime", T.TimestampType()),
+        *[f for f in pred.fields if f.name != "sha256"],
+        T.StructField("model_id", T.StringType()),
+        T.StructField("scored_at", T.TimestampType()),
+    ])
+
+
+PER_CLASS_SCHEMA = T.StructType([
+    T.StructField("model_id", T.StringType()),
+    T.StructField("slide", T.StringType()),
+    T.StructField("class", T.StringType()),
+    T.StructField("count", T.LongType()),
+    T.StructField("classified", T.LongType()),
+    T.StructField("fraction", T.DoubleType()),
+    T.StructField("ci_low", T.DoubleType()),
+    T.StructField("ci_high", T.DoubleType()),
+    T.StructField("errors", T.LongType()),
+    T.StructField("updated_at", T.TimestampType()),
+])
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_model(path: str, mtime: float, threads: int):
+    """One model per Python worker process (keyed by file and time, so a new model reloads)."""
+    torch.set_num_threads(threads)
+    model, meta = artifact.load(path)
+    return model, meta
+
+
+def load_model_once(path: str, threads: int = 1):
+    return _cached_model(path, os.path.getmtime(path), threads)
+
+
+def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, bool]:
+    pre = meta["preprocessing"]
+    size = int(pre["crop_size"])
+    if kind == "crop":
+        if data is None or len(data) != size * size * 3:
+            raise images.BadImage(f"stored crop is not {size}x{size}x3")
+        return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3), True
+    img = images.decode(data)
+    crop, box, _ = cell_crop(img, size, context=float(pre["context"]))
+    return crop, box.found
+
+
+def classify_frame(data: pd.Series, model, meta: dict, kind: str) -> pd.DataFrame:
+    """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``).
+
+    A file that cannot be read gets an ``error`` and no prediction; the batch goes on.
+    """
+    classes = list(meta["classes"])
+    n = len(data)
+    out = pd.DataFrame({"sha256": [None] * n, "predicted_class": [None] * n,
+                        "confidence": np.full(n, np.nan),
+                        **{f"p_{c}": np.full(n, np.nan) for c in classes},
+                        "cell_found": [None] * n, "error": [None] * n})
+    crops, ok = [], []
+    for i, blob in enumerate(data):
+        if blob is not None and kind == "image":
+            out.at[i, "sha256"] = images.sha256(blob)
+        try:
+            crop, found = _prepare(blob, kind, meta)
+        except images.BadImage as exc:
+            out.at[i, "error"] = str(exc)
+            continue
+        except Exception as exc:  # one bad file never stops the batch
+            out.at[i, "error"] = f"unexpected {type(exc).__name__}: {exc}"
+            continue
+        crops.append(crop)
+        ok.append(i)
+        out.at[i, "cell_found"] = found
+    if crops:
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(np.stack(crops))).numpy()
+        probs = softmax(logits, float(meta["temperature"]))
+        idx = np.asarray(ok)
+        for j, c in enumerate(classes):
+            out.loc[idx, f"p_{c}"] = probs[:, j]
+        out.loc[idx, "confidence"] = probs.max(1)
+        out.loc[idx, "predicted_class"] = [classes[k] for k in probs.argmax(1)]
+    return out
+
+
+def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
+                     threads: int = 1) -> Iterator[pd.DataFrame]:
+    """Body of the iterator pandas UDF: the model is loaded once, then each batch scored."""
+    model, meta = load_model_once(model_path, threads)
+    for data in batches:
+        yield classify_frame(data.reset_index(drop=True), model, meta, kind)
+
+
+def make_udf(model_file: str, kind: str, classes: list[str], threads: int):
+    """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
+    from pyspark import SparkFiles
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf(prediction_schema(classes))
+    def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads)
+
+    return classify
+
+
+def _is_dataset(spark: SparkSession, path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (any(p.glob("batch=*")) or any(p.glob("*.parquet")))
+
+
+def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataFrame, str]:
+    """(frame with KEY, image_id, slide, data) and the kind of ``data`` ("crop" or "image")."""
+    src = config.score.input
+    if not src:
+        raise ValueError("score.input is empty: give an image folder, a glob or a dataset")
+    if _is_dataset(spark, src):
+        df = tables.read(spark, src, DATASET_SCHEMA)
+        pre = meta["preprocessing"]
+        sizes = {r.crop_size for r in df.select("crop_size").distinct().collect()}
+        same = sizes == {int(pre["crop_size"])} and abs(
+            config.data.context - float(pre["context"])) < 1e-9
+        column, kind = ("crop", "crop") if same else ("image", "image")
+        return df.select(*KEY, "image_id", "slide", F.col(column).alias("data")), kind
+    is_glob = any(ch in src for ch in "*?[")
+    if not is_glob and not Path(src).exists() and "://" not in src:
+        raise FileNotFoundError(f"{src}: score.input not found")
+    root = src if is_glob or "://" in src else str(Path(src).resolve())
+    reader = spark.read.format("binaryFile")
+    if not is_glob:
+        reader = reader.option("recursiveFileLookup", "true")
+    files = reader.load(root)
+    base = root if not is_glob else os.path.dirname(root.split("*")[0])
+    meta_schema = T.StructType([T.StructField("image_id", T.StringType()),
+                                T.StructField("slide", T.StringType())])
+    classes = list(meta["classes"])
+
+    @F.udf(meta_schema)
+    def info(path):
+        m = path_metadata(path, base, classes)
+        return {"image_id": m["image_id"], "slide": m["slide"]}
+
+    files = files.withColumn("_i", info("path"))
+    return files.select("path", F.col("length").alias("file_length"),
+                        F.col("modificationTime").alias("file_mtime"),
+                        F.col("_i.image_id").alias("image_id"), F.col("_i.slide").alias("slide"),
+                        F.col("content").alias("data")), "image"
+
+
+def per_class_table(results: DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Counts and fractions per class with 95% Wilson intervals, per slide and overall.
+
+    Only aggregates reach the driver (a few rows per model, slide and class).
+    """
+    scoped = (results.where(F.col("slide").isNotNull()).withColumn("scope", F.col("slide"))
+              .unionByName(results.withColumn("scope", F.lit(None).cast("string"))))
+    counts = (scoped.groupBy("model_id", "scope")
+              .agg(*[F.sum((F.col("predicted_class") == c).cast("long")).alias(c)
+                     for c in classes],
+                   F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors"))
+              .toPandas())
+    now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
+    rows = []
+    for d in counts.to_dict("records"):
+        classified = int(sum(d[c] or 0 for c in classes))
+        for c in classes:
+            k = int(d[c] or 0)
+            lo, hi = wilson(k, classified)
+            rows.append({"model_id": d["model_id"], "slide": d["scope"], "class": c,
+                         "count": k, "classified": classified,
+                         "fraction": k / classified if classified else float("nan"),
+                         "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
+                         "updated_at": now})
+    return pd.DataFrame(rows, columns=PER_CLASS_SCHEMA.fieldNames())
+
+
+def run_scoring(spark: SparkSession, config: Config) -> dict:
+    """Score what this model has not scored yet; append results; rebuild the per-class table."""
+    s = config.score
+    model_path = str(Path(s.model).resolve())
+    _, meta = artifact.load(model_path, expected_classes=list(config.classes))
+    classes, model_id = list(meta["classes"]), meta["model_id"]
+    spark.sparkContext.addFile(model_path)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.batch_size))
+    table = s.results
+    tables.clear_staging(spark, table)
+    schema = results_schema(classes)
+
+    frame, kind = _input_frame(spark, config, meta)
+    done = (tables.read(spark, table, schema).where(F.col("model_id") == model_id)
+            .select(*KEY))
+    todo = frame.join(done, KEY, "left_anti")
+    udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker)
+    scored = (todo.withColumn("_p", udf("data")).drop("data")
+              .select(*KEY, "image_id", "slide", "_p.*")
+              .withColumn("model_id", F.lit(model_id))
+              .withColumn("scored_at", F.current_timestamp())
+              .select(*schema.fieldNames()))
+    run_id = tables.new_run_id()
+    # Write once (the UDF runs once per image), then count from what was written.
+    staging = f"{table}/{tables.STAGING}/{run_id}"
+    scored.write.mode("overwrite").parquet(staging)
+    staging_count = spark.read.schema(schema).parquet(staging).count()
+    if staging_count:
+        tables.rename(spark, staging, f"{table}/run={run_id}")
+    else:
+        tables.delete(spark, staging)
+    all_results = tables.read(spark, table, schema)
+    summary_pd = per_class_table(all_results, classes)
+    tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA),
+                   f"{table}_per_class", run_id)
+    errors = (spark.read.schema(schema).parquet(f"{table}/run={run_id}")
+              .where(F.col("error").isNotNull()).count()) if staging_count else 0
+    return {"model_id": model_id, "scored": staging_count, "errors": errors, "run_id": run_id,
+            "results": table, "per_class": f"{table}_per_class",
+            "summary": summary_pd[summary_pd["model_id"] == model_id]}
