@@ -101,7 +101,7 @@ def _apply(target: Any, values: dict, where: str) -> None:
     for key, value in values.items():
         if key not in names:
             raise ConfigError(
-                f"unknown key {where}{key!r}; valid keys: {', '.join(sorted(names))}"
+                f"unknown key '{where}{key}'; valid keys: {', '.join(sorted(names))}"
             )
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):

@@ -1,0 +1,114 @@
+"""Shared fixtures: synthetic smear images, a tiny weight folder, a fast model artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil"]
+
+
+def smear(size: int = 256, cell_xy=(128, 128), radius: int = 30, seed: int = 0,
+          hue_shift: int = 0) -> Image.Image:
+    """A synthetic Wright-Giemsa field: pale background, pink red cells, one purple nucleus."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size, 3), np.float32) + (205, 200, 180)
+    for _ in range(12):  # red cells
+        cx, cy = rng.integers(0, size, 2)
+        r = rng.integers(size // 16, size // 9)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (190, 150, 160)
+    cx, cy = cell_xy
+    d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+    img[d2 < (1.4 * radius) ** 2] = (190, 170, 200)  # cytoplasm
+    img[d2 < radius ** 2] = (120 + hue_shift, 60, 150)  # nucleus
+    img += rng.normal(0, 3, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def fake_weights(tmp_path_factory) -> Path:
+    """A BVLC-layout weight folder with random blobs and a valid SHA256SUMS."""
+    import torch
+
+    from wbc_spark.model.googlenet import BVLCGoogLeNet, caffe_blob_names
+
+    root = tmp_path_factory.mktemp("bvlc")
+    net = BVLCGoogLeNet()
+    modules = dict(net.named_modules())
+    lines = []
+    torch.manual_seed(0)
+    for name, blob in caffe_blob_names().items():
+        m = modules[name]
+        w = (torch.randn_like(m.weight) * 0.05).numpy()
+        if w.ndim == 4:
+            w = w.transpose(0, 2, 3, 1)  # to the export's (out, kh, kw, in)
+        for suffix, arr in (("filter", w), ("bias", np.zeros(m.weight.shape[0], np.float32))):
+            rel = f"{blob}_{suffix}.bin"
+            path = root / "weights" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+            path.write_bytes(data)
+            lines.append(f"{hashlib.sha256(data).hexdigest()}  ./{rel}")
+    (root / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, fake_weights) -> Path:
+    """A model artifact built from the fake weights (untrained head), for scoring tests."""
+    from wbc_spark import artifact
+    from wbc_spark.model.transfer import build_classifier
+    from wbc_spark.model.weights import load_bvlc
+
+    pm = load_bvlc(fake_weights)
+    model = build_classifier(pm, len(CLASSES))
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
+                  preprocessing={"crop_size": 224, "context": 1.5}, config={},
+                  provenance=pm.provenance, metrics={}, temperature=1.0)
+    return path
+
+
+def krd_root() -> Path | None:
+    from wbc_spark.sources.krd_wbc import default_root
+
+    root = default_root()
+    return root if (root / "class labels.csv").is_file() else None
+
+
+def bvlc_dir() -> Path | None:
+    from wbc_spark.model.weights import WeightsError, resolve_bvlc_dir
+
+    try:
+        return resolve_bvlc_dir()
+    except WeightsError:
+        return None
+
+
+def spark_submit(job: str, *args: str, cwd: Path = REPO, master: str | None = None,
+                 timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a job through deploy/submit.sh (spark-submit) as a user would."""
+    cmd = ["bash", str(REPO / "deploy" / "submit.sh"), job]
+    if master:
+        cmd += ["--master", master]
+    cmd += list(args)
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               WBC_SPARK_VENV=str(Path(sys.executable).parents[1]))
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

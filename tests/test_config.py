@@ -1,0 +1,42 @@
+import pytest
+
+from wbc_spark.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 5\n  lr: 0.01\nmodel:\n  freeze_until: inception4c\n")
+    c = load_config(f, ["train.epochs=2", "data.lake=/x"])
+    assert c.train.epochs == 2
+    assert c.train.lr == 0.01
+    assert c.model.freeze_until == "inception4c"
+    assert c.data.lake == "/x"
+    assert c.train.batch_size == 32  # default kept
+
+
+def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'.*epochs"):
+        load_config(None, ["train.epoch=3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("trian:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epochs=many", "must be a number"),
+    ("train.use_gpu=maybe", "true or false"),
+    ("model.freeze_until=inception9z", "choose none or one of"),
+    ("model.source=hub", "choose one of bvlc, torchvision"),
+    ("train.test_fold=5", "test_fold"),
+    ("noequals", "section.key=value"),
+])
+def test_bad_values_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_override_values_are_typed():
+    assert parse_override("train.use_gpu=true") == {"train": {"use_gpu": True}}
+    c = load_config(None, ["train.lr=1e-3", "train.epochs=3", "train.use_gpu=false"])
+    assert c.train.lr == 1e-3 and c.train.epochs == 3 and c.train.use_gpu is False

@@ -1,0 +1,73 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wbc_spark import images
+from wbc_spark.ingest import IngestSettings, process_row
+from conftest import jpeg_bytes, smear
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a huge size: a decompression bomb's header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty file"),
+    (b"hello, not an image", "not an image"),
+    (jpeg_bytes(smear())[:2000], "truncated"),
+    (png_header_only(100_000, 100_000), "decompression bomb|absurd size"),
+])
+def test_bad_bytes_give_specific_reasons(data, reason):
+    with pytest.raises(images.BadImage, match=reason):
+        images.decode(data)
+
+
+def test_tiny_image_refused():
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    with pytest.raises(images.BadImage, match="too small 1x1"):
+        images.decode(buf.getvalue())
+
+
+def test_limits_are_configurable():
+    data = jpeg_bytes(smear(256))
+    with pytest.raises(images.BadImage, match="absurd size"):
+        images.decode(data, max_pixels=256 * 255)
+    assert images.decode(data).size == (256, 256)
+
+
+def test_process_row_good_and_bad():
+    settings = IngestSettings(crop_size=64)
+    good = process_row({"content": jpeg_bytes(smear()), "path": "file:/a.jpg"}, settings)
+    assert good["reason"] is None
+    assert len(good["crop"]) == 64 * 64 * 3
+    assert good["width"] == 256 and good["cell_found"] is True
+    assert good["sha256"] == images.sha256(jpeg_bytes(smear()))
+    bad = process_row({"content": b"xx", "path": "file:/b.jpg"}, settings)
+    assert bad["reason"].startswith("not an image") and bad["crop"] is None
+    missing = process_row({"content": None, "path": "file:/c.jpg"}, settings)
+    assert missing["reason"] == "file listed but not found"
+
+
+def test_mask_is_thresholded_and_scored():
+    img = smear(cell_xy=(128, 128), radius=30)
+    yy, xx = np.mgrid[:256, :256]
+    mask = ((xx - 128) ** 2 + (yy - 128) ** 2 < 42 ** 2).astype(np.uint8) * 255
+    mask_img = Image.fromarray(np.where(mask > 0, 255, 40).astype(np.uint8))  # halo of 40
+    buf = io.BytesIO()
+    mask_img.save(buf, format="JPEG")
+    row = process_row({"content": jpeg_bytes(img), "mask_content": buf.getvalue(),
+                       "mask_path": "m.jpg"}, IngestSettings(crop_size=64))
+    assert row["reason"] is None
+    stored = np.asarray(Image.open(io.BytesIO(row["mask"])))
+    assert set(np.unique(stored)) == {0, 255}  # the halo is gone
+    assert row["cell_iou"] > 0.5

@@ -1,0 +1,100 @@
+import hashlib
+from unittest import mock
+
+import pytest
+import torch
+
+from wbc_spark.model.googlenet import BVLCGoogLeNet
+from wbc_spark.model.transfer import WBCNet, build_classifier, parameter_summary
+from wbc_spark.model.weights import (CAFFE_CONVENTION, WeightsError, load_bvlc,
+                                     load_torchvision, resolve_bvlc_dir)
+
+
+def test_bvlc_shapes():
+    net = BVLCGoogLeNet(num_classes=7).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(2, 3, 224, 224))
+    assert out.shape == (2, 7)
+    assert sum(p.numel() for p in net.parameters()) == 6_998_552 - 1000 * 1025 + 7 * 1025
+
+
+def test_loader_fills_every_tensor(fake_weights):
+    pm = load_bvlc(fake_weights)
+    assert pm.source == "bvlc" and pm.convention.channel_order == "BGR"
+    # The 5x5 branch really is 5x5 (torchvision uses 3x3 there).
+    assert pm.model.inception3a.branch3[1][0].weight.shape == (32, 16, 5, 5)
+    assert pm.provenance["sha256sums_digest"]
+
+
+def test_corrupt_blob_is_refused(fake_weights, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bvlc"
+    shutil.copytree(fake_weights, bad)
+    blob = bad / "weights" / "inception_4a" / "1x1_filter.bin"
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(WeightsError, match="1x1_filter.bin: SHA-256 mismatch"):
+        load_bvlc(bad)
+
+
+def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("WBC_SPARK_WEIGHTS_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with mock.patch("wbc_spark.model.weights.default_weight_dirs",
+                    return_value=[tmp_path / "nothing", tmp_path / "cache"]):
+        with pytest.raises(WeightsError, match="WBC_SPARK_WEIGHTS_DIR"):
+            resolve_bvlc_dir()
+    with pytest.raises(WeightsError, match="no SHA256SUMS"):
+        resolve_bvlc_dir(tmp_path)
+
+
+def test_env_var_is_in_the_lookup_order(fake_weights, monkeypatch):
+    monkeypatch.setenv("WBC_SPARK_WEIGHTS_DIR", str(fake_weights))
+    assert resolve_bvlc_dir() == fake_weights
+
+
+def test_failed_torchvision_download_explains_offline_use():
+    with mock.patch("torchvision.models.googlenet", side_effect=OSError("network down")):
+        with pytest.raises(WeightsError, match="model.source=bvlc"):
+            load_torchvision()
+
+
+@pytest.mark.parametrize("freeze_until, frozen_last, trained_first", [
+    ("inception4e", "inception4e", "inception5a"),
+    ("inception3b", "inception3b", "inception4a"),
+    ("none", None, "conv1"),
+])
+def test_frozen_get_no_gradient_and_trainable_do(freeze_until, frozen_last, trained_first):
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 3, freeze_until=freeze_until)
+    net.train()
+    images = torch.randint(0, 255, (2, 96, 96, 3), dtype=torch.uint8)
+    loss = net(images).logsumexp(1).sum()
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in net.named_parameters():
+        if name.startswith("frozen."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None and torch.isfinite(p.grad).all(), name
+    names = list(net.frozen._modules) + ["|"] + list(net.trainable._modules)
+    if frozen_last:
+        assert names[names.index("|") - 1] in (frozen_last, "pool3", "pool4")
+    assert names[names.index("|") + 1] == trained_first
+
+
+def test_summary_counts_and_head(fake_weights, caplog):
+    pm = load_bvlc(fake_weights)
+    with caplog.at_level("INFO"):
+        net = build_classifier(pm, 7, freeze_until="inception4e")
+    s = parameter_summary(net)
+    assert net.fc.out_features == 7
+    assert s["trainable_stages"] == ["inception5a", "inception5b", "fc"]
+    assert s["frozen_parameters"] + s["trainable_parameters"] == sum(
+        p.numel() for p in net.parameters())
+    assert "frozen: conv1" in caplog.text and "1000 -> 7 classes" in caplog.text
+
+
+def test_invalid_freeze_point():
+    with pytest.raises(ValueError, match="choose none or one of"):
+        WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 3, freeze_until="layer4")
