@@ -8,8 +8,8 @@ from torch import nn
 from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.model.transfer import WBCNet
 from wbc_spark.model.weights import CAFFE_CONVENTION
-from wbc_spark.train import (Recipe, class_weights, fit, fit_temperature, make_optimizer,
-                             softmax)
+from wbc_spark.train import (HeadOnly, Recipe, class_weights, feature_batches, fit,
+                             fit_temperature, frozen_features, make_optimizer, softmax)
 
 
 def test_class_weights():
@@ -67,11 +67,40 @@ def test_fit_learns_a_separable_problem_and_keeps_best_epoch():
         y = rng.integers(0, 2, n)
         x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (n, 64, 64, 3))
         return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y)
-    val = [batch(32)]
-    result = fit(net, net, lambda e: [batch(16) for _ in range(20)], 20, lambda: iter(val),
+    images, labels = batch(32)
+    val = (net.embed_frozen(images), labels.numpy())
+    head = HeadOnly(net)
+
+    def epoch_batches(epoch):
+        for _ in range(20):
+            images, labels = batch(16)
+            yield net.embed_frozen(images), labels
+
+    result = fit(net, head, epoch_batches, 20, val,
                  Recipe(epochs=4, lr=5e-2, label_smoothing=0.0), 2, [32, 32])
     assert len(result.history) == 4
     assert result.best_val_macro_f1 == max(h["val_macro_f1"] for h in result.history)
     assert result.best_val_macro_f1 > 0.9
     assert 0.05 < result.temperature < 20
     assert not math.isnan(result.history[-1]["train_loss"])
+
+
+def test_feature_batches_cover_the_cache():
+    feats = torch.arange(10).float().view(10, 1)
+    labels = np.arange(10)
+    rng = np.random.default_rng(0)
+    batches = list(feature_batches(feats, labels, 4, 2, rng))
+    seen = torch.cat([f for f, _ in batches]).view(-1).long()
+    assert len(batches) == 2 and len(set(seen.tolist())) == 8
+    for f, y in batches:
+        assert torch.equal(f.view(-1).long(), y)
+
+
+def test_frozen_features_are_half_precision_and_ordered():
+    net = TinyNet()
+    imgs = torch.randint(0, 255, (6, 8, 8, 3), dtype=torch.uint8)
+    feats, labels = frozen_features(net, [(imgs[:3], torch.tensor([0, 1, 0])),
+                                          (imgs[3:], torch.tensor([1, 1, 0]))])
+    assert feats.dtype == torch.float16 and feats.shape == (6, 3)
+    assert labels.tolist() == [0, 1, 0, 1, 1, 0]
+    assert torch.allclose(feats.float(), net.embed_frozen(imgs), atol=1e-3)

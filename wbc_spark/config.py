@@ -8,6 +8,7 @@ from the repository root, as the README shows).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,22 @@ from typing import Any
 import yaml
 
 CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
+
+
+def shared_dir() -> Path | None:
+    """The ``shared/`` folder beside the repository, where this project's development machines
+    and CI keep KRD-WBC and the BVLC weights (``$WBC_SPARK_SHARED`` overrides).
+
+    Looked for next to the current directory and next to the package, a few levels up, so it
+    is found whether the package runs from the checkout or from a zip shipped to executors.
+    """
+    if os.environ.get("WBC_SPARK_SHARED"):
+        return Path(os.environ["WBC_SPARK_SHARED"])
+    for base in (Path.cwd(), Path(__file__).resolve().parent):
+        for p in [base, *base.parents][:5]:
+            if (p / "shared").is_dir() and p != Path(p.anchor):
+                return p / "shared"
+    return None
 
 
 class ConfigError(ValueError):
@@ -58,7 +75,10 @@ class TrainConfig:
     num_processes: int = 2  # TorchDistributor processes (GPUs when use_gpu)
     use_gpu: bool = False
     local_mode: bool = True  # True: processes on the driver; False: on executors
-    epochs: int = 8
+    epochs: int = 20
+    # Augmented views of each training image passed once through the frozen layers and
+    # cached; epochs then train on the cache (each epoch draws one view per image).
+    views: int = 8
     batch_size: int = 32  # per process
     lr: float = 3e-3  # for the new head; upper Inception blocks get lr * block_lr_factor
     block_lr_factor: float = 0.1

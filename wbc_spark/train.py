@@ -80,12 +80,14 @@ def class_weights(counts: list[int], mode: str) -> torch.Tensor:
     return w * len(w) / w.sum()
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe, steps: int
+def make_optimizer(model, recipe: Recipe, steps: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW: the new head at ``lr``, pretrained upper blocks at ``lr * block_lr_factor``."""
-    core = model.module if hasattr(model, "module") else model
-    head = [p for p in core.fc.parameters() if p.requires_grad]
-    blocks = [p for p in core.trainable.parameters() if p.requires_grad]
+    """AdamW: the new head at ``lr``, pretrained upper blocks at ``lr * block_lr_factor``.
+
+    Warm-up over the first 5% of ``steps``, then cosine decay to zero.
+    """
+    head = [p for p in model.fc.parameters() if p.requires_grad]
+    blocks = [p for p in model.trainable.parameters() if p.requires_grad]
     groups = [{"params": head, "lr": recipe.lr}]
     if blocks:
         groups.append({"params": blocks, "lr": recipe.lr * recipe.block_lr_factor})
@@ -100,14 +102,29 @@ def make_optimizer(model: nn.Module, recipe: Recipe, steps: int
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer, scheduler,
+class HeadOnly(nn.Module):
+    """The trainable part of a ``WBCNet`` as a module of its own: frozen features -> logits.
+
+    Training runs on cached frozen-part outputs, so this (wrapped in DDP when distributed) is
+    what the optimiser steps; it shares its parameters with the full model.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head(features)
+
+
+def train_one_epoch(head: nn.Module, batches: Iterable[Batch], optimizer, scheduler,
                     loss_fn: nn.Module) -> float:
-    """One pass over ``batches``; returns the mean training loss."""
-    model.train()
+    """One pass over ``batches`` of (frozen features, labels); returns the mean loss."""
+    head.train()
     total, count = 0.0, 0
-    for images, labels in batches:
+    for features, labels in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
+        loss = loss_fn(head(features.float()), labels)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -117,19 +134,27 @@ def train_one_epoch(model: nn.Module, batches: Iterable[Batch], optimizer, sched
 
 
 @torch.no_grad()
-def frozen_features(model, batches: Iterable[Batch]) -> tuple[torch.Tensor, np.ndarray]:
-    """Frozen-part outputs and labels of a fixed set (computed once, reused every epoch)."""
+def frozen_features(model, batches: Iterable[Batch], dtype=torch.float16
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+    """Frozen-part outputs (stored as float16 to halve memory) and labels of ``batches``.
+
+    The frozen layers are the expensive part of the network and never change, so each image
+    view goes through them once; every epoch then trains on the cached outputs.
+    """
+    model.eval()
     feats, labels = [], []
     for images, y in batches:
-        feats.append(model.embed_frozen(images))
+        feats.append(model.embed_frozen(images).to(dtype))
         labels.append(np.asarray(y))
+    if not feats:
+        raise ValueError("no images to compute features from")
     return torch.cat(feats), np.concatenate(labels)
 
 
 @torch.no_grad()
 def head_logits(model, features: torch.Tensor, batch_size: int = 128) -> np.ndarray:
     model.eval()
-    return torch.cat([model.head(features[i:i + batch_size])
+    return torch.cat([model.head(features[i:i + batch_size].float())
                       for i in range(0, len(features), batch_size)]).numpy()
 
 
@@ -170,36 +195,51 @@ class FitResult:
     history: list[dict]
 
 
-def fit(model, train_model: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
-        steps_per_epoch: int, val_batches: Callable[[], Iterable[Batch]] | None,
+def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
+                    rng: np.random.Generator) -> Iterator[Batch]:
+    """``steps`` random batches (without replacement within an epoch) of cached features.
+
+    ``features`` holds every augmented view of every training image, so an epoch sees each
+    image about once, in a random one of its views.
+    """
+    y = torch.as_tensor(labels)
+    order = rng.permutation(len(features))
+    for i in range(steps):
+        idx = torch.as_tensor(order[(i * batch_size) % len(order):][:batch_size])
+        if len(idx) < batch_size:  # wrap around for the last batches
+            idx = torch.as_tensor(rng.choice(len(features), batch_size, replace=False))
+        yield features[idx], y[idx]
+
+
+def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
+        steps_per_epoch: int, val: tuple[torch.Tensor, np.ndarray] | None,
         recipe: Recipe, num_classes: int, class_counts: list[int]) -> FitResult:
     """Train for ``recipe.epochs``; keep the epoch with the best validation macro-F1.
 
     Args:
-        model: the ``WBCNet`` (used for evaluation; its weights end at the best epoch).
-        train_model: what is trained: ``model`` itself or its DistributedDataParallel wrapper.
-        epoch_batches: epoch number -> that epoch's (augmented) training batches.
+        model: the ``WBCNet`` (its weights end at the best epoch).
+        head: what is trained: ``HeadOnly(model)`` or its DistributedDataParallel wrapper.
+        epoch_batches: epoch number -> that epoch's batches of (frozen features, labels).
         steps_per_epoch: batches per epoch (equal on every rank, as DDP requires).
-        val_batches: validation batches, or None on ranks that do not evaluate.
+        val: frozen features and labels of the validation images, or None on ranks that do
+            not evaluate.
     """
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(class_counts, recipe.class_weighting),
                                   label_smoothing=recipe.label_smoothing)
-    optimizer, scheduler = make_optimizer(train_model, recipe, recipe.epochs * steps_per_epoch)
-    val_feats = val_labels = None
-    if val_batches is not None:
-        val_feats, val_labels = frozen_features(model, val_batches())
+    optimizer, scheduler = make_optimizer(model, recipe, recipe.epochs * steps_per_epoch)
     best = (-1.0, math.inf)
     best_state, best_epoch, history = None, -1, []
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
-        loss = train_one_epoch(train_model, epoch_batches(epoch), optimizer, scheduler, loss_fn)
+        loss = train_one_epoch(head, epoch_batches(epoch), optimizer, scheduler, loss_fn)
         record = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - start}
-        if val_feats is not None:
-            logits = head_logits(model, val_feats)
-            f1 = metrics.macro_f1(val_labels, logits.argmax(1), num_classes)
+        if val is not None:
+            logits = head_logits(model, val[0])
+            f1 = metrics.macro_f1(val[1], logits.argmax(1), num_classes)
             val_loss = float(nn.functional.cross_entropy(torch.as_tensor(logits),
-                                                         torch.as_tensor(val_labels)))
+                                                         torch.as_tensor(val[1])))
             record.update(val_macro_f1=f1, val_loss=val_loss)
+            # Ties in macro-F1 (common on a small validation split) go to the lower loss.
             if (f1, -val_loss) > (best[0], -best[1]):
                 best = (f1, val_loss)
                 best_epoch = epoch
@@ -210,18 +250,15 @@ def fit(model, train_model: nn.Module, epoch_batches: Callable[[int], Iterable[B
     temperature = 1.0
     if best_state is not None:
         model.load_state_dict(best_state)
-        temperature = fit_temperature(head_logits(model, val_feats), val_labels)
+        temperature = fit_temperature(head_logits(model, val[0]), val[1])
         log.info("best epoch %d (val macro-F1 %.4f); temperature %.3f", best_epoch, best[0],
                  temperature)
     return FitResult(best_epoch, best[0], temperature, history)
 
 
-@torch.no_grad()
-def predict_probs(model, batches: Iterable[Batch], temperature: float = 1.0
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated class probabilities and labels for ``batches``."""
-    feats, labels = frozen_features(model, batches)
-    return softmax(head_logits(model, feats), temperature), labels
+def predict_probs(model, features: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated class probabilities from frozen features."""
+    return softmax(head_logits(model, features), temperature)
 
 
 # --- petastorm plumbing ---------------------------------------------------------------------
@@ -252,23 +289,21 @@ def transform_spec(size: int, *, train: bool, seed: int):
     )
 
 
-def _loader_batches(loader, steps: int | None = None) -> Iterator[Batch]:
-    it = iter(loader)
-    for batch in (itertools.islice(it, steps) if steps is not None else it):
-        yield batch["image"], batch["label"]
-
-
-def _rows_and_batches(loader, rows: list) -> Iterator[Batch]:
+def _loader_batches(loader, rows: list | None = None) -> Iterator[Batch]:
     for batch in loader:
-        rows.extend(batch["row"].tolist())
+        if rows is not None:
+            rows.extend(batch["row"].tolist())
         yield batch["image"], batch["label"]
 
 
 def distributed_worker(job: dict) -> dict | None:
     """Runs in every TorchDistributor process: DDP training; rank 0 evaluates and saves.
 
-    ``job`` holds plain values plus three petastorm converters (train, val, test), built by
-    ``wbc_spark.training_job.run_training`` on the driver.
+    Each rank reads its shard of the training set through petastorm ``views`` times, each
+    time in a fresh random augmentation, and passes every view once through the frozen
+    layers; the epochs then train the upper blocks and head on those cached outputs, with
+    DistributedDataParallel averaging the gradients. ``job`` holds plain values plus three
+    petastorm converters (train, val, test) built by ``wbc_spark.training_job``.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -280,48 +315,53 @@ def distributed_worker(job: dict) -> dict | None:
     torch.set_num_threads(job["threads_per_process"])
     recipe = Recipe(**job["recipe"])
     torch.manual_seed(recipe.seed)
-    np.random.seed(recipe.seed)
     world = world_size()
-    use_gpu = job["use_gpu"] and torch.cuda.is_available()
-    if job["use_gpu"] and not use_gpu:
+    if job["use_gpu"] and not torch.cuda.is_available():
         raise RuntimeError("train.use_gpu is true but no CUDA device is visible to this process")
     if world > 1:
-        dist.init_process_group("nccl" if use_gpu else "gloo")
+        dist.init_process_group("nccl" if job["use_gpu"] else "gloo")
     classes = job["classes"]
     pretrained = load_pretrained(job["model_source"], job["weights_dir"] or None)
     model = build_classifier(pretrained, len(classes), freeze_until=job["freeze_until"],
                              dropout=job["dropout"])
-    # DDP only over the trainable part: frozen weights need no gradient all-reduce.
-    train_model = DistributedDataParallel(model) if world > 1 else model
+    head = HeadOnly(model)
+    # DDP only sees the trainable part: frozen weights need no gradient all-reduce.
+    train_head = DistributedDataParallel(head) if world > 1 else head
     size = job["crop_size"]
-    steps = max(1, job["n_train"] // (recipe.batch_size * world))
-    train_spec = transform_spec(size, train=True, seed=recipe.seed)
-    eval_spec = transform_spec(size, train=False, seed=recipe.seed)
     main = is_main_process()
 
-    def eval_loader(converter):
-        return converter.make_torch_dataloader(batch_size=64, num_epochs=1, workers_count=2,
-                                               transform_spec=eval_spec)
-
-    def val_batches():
-        with eval_loader(job["conv_val"]) as loader:
-            yield from _loader_batches(loader)
-
+    # Rank 0 reads the validation and test images first (each once, unaugmented).
+    val = test = None
+    rows: list[int] = []
+    eval_spec = transform_spec(size, train=False, seed=recipe.seed)
+    if main:
+        with job["conv_val"].make_torch_dataloader(batch_size=64, num_epochs=1,
+                                                   workers_count=2,
+                                                   transform_spec=eval_spec) as loader:
+            val = frozen_features(model, _loader_batches(loader))
+        with job["conv_test"].make_torch_dataloader(batch_size=64, num_epochs=1,
+                                                    workers_count=2,
+                                                    transform_spec=eval_spec) as loader:
+            test = frozen_features(model, _loader_batches(loader, rows))
+    start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
-            batch_size=recipe.batch_size, num_epochs=None, workers_count=2,
-            cur_shard=rank(), shard_count=world, transform_spec=train_spec,
-            shuffling_queue_capacity=4 * recipe.batch_size, seed=recipe.seed + rank(),
-            shuffle_rows=True) as train_loader:
-        stream = _loader_batches(train_loader)
-        result = fit(model, train_model, lambda epoch: itertools.islice(stream, steps), steps,
-                     val_batches if main else None, recipe, len(classes), job["class_counts"])
+            batch_size=64, num_epochs=job["views"], workers_count=2, cur_shard=rank(),
+            shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed),
+            shuffling_queue_capacity=0) as loader:
+        train_feats, train_labels = frozen_features(model, _loader_batches(loader))
+    log.info("cached %d augmented views of this shard's images through the frozen layers "
+             "in %.1f s", len(train_feats), time.perf_counter() - start)
+    steps = max(1, job["n_train"] // (recipe.batch_size * world))
+    rng = np.random.default_rng([recipe.seed, rank()])
+    result = fit(model, train_head,
+                 lambda epoch: feature_batches(train_feats, train_labels, recipe.batch_size,
+                                               steps, rng),
+                 steps, val, recipe, len(classes), job["class_counts"])
 
     summary = None
     if main:
-        rows: list[int] = []
-        with eval_loader(job["conv_test"]) as loader:
-            probs, labels = predict_probs(model, _rows_and_batches(loader, rows),
-                                          result.temperature)
+        test_feats, labels = test
+        probs = predict_probs(model, test_feats, result.temperature)
         summary = write_evaluation(job, model, pretrained, result, probs, labels, rows,
                                    parameter_summary(model))
     if world > 1:

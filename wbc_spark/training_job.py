@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 from wbc_spark import tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import DATASET_SCHEMA
+from wbc_spark.model.weights import resolve_bvlc_dir
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import Recipe, distributed_worker
 
@@ -29,6 +30,11 @@ def run_training(spark: SparkSession, config: Config) -> dict:
 
     t = config.train
     classes = list(config.classes)
+    # Resolve the weights here, once, so every process (on any executor) gets the same folder
+    # and a missing folder fails before Spark starts any training task.
+    weights_dir = ""
+    if config.model.source == "bvlc":
+        weights_dir = str(resolve_bvlc_dir(config.model.weights_dir or None).resolve())
     if not tables.has_data(spark, config.data.dataset):
         raise FileNotFoundError(f"{config.data.dataset}: no ingested dataset; run "
                                 "jobs/ingest.py first")
@@ -71,10 +77,10 @@ def run_training(spark: SparkSession, config: Config) -> dict:
                 part.repartition(max(2, 2 * world)), parquet_row_group_size_bytes=1 << 20)
         job = {
             "classes": classes, "recipe": Recipe.from_config(t).__dict__,
-            "model_source": config.model.source, "weights_dir": config.model.weights_dir,
+            "model_source": config.model.source, "weights_dir": weights_dir,
             "freeze_until": config.model.freeze_until, "dropout": config.model.dropout,
             "crop_size": config.data.crop_size, "context": config.data.context,
-            "threads_per_process": t.threads_per_process, "use_gpu": t.use_gpu,
+            "threads_per_process": t.threads_per_process, "views": t.views, "use_gpu": t.use_gpu,
             "n_train": split_sizes["train"], "class_counts": counts,
             "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,
             "image_ids": meta["image_id"].tolist(), "output": str(Path(t.output).resolve()),

@@ -9,8 +9,9 @@ Two sources exist:
     1. an explicit folder (``model.weights_dir`` in the config, or ``--model.weights_dir``);
     2. the environment variable ``WBC_SPARK_WEIGHTS_DIR``;
     3. the user cache ``$XDG_CACHE_HOME/wbc_spark/bvlc_googlenet`` (``~/.cache/...``);
-    4. ``../shared/weights/bvlc_googlenet`` beside the repository (where this project's CI and
-       development machines keep them).
+    4. ``shared/weights/bvlc_googlenet`` in the folder beside the repository (``../shared``;
+       ``$WBC_SPARK_SHARED`` moves it), where this project's CI and development machines keep
+       them.
 
     Every blob is checked against ``SHA256SUMS`` before use.
 
@@ -94,7 +95,11 @@ def default_weight_dirs() -> list[Path]:
         dirs.append(Path(os.environ[ENV_WEIGHTS_DIR]))
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     dirs.append(cache / "wbc_spark" / "bvlc_googlenet")
-    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "weights" / "bvlc_googlenet")
+    from wbc_spark.config import shared_dir
+
+    shared = shared_dir()
+    if shared is not None:
+        dirs.append(shared / "weights" / "bvlc_googlenet")
     return dirs
 
 

@@ -35,9 +35,15 @@ class LabelFileError(ValueError):
 
 def default_root() -> Path:
     """KRD-WBC's folder: $WBC_SPARK_KRD_WBC, else ../shared/data/KRD-WBC beside the repo."""
+    from wbc_spark.config import shared_dir
+
     if os.environ.get(ENV_KRD_WBC):
         return Path(os.environ[ENV_KRD_WBC])
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "KRD-WBC"
+    shared = shared_dir()
+    if shared is None:
+        raise FileNotFoundError(f"KRD-WBC not found: set data.lake or {ENV_KRD_WBC} to its "
+                                "folder (see README 'Data')")
+    return shared / "data" / "KRD-WBC"
 
 
 def read_labels(path: str | os.PathLike, classes: list[str] | tuple[str, ...]) -> dict[int, str]:
