@@ -36,6 +36,7 @@ file_mtime, ingested_at.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,7 +111,10 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     content = row.get("content")
     out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size, reason=None)
     if content is None:
-        out["reason"] = "file listed but not found"
+        local = folder.local_path(row.get("path") or "")
+        exists = os.path.isfile(local)
+        out["reason"] = "empty file" if exists and os.path.getsize(local) == 0 else \
+            "file listed but not found"
         return out
     out["sha256"] = images.sha256(content)
     try:
@@ -160,6 +164,10 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
         lake = str(Path(d.lake).resolve()) if "://" not in d.lake else d.lake
         files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
                  .load(lake))
+        empties = tables.empty_files(spark, lake)
+        if empties:
+            files = files.unionByName(spark.createDataFrame(
+                [(p, t, 0, b"") for p, t in empties], files.schema))
         meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
                                     ("image_id", "label", "group", "slide")])
         classes = list(config.classes)

@@ -59,6 +59,26 @@ def rename(spark: SparkSession, src: str, dst: str) -> None:
         raise OSError(f"could not rename {src} to {dst}")
 
 
+def empty_files(spark: SparkSession, root: str) -> list[tuple[str, datetime]]:
+    """Zero-length files under ``root`` (recursive), as (path, modification time).
+
+    Spark's file sources silently skip empty files; ingest lists them here so that they reach
+    the quarantine table instead of vanishing.
+    """
+    fs, jpath = _fs(spark, root)
+    if not fs.exists(jpath):
+        return []
+    out = []
+    it = fs.listFiles(jpath, True)
+    while it.hasNext():
+        status = it.next()
+        name = status.getPath().getName()
+        if status.getLen() == 0 and not name.startswith(("_", ".")):
+            mtime = datetime.fromtimestamp(status.getModificationTime() / 1000, timezone.utc)
+            out.append((status.getPath().toString(), mtime.replace(tzinfo=None)))
+    return out
+
+
 def read(spark: SparkSession, table: str, schema: StructType) -> DataFrame:
     """The table's committed rows with ``schema``, or an empty frame when it has none."""
     if not has_data(spark, table):

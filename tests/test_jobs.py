@@ -1,0 +1,133 @@
+"""The jobs as users run them: through spark-submit (deploy/submit.sh), on synthetic lakes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes, smear, spark_submit
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+def make_lake(root):
+    """Three classes x 3 images, plus four bad files."""
+    for c, cls in enumerate(["Neutrophil", "Lymphocyte", "Basophil"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            smear(seed=10 * c + i, radius=20 + 5 * c).save(root / cls / f"{cls}_{i}.jpg")
+    bad = root / "Neutrophil"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("this is not an image")
+    (bad / "truncated.jpg").write_bytes(jpeg_bytes(smear(seed=99))[:1500])
+    Image.new("RGB", (1, 1)).save(bad / "dot.png")
+    return root
+
+
+def run_ok(job, *args, **kw):
+    proc = spark_submit(job, *args, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def ingest_args(tmp_path, lake):
+    return ["data.source=folder", f"data.lake={lake}", f"data.dataset={tmp_path / 'ds'}",
+            f"data.quarantine={tmp_path / 'q'}", "data.crop_size=64"]
+
+
+def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path):
+    lake = make_lake(tmp_path / "lake")
+    out = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
+    assert "read 13, written 9, quarantined 4, duplicates 0" in out
+    data = pd.read_parquet(tmp_path / "ds")
+    assert len(data) == 9 and data.image_id.is_unique
+    assert set(data.label) == {"Neutrophil", "Lymphocyte", "Basophil"}
+    assert data.crop.map(len).eq(64 * 64 * 3).all()
+    assert data.sha256.str.len().eq(64).all()
+    q = pd.read_parquet(tmp_path / "q").set_index("image_id")
+    assert q.loc["Neutrophil/empty.jpg", "reason"] == "empty file"
+    assert q.loc["Neutrophil/notes.jpg", "reason"].startswith("not an image")
+    assert "truncated" in q.loc["Neutrophil/truncated.jpg", "reason"]
+    assert "too small 1x1" in q.loc["Neutrophil/dot.png", "reason"]
+
+    again = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
+    assert "written 0, quarantined 0" in again and "already ingested 13" in again
+    assert len(pd.read_parquet(tmp_path / "ds")) == 9
+
+    smear(seed=77).save(lake / "Lymphocyte" / "new.jpg")
+    shutil.copy(lake / "Basophil" / "Basophil_0.jpg", lake / "Basophil" / "copy.jpg")
+    third = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
+    assert "read 15, written 2, quarantined 0, duplicates 1" in third
+    assert len(pd.read_parquet(tmp_path / "ds")) == 11
+
+
+def test_same_content_with_two_labels_is_an_error_naming_both(tmp_path):
+    lake = tmp_path / "lake"
+    (lake / "Neutrophil").mkdir(parents=True)
+    (lake / "Monocyte").mkdir()
+    smear(seed=1).save(lake / "Neutrophil" / "a.jpg")
+    shutil.copy(lake / "Neutrophil" / "a.jpg", lake / "Monocyte" / "b.jpg")
+    proc = spark_submit("ingest", *ingest_args(tmp_path, lake))
+    assert proc.returncode == 1
+    # spark-submit passes the Python driver's stderr through its stdout.
+    out = proc.stdout + proc.stderr
+    assert "labelled Monocyte and Neutrophil" in out
+    assert "Monocyte/b.jpg" in out and "Neutrophil/a.jpg" in out
+    assert not (tmp_path / "ds").exists() or pd.read_parquet(tmp_path / "ds").empty
+
+
+def score_args(tmp_path, lake, model):
+    return [f"score.input={lake}", f"score.model={model}", f"score.results={tmp_path / 'res'}"]
+
+
+def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
+    lake = tmp_path / "lake"
+    for slide in ("s1", "s2"):
+        (lake / slide).mkdir(parents=True)
+        for i in range(3):
+            smear(seed=hash((slide, i)) % 1000).save(lake / slide / f"c{i}.jpg")
+    (lake / "s2" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    out = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
+    assert "scored 7 new images (1 with errors)" in out
+    res = pd.read_parquet(tmp_path / "res")
+    assert len(res) == 7 and res.path.is_unique
+    assert {f"p_{c}" for c in ["Neutrophil", "Basophil"]} <= set(res.columns)
+    broken = res[res.path.str.endswith("broken.jpg")].iloc[0]
+    assert broken.error and broken.predicted_class is None
+    good = res[res.error.isna()]
+    assert good.predicted_class.notna().all() and set(good.slide) == {"s1", "s2"}
+    per = pd.read_parquet(tmp_path / "res_per_class")
+    overall = per[per.slide.isna()]
+    assert overall["count"].sum() == 6 and (overall.classified == 6).all()
+    assert (overall.errors == 1).all()
+    assert set(per.slide.dropna()) == {"s1", "s2"}
+    assert ((per.ci_low <= per.fraction) & (per.fraction <= per.ci_high)).all()
+
+    # A run killed before its commit leaves only staging debris: it is never read, and the
+    # next run clears it and scores only what is new.
+    debris = tmp_path / "res" / "_staging" / "dead-run"
+    debris.mkdir(parents=True)
+    res.head(2).to_parquet(debris / "part-0.parquet")
+    smear(seed=555).save(lake / "s1" / "late.jpg")
+    second = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
+    assert "scored 1 new images (0 with errors)" in second
+    res2 = pd.read_parquet(tmp_path / "res")
+    assert len(res2) == 8 and res2.path.is_unique
+    assert not debris.exists()
+    third = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
+    assert "scored 0 new images" in third
+    assert len(pd.read_parquet(tmp_path / "res")) == 8
+
+
+def test_scoring_refuses_a_model_for_other_classes(tmp_path, tiny_artifact):
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    smear().save(lake / "a.jpg")
+    proc = spark_submit("score", *score_args(tmp_path, lake, tiny_artifact),
+                        "classes=[Neutrophil, Lymphocyte, Monocyte]")
+    assert proc.returncode == 1
+    assert "model is for classes" in proc.stdout + proc.stderr
+    assert not (tmp_path / "res").exists()
