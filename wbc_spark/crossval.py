@@ -1,0 +1,176 @@
+"""Cross-validation of the training recipe in one process (for ``benchmarks/accuracy.py``).
+
+It runs the same recipe as the distributed job (``wbc_spark.train``: the same augmentation,
+frozen-layer caching, ``fit``, temperature scaling) without Spark: the frozen layers never
+change, so every image view passes through them once and all folds and seeds reuse the cache.
+Model selection and calibration use only an inner validation split of the training folds.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import torch
+from PIL import Image
+
+from wbc_spark import metrics
+from wbc_spark.augment import augment, stain_shift
+from wbc_spark.splits import assign_folds, train_val_test
+from wbc_spark.train import (HeadOnly, Recipe, feature_batches, fit, frozen_features,
+                             predict_probs)
+from wbc_spark.transforms import cell_crop
+
+log = logging.getLogger(__name__)
+
+
+def load_dataset(path: str, classes: list[str]) -> pd.DataFrame:
+    """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id)."""
+    table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
+        columns=["image_id", "label", "group", "sha256", "crop", "crop_size", "image"])
+    df = table.to_pandas()
+    df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
+    return df
+
+
+def crops_of(df: pd.DataFrame) -> np.ndarray:
+    size = int(df.crop_size.iloc[0])
+    return np.stack([np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in df.crop])
+
+
+# Shifts standing in for other labs: the whole field rescaled (another magnification), or the
+# stain's colour shifted (another staining protocol or camera).
+SHIFTS = {
+    "rescale_0.75": {"scale": 0.75},
+    "rescale_1.33": {"scale": 1.33},
+    "stain_shift": {"hue": 0.05, "saturation": 0.7, "brightness": 1.08, "contrast": 0.9},
+}
+
+
+def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float) -> np.ndarray:
+    """Apply a shift to each original image, then locate and crop as the scoring job does."""
+    out = []
+    for data in df.image:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if "scale" in shift:
+            w, h = img.size
+            img = img.resize((round(w * shift["scale"]), round(h * shift["scale"])),
+                             Image.BILINEAR)
+        else:
+            img = Image.fromarray(stain_shift(np.asarray(img), shift["hue"], shift["saturation"],
+                                              shift["brightness"], shift["contrast"]))
+        crop, _, _ = cell_crop(img, size, context=context)
+        out.append(crop)
+    return np.stack(out)
+
+
+def features_of(model, images: np.ndarray, batch: int = 50) -> torch.Tensor:
+    feats, _ = frozen_features(model, ((torch.from_numpy(images[i:i + batch]),
+                                        torch.zeros(len(images[i:i + batch])))
+                                       for i in range(0, len(images), batch)))
+    return feats
+
+
+def augmented_view_features(model, crops: np.ndarray, views: int, seed: int) -> torch.Tensor:
+    """(views, N, ...) frozen features of random training views of every crop."""
+    out = []
+    for v in range(views):
+        rng = np.random.default_rng([seed, v])
+        out.append(features_of(model, np.stack([augment(c, rng) for c in crops])))
+        log.info("cached augmented view %d/%d", v + 1, views)
+    return torch.stack(out)
+
+
+@dataclass
+class FoldResult:
+    seed: int
+    fold: int
+    test_index: np.ndarray
+    probs: dict  # variant name -> (n_test, classes) calibrated probabilities
+    best_epoch: int
+    temperature: float
+    seconds: float
+
+
+def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
+             meta: pd.DataFrame, recipe: Recipe, *, folds: int, fold: int,
+             val_fraction: float, num_classes: int) -> FoldResult:
+    """Train on one outer fold's training part (inner validation for selection), test on it."""
+    start = time.perf_counter()
+    roles = train_val_test(meta, folds=folds, test_fold=fold, val_fraction=val_fraction,
+                           seed=recipe.seed)
+    tr, va, te = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
+    torch.manual_seed(recipe.seed * 100 + fold)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    train_feats = view_feats[:, tr].reshape(-1, *view_feats.shape[2:])
+    train_labels = np.tile(labels[tr], view_feats.shape[0])
+    rng = np.random.default_rng([recipe.seed, fold])
+    steps = max(1, len(tr) // recipe.batch_size)
+    counts = [int((labels[tr] == c).sum()) for c in range(num_classes)]
+    result = fit(model, HeadOnly(model),
+                 lambda e: feature_batches(train_feats, train_labels, recipe.batch_size, steps,
+                                           rng),
+                 steps, (eval_feats["original"][va], labels[va]), recipe, num_classes, counts)
+    probs = {name: predict_probs(model, f[te], result.temperature)
+             for name, f in eval_feats.items()}
+    model.load_state_dict(fresh)  # the next fold starts from the pretrained weights again
+    return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
+                      time.perf_counter() - start)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over runs."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else math.nan, math.nan, math.nan)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def summarise(results: list[FoldResult], labels: np.ndarray, classes: list[str]) -> dict:
+    """Per-run means with intervals and pooled out-of-fold reports, for every variant."""
+    out = {}
+    for variant in results[0].probs:
+        runs = {"accuracy": [], "balanced_accuracy": [], "macro_f1": [], "ece": []}
+        per_class_recall = {c: [] for c in classes}
+        pooled = {}  # seed -> full out-of-fold probabilities
+        for r in results:
+            p = r.probs[variant]
+            y = labels[r.test_index]
+            rep = metrics.classification_report(y, p.argmax(1), classes, p)
+            for k in runs:
+                runs[k].append(rep[k])
+            for c in classes:
+                per_class_recall[c].append(rep["per_class"][c]["recall"])
+            pooled.setdefault(r.seed, np.zeros((len(labels), len(classes))))[r.test_index] = p
+        reports = [metrics.classification_report(labels, p.argmax(1), classes, p)
+                   for p in pooled.values()]
+        out[variant] = {
+            "runs": {k: mean_interval(v) for k, v in runs.items()},
+            "runs_recall": {c: mean_interval(v) for c, v in per_class_recall.items()},
+            "pooled_by_seed": reports,
+        }
+    return out
+
+
+def format_summary(summary: dict, classes: list[str]) -> str:
+    lines = []
+    for variant, s in summary.items():
+        lines.append(f"== {variant}")
+        lines.append("  over runs (mean [95% CI]): " + "  ".join(
+            f"{k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in s["runs"].items()))
+        lines.append("  recall per class over runs: " + "  ".join(
+            f"{c} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in s["runs_recall"].items()))
+        for i, rep in enumerate(s["pooled_by_seed"]):
+            lines.append(f"  pooled out-of-fold, seed {i}:")
+            lines.extend("    " + ln for ln in metrics.format_report(rep).splitlines())
+    return "\n".join(lines)
