@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from wbc_spark import crossval
+from wbc_spark.config import load_config
+from wbc_spark.model.transfer import build_classifier
+from wbc_spark.model.weights import load_pretrained
+from wbc_spark.train import Recipe
 
-from wbc_spark import crossval  # noqa: E402
-from wbc_spark.config import load_config  # noqa: E402
-from wbc_spark.model.transfer import build_classifier  # noqa: E402
-from wbc_spark.model.weights import load_pretrained  # noqa: E402
-from wbc_spark.train import Recipe  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import CLASSES
 
 from wbc_spark import artifact
-from conftest import CLASSES
 
 
 def test_roundtrip_with_weights_only(tiny_artifact):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, smear, spark_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]

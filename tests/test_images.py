@@ -4,11 +4,11 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import jpeg_bytes, smear
 from PIL import Image
 
 from wbc_spark import images
 from wbc_spark.ingest import IngestSettings, process_row
-from conftest import jpeg_bytes, smear
 
 
 def png_header_only(width: int, height: int) -> bytes:

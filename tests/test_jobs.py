@@ -6,9 +6,8 @@ import shutil
 
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import jpeg_bytes, smear, spark_submit
+from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 

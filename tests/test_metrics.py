@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from wbc_spark.metrics import (classification_report, confusion, confusion_png,
-                               expected_calibration_error, macro_f1, wilson)
+from wbc_spark.metrics import (
+    classification_report,
+    confusion,
+    confusion_png,
+    expected_calibration_error,
+    macro_f1,
+    wilson,
+)
 
 
 def test_wilson_known_values():

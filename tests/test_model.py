@@ -1,4 +1,3 @@
-import hashlib
 from unittest import mock
 
 import pytest
@@ -6,8 +5,13 @@ import torch
 
 from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.model.transfer import WBCNet, build_classifier, parameter_summary
-from wbc_spark.model.weights import (CAFFE_CONVENTION, WeightsError, load_bvlc,
-                                     load_torchvision, resolve_bvlc_dir)
+from wbc_spark.model.weights import (
+    CAFFE_CONVENTION,
+    WeightsError,
+    load_bvlc,
+    load_torchvision,
+    resolve_bvlc_dir,
+)
 
 
 def test_bvlc_shapes():

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import CLASSES, bvlc_dir, krd_root, spark_submit
 
 pytestmark = pytest.mark.realdata

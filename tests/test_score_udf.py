@@ -1,10 +1,9 @@
 import numpy as np
 import pandas as pd
-import pytest
+from conftest import CLASSES, jpeg_bytes, smear
 
 from wbc_spark import artifact
-from wbc_spark.score import classify_batches, classify_frame, per_class_table
-from conftest import CLASSES, jpeg_bytes, smear
+from wbc_spark.score import classify_batches, classify_frame
 
 
 def test_classify_frame_scores_good_and_flags_bad(tiny_artifact):

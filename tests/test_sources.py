@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
+from conftest import CLASSES
 
 from wbc_spark.sources import folder, krd_wbc, manifest
-from conftest import CLASSES
 
 
 def write_labels(path, text):

@@ -8,8 +8,17 @@ from torch import nn
 from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.model.transfer import WBCNet
 from wbc_spark.model.weights import CAFFE_CONVENTION
-from wbc_spark.train import (HeadOnly, Recipe, class_weights, feature_batches, fit,
-                             fit_temperature, frozen_features, make_optimizer, softmax)
+from wbc_spark.train import (
+    HeadOnly,
+    Recipe,
+    class_weights,
+    feature_batches,
+    fit,
+    fit_temperature,
+    frozen_features,
+    make_optimizer,
+    softmax,
+)
 
 
 def test_class_weights():

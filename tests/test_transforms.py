@@ -1,9 +1,9 @@
 import numpy as np
+from conftest import smear
 from PIL import Image
 
 from wbc_spark.augment import hsv_to_rgb, rescale, rgb_to_hsv, stain_shift
 from wbc_spark.transforms import cell_crop, dihedral, locate_cell
-from conftest import smear
 
 
 def test_locator_finds_the_purple_cell():

@@ -22,9 +22,8 @@ from PIL import Image
 
 from wbc_spark import metrics
 from wbc_spark.augment import augment, stain_shift
-from wbc_spark.splits import assign_folds, train_val_test
-from wbc_spark.train import (HeadOnly, Recipe, feature_batches, fit, frozen_features,
-                             predict_probs)
+from wbc_spark.splits import train_val_test
+from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
 from wbc_spark.transforms import cell_crop
 
 log = logging.getLogger(__name__)

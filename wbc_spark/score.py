@@ -31,9 +31,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd

@@ -37,8 +37,10 @@ INCEPTION_CONFIG: dict[str, tuple[int, int, int, int, int, int, int]] = {
 BLOCKS: tuple[str, ...] = ("conv1", "conv2", *INCEPTION_CONFIG, "fc")
 
 
-def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, bias=True), nn.ReLU(inplace=True))
+def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0
+               ) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, bias=True),
+                         nn.ReLU(inplace=True))
 
 
 class Inception(nn.Module):

@@ -49,7 +49,7 @@ class _TorchvisionInput(nn.Module):
         return self.net._transform_input(x)
 
 
-def googlenet_stages(net: nn.Module) -> "OrderedDict[str, nn.Module]":
+def googlenet_stages(net: nn.Module) -> OrderedDict[str, nn.Module]:
     """The network as named stages in forward order; block names are those of ``BLOCKS``."""
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     if isinstance(net, BVLCGoogLeNet):
@@ -101,7 +101,7 @@ class WBCNet(nn.Module):
         for p in self.frozen.parameters():
             p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "WBCNet":
+    def train(self, mode: bool = True) -> WBCNet:
         super().train(mode)
         self.frozen.eval()  # frozen layers never switch to training behaviour
         return self
