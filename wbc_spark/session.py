@@ -37,3 +37,35 @@ def spark_builder(config: Config):
     for key, value in config.spark.conf.items():
         builder = builder.config(key, str(value))
     return builder
+
+
+def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
+    """The shared shape of every job: flags, config, Spark session, body, one-line errors.
+
+    ``body(spark, config)`` returns the lines to print for the user. Any failure prints one
+    line naming the problem (the traceback goes to the log at DEBUG) and exits 1.
+    """
+    import argparse
+
+    from wbc_spark.config import load_config
+
+    parser = argparse.ArgumentParser(prog=f"{name}.py", description=doc.splitlines()[0])
+    parser.add_argument("--config", default="conf/local.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = load_config(args.config, args.overrides)
+        log_config(config)
+        spark = spark_builder(config).getOrCreate()
+        try:
+            lines = body(spark, config)
+        finally:
+            spark.stop()
+    except Exception as exc:
+        logging.getLogger("wbc_spark").debug("failed", exc_info=True)
+        print(f"{name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
