@@ -71,3 +71,17 @@ def test_mask_is_thresholded_and_scored():
     stored = np.asarray(Image.open(io.BytesIO(row["mask"])))
     assert set(np.unique(stored)) == {0, 255}  # the halo is gone
     assert row["cell_iou"] > 0.5
+
+
+def test_process_batch_emits_the_declared_schema():
+    import pandas as pd
+
+    from wbc_spark.ingest import DATASET_SCHEMA, PROCESSED_SCHEMA, process_batch
+
+    frame = pd.DataFrame({"path": ["file:/a.jpg", "file:/b.jpg"], "image_id": ["a", "b"],
+                          "content": [jpeg_bytes(smear()), b"bad"], "label": ["Basophil", None]})
+    (out,) = list(process_batch(iter([frame]), IngestSettings(crop_size=32)))
+    assert list(out.columns) == PROCESSED_SCHEMA.fieldNames()
+    assert PROCESSED_SCHEMA.fieldNames()[:-1] == DATASET_SCHEMA.fieldNames()
+    assert out.reason.isna().tolist() == [True, False]
+    assert str(out.width.dtype) == "Int32" and out.ingested_at.notna().all()
