@@ -40,6 +40,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-shifts", action="store_true", help="skip the robustness copies")
     parser.add_argument("--json", default=str(REPO / "runs" / "accuracy.json"))
+    parser.add_argument("--cache", default=None,
+                        help="file to keep the frozen-layer features in; reused when present "
+                             "(they depend only on the data, the weights and train.views)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -62,13 +65,23 @@ def main() -> int:
     crops = crossval.crops_of(df)
     size = crops.shape[1]
     t = config.train
-    view_feats = crossval.augmented_view_features(model, crops, t.views, seed=1234)
-    eval_feats = {"original": crossval.features_of(model, crops)}
-    if not args.no_shifts:
-        for name, shift in crossval.SHIFTS.items():
-            eval_feats[name] = crossval.features_of(model, crossval.shifted_crops(
-                df, shift, size=size, context=config.data.context))
-            logging.info("cached test variant %s", name)
+    key = {"views": t.views, "freeze_until": config.model.freeze_until,
+           "ids": df.image_id.tolist(), "shifts": not args.no_shifts}
+    cached = torch.load(args.cache, weights_only=True) if args.cache and Path(
+        args.cache).exists() else None
+    if cached is not None and cached["key"] == key:
+        view_feats, eval_feats = cached["views"], cached["eval"]
+        logging.info("reusing the feature cache %s", args.cache)
+    else:
+        view_feats = crossval.augmented_view_features(model, crops, t.views, seed=1234)
+        eval_feats = {"original": crossval.features_of(model, crops)}
+        if not args.no_shifts:
+            for name, shift in crossval.SHIFTS.items():
+                eval_feats[name] = crossval.features_of(model, crossval.shifted_crops(
+                    df, shift, size=size, context=config.data.context))
+                logging.info("cached test variant %s", name)
+        if args.cache:
+            torch.save({"key": key, "views": view_feats, "eval": eval_feats}, args.cache)
     cache_seconds = time.perf_counter() - start
     results = []
     for seed in range(args.seeds):
