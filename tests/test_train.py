@@ -113,3 +113,22 @@ def test_frozen_features_are_half_precision_and_ordered():
     assert feats.dtype == torch.float16 and feats.shape == (6, 3)
     assert labels.tolist() == [0, 1, 0, 1, 1, 0]
     assert torch.allclose(feats.float(), net.embed_frozen(imgs), atol=1e-3)
+
+
+def test_converter_batches_read_cached_parquet(tmp_path):
+    import pandas as pd
+
+    from wbc_spark.train import converter_batches
+
+    crops = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
+    pd.DataFrame({"crop": [c.tobytes() for c in crops], "label_index": [0, 1, 2, 1, 0],
+                  "row": [10, 11, 12, 13, 14]}).to_parquet(tmp_path / "part-0.parquet")
+
+    class Converter:
+        file_urls = [(tmp_path / "part-0.parquet").as_uri()]
+
+    rows = []
+    batches = list(converter_batches(Converter(), 4, rows, batch=2))
+    assert [len(b[1]) for b in batches] == [2, 2, 1]
+    assert rows == [10, 11, 12, 13, 14]
+    assert np.array_equal(torch.cat([b[0] for b in batches]).numpy(), crops)

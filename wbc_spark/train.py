@@ -289,11 +289,28 @@ def transform_spec(size: int, *, train: bool, seed: int):
     )
 
 
-def _loader_batches(loader, rows: list | None = None) -> Iterator[Batch]:
+def _loader_batches(loader) -> Iterator[Batch]:
     for batch in loader:
-        if rows is not None:
-            rows.extend(batch["row"].tolist())
         yield batch["image"], batch["label"]
+
+
+def converter_batches(converter, size: int, rows: list | None = None, batch: int = 64
+                      ) -> Iterator[Batch]:
+    """Unaugmented batches from a petastorm converter's cached Parquet files, read with
+    pyarrow (for the small validation and test sets)."""
+    import pyarrow.dataset as pads
+
+    from wbc_spark.sources.folder import local_path
+
+    table = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet"
+                         ).to_table(columns=["crop", "label_index", "row"])
+    frame = table.to_pandas()
+    for i in range(0, len(frame), batch):
+        part = frame.iloc[i:i + batch]
+        if rows is not None:
+            rows.extend(part["row"].tolist())
+        yield (torch.from_numpy(decode_crops(part["crop"], size)),
+               torch.from_numpy(part["label_index"].to_numpy(np.int64)))
 
 
 def distributed_worker(job: dict) -> dict | None:
@@ -330,25 +347,26 @@ def distributed_worker(job: dict) -> dict | None:
     size = job["crop_size"]
     main = is_main_process()
 
-    # Rank 0 reads the validation and test images first (each once, unaugmented).
+    # Rank 0 reads the validation and test images (small, unaugmented) straight from the
+    # converters' cached Parquet files. Only the training data streams through a petastorm
+    # reader, and it is the only reader in the process: with petastorm 0.13.1 a second reader
+    # in one process was seen to come back empty now and then.
     val = test = None
     rows: list[int] = []
-    eval_spec = transform_spec(size, train=False, seed=recipe.seed)
     if main:
-        with job["conv_val"].make_torch_dataloader(batch_size=64, num_epochs=1,
-                                                   workers_count=2,
-                                                   transform_spec=eval_spec) as loader:
-            val = frozen_features(model, _loader_batches(loader))
-        with job["conv_test"].make_torch_dataloader(batch_size=64, num_epochs=1,
-                                                    workers_count=2,
-                                                    transform_spec=eval_spec) as loader:
-            test = frozen_features(model, _loader_batches(loader, rows))
+        val = frozen_features(model, converter_batches(job["conv_val"], size))
+        test = frozen_features(model, converter_batches(job["conv_test"], size, rows))
     start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
             batch_size=64, num_epochs=job["views"], workers_count=2, cur_shard=rank(),
             shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed),
             shuffling_queue_capacity=0) as loader:
         train_feats, train_labels = frozen_features(model, _loader_batches(loader))
+    expected = job["views"] * job["n_train"] / world
+    if len(train_feats) < 0.5 * expected:
+        raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
+                           f"{rank()}, expected about {expected:.0f}; refusing to train on a "
+                           "partial shard")
     log.info("cached %d augmented views of this shard's images through the frozen layers "
              "in %.1f s", len(train_feats), time.perf_counter() - start)
     steps = max(1, job["n_train"] // (recipe.batch_size * world))
