@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from wbc_spark import crossval
+from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
@@ -66,6 +67,7 @@ def main() -> int:
     size = crops.shape[1]
     t = config.train
     key = {"views": t.views, "freeze_until": config.model.freeze_until,
+           "augment": dict(config.augment.__dict__),
            "ids": df.image_id.tolist(), "shifts": not args.no_shifts}
     cached = torch.load(args.cache, weights_only=True) if args.cache and Path(
         args.cache).exists() else None
@@ -73,7 +75,9 @@ def main() -> int:
         view_feats, eval_feats = cached["views"], cached["eval"]
         logging.info("reusing the feature cache %s", args.cache)
     else:
-        view_feats = crossval.augmented_view_features(model, crops, t.views, seed=1234)
+        view_feats = crossval.augmented_view_features(
+            model, crops, t.views, seed=1234,
+            settings=AugmentSettings(**config.augment.__dict__))
         eval_feats = {"original": crossval.features_of(model, crops)}
         if not args.no_shifts:
             for name, shift in crossval.SHIFTS.items():
@@ -113,7 +117,8 @@ def main() -> int:
         logging.info("no locator IoU: %s", exc)
     print(f"runs: {len(results)} ({args.seeds} seeds x {args.folds} folds); recipe "
           f"{json.dumps(Recipe.from_config(t).__dict__)} views={t.views} "
-          f"freeze_until={config.model.freeze_until}; feature cache {cache_seconds:.0f} s; "
+          f"freeze_until={config.model.freeze_until} "
+          f"augment={json.dumps(config.augment.__dict__)}; feature cache {cache_seconds:.0f} s; "
           f"wall time {wall:.0f} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"summary": summary, "wall_seconds": wall,

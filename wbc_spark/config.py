@@ -95,6 +95,17 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training augmentation (see wbc_spark/augment.py): ranges of the random jitter."""
+
+    scale: float = 0.12  # cell scale: exp(+-scale)
+    hue: float = 0.04  # hue shift: +-hue of the colour circle
+    saturation: float = 0.3  # saturation factor: exp(+-saturation)
+    brightness: float = 0.15
+    contrast: float = 0.15
+
+
+@dataclass
 class ScoreConfig:
     input: str = ""  # image folder (recursive), glob, or an ingested Parquet dataset
     model: str = "runs/model/model.pt"
@@ -110,6 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def to_dict(self) -> dict:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import metrics
-from wbc_spark.augment import augment, stain_shift
+from wbc_spark.augment import AugmentSettings, augment, stain_shift
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
 from wbc_spark.transforms import cell_crop
@@ -76,12 +76,13 @@ def features_of(model, images: np.ndarray, batch: int = 50) -> torch.Tensor:
     return feats
 
 
-def augmented_view_features(model, crops: np.ndarray, views: int, seed: int) -> torch.Tensor:
+def augmented_view_features(model, crops: np.ndarray, views: int, seed: int,
+                            settings: AugmentSettings = AugmentSettings()) -> torch.Tensor:
     """(views, N, ...) frozen features of random training views of every crop."""
     out = []
     for v in range(views):
         rng = np.random.default_rng([seed, v])
-        out.append(features_of(model, np.stack([augment(c, rng) for c in crops])))
+        out.append(features_of(model, np.stack([augment(c, rng, settings) for c in crops])))
         log.info("cached augmented view %d/%d", v + 1, views)
     return torch.stack(out)
 

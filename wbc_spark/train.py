@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from wbc_spark import metrics
-from wbc_spark.augment import augment
+from wbc_spark.augment import AugmentSettings, augment
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ def decode_crops(crops: Iterable[bytes], size: int) -> np.ndarray:
     return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in crops])
 
 
-def transform_spec(size: int, *, train: bool, seed: int):
+def transform_spec(size: int, *, train: bool, seed: int,
+                   settings: AugmentSettings = AugmentSettings()):
     """petastorm TransformSpec: crop bytes -> uint8 image array (augmented when training)."""
     from petastorm import TransformSpec
 
@@ -276,7 +277,7 @@ def transform_spec(size: int, *, train: bool, seed: int):
         rng = np.random.default_rng([seed, rank(), next(counter)])
         images = decode_crops(pdf["crop"], size)
         if train:
-            images = np.stack([augment(im, rng) for im in images])
+            images = np.stack([augment(im, rng, settings) for im in images])
         return pd.DataFrame({"image": list(images),
                              "label": pdf["label_index"].astype(np.int64),
                              "row": pdf["row"].astype(np.int64)})
@@ -359,7 +360,8 @@ def distributed_worker(job: dict) -> dict | None:
     start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
             batch_size=64, num_epochs=job["views"], workers_count=2, cur_shard=rank(),
-            shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed),
+            shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed,
+                                          settings=AugmentSettings(**job["augment"])),
             shuffling_queue_capacity=0) as loader:
         train_feats, train_labels = frozen_features(model, _loader_batches(loader))
     expected = job["views"] * job["n_train"] / world
