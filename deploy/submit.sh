@@ -21,7 +21,6 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ ${#master[@]} -eq 0 ] && [ -n "${SPARK_MASTER:-}" ]; then master=(--master "$SPARK_MASTER"); fi
-if [ ${#master[@]} -gt 0 ]; then export SPARK_MASTER_FROM_SUBMIT=1; fi
 # Executors on other machines need the library: ship it as a zip (rebuilt each time, small).
 mkdir -p "$repo/runs"
 zip_path="$repo/runs/wbc_spark.zip"

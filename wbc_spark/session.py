@@ -21,14 +21,30 @@ def log_config(config: Config) -> None:
     logging.getLogger("wbc_spark").info("resolved config: %s", json.dumps(config.to_dict()))
 
 
+def submitted_master() -> str | None:
+    """The master spark-submit was given, or None when it only has its default (local[*]).
+
+    spark-submit always sets spark.master (local[*] when no --master is given), and a master
+    set in code would override it; so the config's master applies only when spark-submit's
+    is its default.
+    """
+    from pyspark import SparkConf
+    from pyspark.context import SparkContext
+
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None  # plain `python`: no spark-submit, the config decides
+    SparkContext._ensure_initialized()  # attaches to spark-submit's JVM
+    master = SparkConf().get("spark.master", None)
+    return None if master in (None, "local[*]") else master
+
+
 def spark_builder(config: Config):
-    """A SparkSession builder from the config: master only when spark-submit gave none."""
+    """A SparkSession builder from the config: ``--master`` given to spark-submit wins over
+    the config file's ``spark.master``."""
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(config.spark.app_name)
-    # spark-submit --master wins over the file; the file's master applies to plain python.
-    if "spark.master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", "") and \
-            not os.environ.get("SPARK_MASTER_FROM_SUBMIT"):
+    if submitted_master() is None:
         builder = builder.config("spark.master", config.spark.master)
     builder = (builder
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -58,6 +74,7 @@ def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         log_config(config)
         spark = spark_builder(config).getOrCreate()
+        logging.getLogger("wbc_spark").info("Spark master: %s", spark.sparkContext.master)
         try:
             lines = body(spark, config)
         finally:
