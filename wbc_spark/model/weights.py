@@ -253,10 +253,6 @@ def load_pretrained(source: str = "bvlc", weights_dir: str | os.PathLike | None 
 
 def to_input(images: torch.Tensor, convention: InputConvention) -> torch.Tensor:
     """uint8 RGB images (N x H x W x 3) -> the network's float input (N x 3 x H x W)."""
-    x = images.permute(0, 3, 1, 2).float()
-    if convention.channel_order == "BGR":
-        x = x.flip(1)
-    x = x * convention.scale
-    mean = torch.tensor(convention.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(convention.std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    from wbc_spark.model.transfer import Normalize  # transfer imports this module
+
+    return Normalize(convention)(images)
