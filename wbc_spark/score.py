@@ -271,20 +271,13 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
               .withColumn("scored_at", F.current_timestamp())
               .select(*schema.fieldNames()))
     run_id = tables.new_run_id()
-    # Write once (the UDF runs once per image), then count from what was written.
-    staging = f"{table}/{tables.STAGING}/{run_id}"
-    scored.write.mode("overwrite").parquet(staging)
-    staging_count = spark.read.schema(schema).parquet(staging).count()
-    if staging_count:
-        tables.rename(spark, staging, f"{table}/run={run_id}")
-    else:
-        tables.delete(spark, staging)
+    scored_count = tables.append(scored, table, run_id)
     all_results = tables.read(spark, table, schema)
     summary_pd = per_class_table(all_results, classes)
     tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA),
                    f"{table}_per_class", run_id)
     errors = (spark.read.schema(schema).parquet(f"{table}/run={run_id}")
-              .where(F.col("error").isNotNull()).count()) if staging_count else 0
-    return {"model_id": model_id, "scored": staging_count, "errors": errors, "run_id": run_id,
+              .where(F.col("error").isNotNull()).count()) if scored_count else 0
+    return {"model_id": model_id, "scored": scored_count, "errors": errors, "run_id": run_id,
             "results": table, "per_class": f"{table}_per_class",
             "summary": summary_pd[summary_pd["model_id"] == model_id]}

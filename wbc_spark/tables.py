@@ -87,17 +87,25 @@ def read(spark: SparkSession, table: str, schema: StructType) -> DataFrame:
 
 
 def append(df: DataFrame, table: str, run_id: str, *, kind: str = "run",
-           partitions: int | None = None) -> str:
-    """Write ``df`` as one atomically committed run of ``table``; return the run's folder."""
+           partitions: int | None = None) -> int:
+    """Write ``df`` as one atomically committed run of ``table``; return its row count.
+
+    ``df`` is computed once (the write); the count is read back from the written files. An
+    empty run is not committed.
+    """
     spark = df.sparkSession
     staging = f"{table}/{STAGING}/{run_id}"
     final = f"{table}/{kind}={run_id}"
     if partitions:
         df = df.coalesce(partitions)
     df.write.mode("overwrite").parquet(staging)
-    rename(spark, staging, final)
-    log.info("committed %s", final)
-    return final
+    rows = spark.read.schema(df.schema).parquet(staging).count()
+    if rows:
+        rename(spark, staging, final)
+        log.info("committed %s (%d rows)", final, rows)
+    else:
+        delete(spark, staging)
+    return rows
 
 
 def replace(df: DataFrame, table: str, run_id: str) -> None:
