@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wbc_spark import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
+from wbc_spark.explain import mass_on_cell, overlay_png
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.train import Recipe
@@ -44,6 +46,7 @@ def main() -> int:
     parser.add_argument("--cache", default=None,
                         help="file to keep the frozen-layer features in; reused when present "
                              "(they depend only on the data, the weights and train.views)")
+    parser.add_argument("--figure", default=str(REPO / "runs" / "where_it_looks.png"))
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -57,7 +60,7 @@ def main() -> int:
                         args.config, f"data.dataset={dataset}"], check=True, cwd=REPO)
     start = time.perf_counter()
     classes = list(config.classes)
-    df = crossval.load_dataset(dataset, classes)
+    df = crossval.load_dataset(dataset, classes, config.data.stain)
     labels = df.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
     meta = df[["image_id", "label", "group", "sha256"]]
     pretrained = load_pretrained(config.model.source, config.model.weights_dir or None)
@@ -67,6 +70,7 @@ def main() -> int:
     size = crops.shape[1]
     t = config.train
     key = {"views": t.views, "freeze_until": config.model.freeze_until,
+           "frozen_precision": t.frozen_precision,
            "augment": dict(config.augment.__dict__),
            "ids": df.image_id.tolist(), "shifts": not args.no_shifts}
     cached = torch.load(args.cache, weights_only=True) if args.cache and Path(
@@ -77,12 +81,13 @@ def main() -> int:
     else:
         view_feats = crossval.augmented_view_features(
             model, crops, t.views, seed=1234,
-            settings=AugmentSettings(**config.augment.__dict__))
-        eval_feats = {"original": crossval.features_of(model, crops)}
+            settings=AugmentSettings(**config.augment.__dict__), precision=t.frozen_precision)
+        eval_feats = {"original": crossval.features_of(model, crops, t.frozen_precision)}
         if not args.no_shifts:
             for name, shift in crossval.SHIFTS.items():
                 eval_feats[name] = crossval.features_of(model, crossval.shifted_crops(
-                    df, shift, size=size, context=config.data.context))
+                    df, shift, size=size, context=config.data.context,
+                    stain=config.data.stain), t.frozen_precision)
                 logging.info("cached test variant %s", name)
         if args.cache:
             torch.save({"key": key, "views": view_feats, "eval": eval_feats}, args.cache)
@@ -103,6 +108,18 @@ def main() -> int:
     summary = crossval.summarise(results, labels, classes)
     wall = time.perf_counter() - start
     print(crossval.format_summary(summary, classes))
+    look = crossval.where_it_looks(results, df, classes, labels)
+    if look is not None:
+        print(crossval.format_where_it_looks(look))
+        examples = [i for k in range(len(classes))
+                    for i in np.flatnonzero(labels[look["index"]] == k)[:3]]
+        rows = look["index"][examples]
+        frac, _ = mass_on_cell(look["maps"][examples], look["masks"][examples])
+        overlay_png(
+            crops[rows], look["maps"][examples], look["masks"][examples],
+            [f"{classes[labels[r]][:4]} {df.image_id.iloc[r][:14]} {f:.0%}"
+             for r, f in zip(rows, frac)], args.figure)
+        print(f"examples (map in red, true cell outline in green): {args.figure}")
     iou = None
     try:
         import pyarrow.dataset as pads
@@ -117,12 +134,22 @@ def main() -> int:
         logging.info("no locator IoU: %s", exc)
     print(f"runs: {len(results)} ({args.seeds} seeds x {args.folds} folds); recipe "
           f"{json.dumps(Recipe.from_config(t).__dict__)} views={t.views} "
-          f"freeze_until={config.model.freeze_until} "
+          f"freeze_until={config.model.freeze_until} frozen_precision={t.frozen_precision} "
           f"augment={json.dumps(config.augment.__dict__)}; feature cache {cache_seconds:.0f} s; "
           f"wall time {wall:.0f} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"summary": summary, "wall_seconds": wall,
-                                           "cell_iou": iou}, default=float, indent=1))
+                                           "cache_seconds": cache_seconds,
+                                           "trainings": len(results), "epochs": t.epochs,
+                                           "train_images": sum(r.n_train for r in results)
+                                           / len(results),
+                                           "cell_iou": iou, "stain": config.data.stain,
+                                           "where_it_looks": None if look is None else {
+                                               k: look[k] for k in ("mass_on_cell",
+                                                                    "area_on_cell",
+                                                                    "peak_on_cell",
+                                                                    "per_class")}},
+                                          default=float, indent=1))
     return 0
 
 

@@ -1,28 +1,39 @@
-"""Scoring speed: the scoring job against a naive UDF and a plain Python loop, in one run.
+"""Speed and scale: scoring, ingest and training, each path against its baseline in one run.
 
-    .venv/bin/python benchmarks/speed.py [--images 10000] [--model runs/model/model.pt]
+    .venv/bin/python benchmarks/speed.py [--images 10000] [--slides 20] [--repeats 3]
 
 1. Builds a benchmark lake of distinct 512 x 512 JPEGs from KRD-WBC (flips, rotations and
-   small crops, so no two contents are equal) under runs/bench_lake (kept between runs).
-2. Times, on the same cores, in images per second (median of --repeats runs each):
+   small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
+   slide folders; ``--slides K`` times the paths on the first K folders only.
+2. Precision: the model's predictions on the 600 KRD-WBC images in fp32 and in bf16
+   (agreement, macro-F1 of each), since the scoring job runs in ``score.precision``.
+3. Scoring, in images per second (median of ``--repeats`` runs each, paths interleaved):
    - the scoring job (wbc_spark.score.run_scoring: iterator pandas UDF, model loaded once per
-     worker, tables written), each repeat into a fresh results table;
-   - a naive scoring job: a plain pandas UDF that loads the model for every batch;
-   - the same inference code (decode, locate, crop, classify) in one plain Python process.
-3. Counts the model's FLOPs per image (torch's FlopCounterMode) and divides the achieved
-   FLOP/s by the machine's peak (cores x max clock x FLOPs per cycle from the CPU's vector
-   width, read from lscpu).
+     worker, ``score.precision``, tables written), each repeat into a fresh results table;
+   - a naive scoring job: a plain pandas UDF that loads the model for every batch and runs
+     the eager fp32 model with torch's stock LocalResponseNorm;
+   - the scoring job's inference code (decode, locate, crop, classify) in one plain process.
+   While the jobs run, the peak resident memory of every Python worker is sampled.
+4. The model's FLOPs per image (torch's FlopCounterMode) times images/s over the machine's
+   peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
+5. Scale-out: ingest and scoring on a local standalone cluster with one and with two one-core
+   workers (``--no-cluster`` skips it).
+6. Training: the frozen-feature cache per view against the naive recipe's per-image epoch
+   cost (full forward and backward every epoch); the cross-validation wall time is read from
+   the last ``benchmarks/accuracy.py`` run (runs/accuracy.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,12 +42,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from wbc_spark import artifact
+from wbc_spark import artifact, metrics
 from wbc_spark.config import load_config
 from wbc_spark.score import classify_frame
 from wbc_spark.sources.krd_wbc import default_root
 
 REPO = Path(__file__).resolve().parents[1]
+SLIDES = 20
 
 
 def build_lake(root: Path, n: int) -> list[Path]:
@@ -54,59 +66,204 @@ def build_lake(root: Path, n: int) -> list[Path]:
         arr = arr[:, ::-1] if k >= 4 else arr
         dx, dy = rng.integers(0, 24, 2)
         img = Image.fromarray(np.ascontiguousarray(arr)).crop((dx, dy, dx + 488, dy + 488))
-        out = root / f"slide{i % 20:02d}" / f"cell{i:06d}.jpg"
+        out = root / f"slide{i % SLIDES:02d}" / f"cell{i:06d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         img.resize((512, 512), Image.BILINEAR).save(out, quality=92)
         paths.append(out)
     return paths
 
 
-def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int) -> float:
+def sub_lake(lake: Path, slides: int) -> Path:
+    """The first ``slides`` slide folders of the lake, as hard links in a folder of their own
+    (same bytes, sizes and times, no copy)."""
+    if slides >= SLIDES:
+        return lake
+    root = lake.parent / f"{lake.name}_{slides}of{SLIDES}"
+    for k in range(slides):
+        for f in sorted((lake / f"slide{k:02d}").glob("*.jpg")):
+            target = root / f.parent.name / f.name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(f, target)
+    return root
+
+
+def stock_lrn(model):
+    """The naive path's model: torch's own LocalResponseNorm in place of wbc_spark's."""
+    from torch import nn
+
+    from wbc_spark.model.googlenet import LocalResponseNorm
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LocalResponseNorm):
+                setattr(parent, name, nn.LocalResponseNorm(child.size, child.alpha, child.beta,
+                                                           child.k))
+    return model
+
+
+def precision_check(model_path: str) -> str:
+    """Predictions on the 600 KRD-WBC images with fp32 and with bf16 arithmetic."""
+    from wbc_spark.sources.krd_wbc import read_labels
+
+    model, meta = artifact.load(model_path)
+    root = default_root()
+    labels = read_labels(root / "class labels.csv", meta["classes"])
+    files = sorted((root / "Dataset" / "image").glob("image*.jpg"),
+                   key=lambda f: int(re.sub(r"\D", "", f.stem)))
+    y = np.array([list(meta["classes"]).index(labels[int(re.sub(r"\D", "", f.stem))])
+                  for f in files])
+    data = [f.read_bytes() for f in files]
+    preds = {}
+    for precision in ("fp32", "bf16"):
+        out = pd.concat([classify_frame(pd.Series(data[i:i + 64]), model, meta, "image",
+                                        precision) for i in range(0, len(data), 64)])
+        preds[precision] = np.array([list(meta["classes"]).index(c)
+                                     for c in out.predicted_class])
+    f1 = {k: metrics.macro_f1(y, v, len(meta["classes"])) for k, v in preds.items()}
+    agree = (preds["fp32"] == preds["bf16"]).mean()
+    return (f"precision: bf16 and fp32 predictions agree on {agree:.1%} of the 600 KRD-WBC "
+            f"images; macro-F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} (difference "
+            f"{f1['bf16'] - f1['fp32']:+.4f}; target within 0.005; these images include the "
+            "model's training images, so this measures the arithmetic, not the accuracy)")
+
+
+def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
+               precision: str) -> float:
     torch.set_num_threads(threads)
     model, meta = artifact.load(model_path)
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         data = pd.Series([p.read_bytes() for p in paths[i:i + batch]])
-        classify_frame(data, model, meta, "image")
+        classify_frame(data, model, meta, "image", precision)
     return len(paths) / (time.perf_counter() - start)
 
 
-def spark_job(lake: Path, model_path: str, naive: bool, results: Path) -> float:
-    """Run the scoring job (or the naive variant) in a fresh process; return images/s."""
-    code = f"""
+class WorkerMemory:
+    """Samples the peak resident memory (VmHWM) of every PySpark Python worker process."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    if b"pyspark.daemon" not in (proc / "cmdline").read_bytes():
+                        continue
+                    found = re.search(r"VmHWM:\s+(\d+) kB", (proc / "status").read_text())
+                except OSError:
+                    continue
+                if found:
+                    pid = int(proc.name)
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), int(found.group(1)))
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return max(self.peaks.values(), default=0) / 1024
+
+
+JOB = """
 import sys, time
 from wbc_spark.config import load_config
 from wbc_spark.session import spark_builder
-from wbc_spark import score
-cfg = load_config("{REPO / 'conf' / 'local.yaml'}", ["score.input={lake}",
-    "score.model={model_path}", "score.results={results}"])
+from wbc_spark import ingest, score
+cfg = load_config(sys.argv[1], sys.argv[3:])
 spark = spark_builder(cfg).getOrCreate()
 spark.sparkContext.setLogLevel("ERROR")
-if {naive}:
+if sys.argv[2] == "naive":
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
+    sys.path.insert(0, "benchmarks")
+    from speed import stock_lrn
     from wbc_spark import artifact
-    def make_udf(model_file, kind, classes, threads):
+    def make_udf(model_file, kind, classes, threads, precision):
         from pyspark import SparkFiles
         @pandas_udf(score.prediction_schema(classes))
         def classify(data: pd.Series) -> pd.DataFrame:
             model, meta = artifact.load(SparkFiles.get(model_file))  # every batch
-            return score.classify_frame(data.reset_index(drop=True), model, meta, kind)
+            stock_lrn(model)
+            return score.classify_frame(data.reset_index(drop=True), model, meta, kind, "fp32")
         return classify
     score.make_udf = make_udf
 start = time.perf_counter()
-out = score.run_scoring(spark, cfg)
-print("RESULT", out["scored"] / (time.perf_counter() - start))
+if sys.argv[2] == "ingest":
+    n = ingest.run_ingest(spark, cfg).read
+else:
+    n = score.run_scoring(spark, cfg)["scored"]
+print("RESULT", n, n / (time.perf_counter() - start))
 """
+
+
+def run_path(kind: str, config: Path, overrides: list[str], scratch: list[Path]
+             ) -> tuple[float, float]:
+    """Run one job (``kind``: job, naive or ingest) in a fresh driver; images/s and the peak
+    memory of its Python workers (MiB). ``scratch`` tables are removed afterwards."""
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=REPO)
-    match = re.search(r"RESULT ([0-9.]+)", proc.stdout)
-    if not match:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
-    shutil.rmtree(results, ignore_errors=True)
-    shutil.rmtree(f"{results}_per_class", ignore_errors=True)
-    return float(match.group(1))
+    with WorkerMemory() as memory:
+        proc = subprocess.run([sys.executable, "-c", JOB, str(config), kind, *overrides],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+    for path in scratch:
+        for p in (path, Path(f"{path}_per_class")):
+            shutil.rmtree(p, ignore_errors=True)
+    found = re.search(r"RESULT (\d+) ([0-9.]+)", proc.stdout)
+    if not found or int(found.group(1)) == 0:
+        raise RuntimeError(f"{kind} run failed or did nothing:\n" + proc.stdout[-2000:]
+                           + proc.stderr[-2000:])
+    return float(found.group(2)), memory.peak_mib
+
+
+def local_cluster(action: str, workers: int) -> None:
+    env = dict(os.environ, WORKERS=str(workers), PYSPARK_PYTHON=sys.executable,
+               WBC_SPARK_CLUSTER_DIR=str(REPO / "runs" / "bench_cluster"),
+               WBC_SPARK_VENV=str(Path(sys.executable).parents[1]))
+    subprocess.run(["bash", str(REPO / "deploy" / "local_cluster.sh"), action], env=env,
+                   check=True, capture_output=True, timeout=300)
+
+
+def training_costs(model_path: str, images: int = 32) -> tuple[float, float]:
+    """Seconds per image: one frozen-feature cache view (optimised recipe), and one naive
+    epoch step (augment, forward through the whole network in fp32 with stock LRN, backward
+    through the trained blocks) on ``images`` KRD-WBC crops."""
+    from wbc_spark.augment import augment
+    from wbc_spark.model.transfer import inference_precision
+    from wbc_spark.transforms import cell_crop
+
+    cfg = load_config(REPO / "conf" / "local.yaml")
+    torch.set_num_threads(2)
+    model, meta = artifact.load(model_path)
+    files = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))[:images]
+    crops = np.stack([cell_crop(Image.open(f), 224, context=cfg.data.context,
+                                stain=meta["preprocessing"].get("stain", "none"))[0]
+                      for f in files])
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    views = torch.from_numpy(np.stack([augment(c, rng) for c in crops]))
+    with torch.no_grad(), inference_precision(cfg.train.frozen_precision):
+        model.embed_frozen(views)
+    cached = (time.perf_counter() - start) / images
+    stock_lrn(model).train()
+    head = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(head, lr=1e-4)
+    start = time.perf_counter()
+    views = torch.from_numpy(np.stack([augment(c, rng) for c in crops]))
+    loss = torch.nn.functional.cross_entropy(model(views), torch.zeros(images, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    naive = (time.perf_counter() - start) / images
+    return cached, naive
 
 
 def flops_per_image(model_path: str) -> float:
@@ -144,24 +301,38 @@ def peak_flops() -> tuple[float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--images", type=int, default=10000, help="benchmark lake size")
+    parser.add_argument("--slides", type=int, default=SLIDES,
+                        help=f"time the paths on the first K of the {SLIDES} slide folders")
     parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
+    parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
+    parser.add_argument("--accuracy-json", default=str(REPO / "runs" / "accuracy.json"))
     args = parser.parse_args()
-    cfg = load_config(REPO / "conf" / "local.yaml")
-    batch = cfg.score.batch_size
+    local = REPO / "conf" / "local.yaml"
+    cfg = load_config(local)
     lake = Path(args.lake)
     t = time.perf_counter()
-    paths = build_lake(lake, args.images)
-    print(f"benchmark lake: {len(paths)} distinct 512x512 JPEGs in {lake} "
+    build_lake(lake, args.images)
+    print(f"benchmark lake: {args.images} distinct 512x512 JPEGs in {lake} "
           f"({time.perf_counter() - t:.0f} s to build or find)")
+    timed = sub_lake(lake, args.slides)
+    paths = sorted(timed.rglob("*.jpg"))
+    print(f"paths timed on {len(paths)} images ({timed})")
+    print(precision_check(args.model))
+
     res = REPO / "runs" / "bench_results"
-    rates = {"scoring job": [], "naive job": [], "plain loop": []}
+    score_args = [f"score.input={timed}", f"score.model={args.model}", f"score.results={res}"]
+    rates: dict[str, list[float]] = {"scoring job": [], "naive job": [], "plain loop": []}
+    memory: dict[str, float] = {}
     for _ in range(args.repeats):
-        rates["scoring job"].append(spark_job(lake, args.model, False, res))
-        rates["naive job"].append(spark_job(lake, args.model, True, res))
-        rates["plain loop"].append(plain_loop(paths, args.model, batch, 2))
+        for name, kind in (("scoring job", "job"), ("naive job", "naive")):
+            rate, mib = run_path(kind, local, score_args, [res])
+            rates[name].append(rate)
+            memory[name] = max(memory.get(name, 0), mib)
+        rates["plain loop"].append(plain_loop(paths, args.model, cfg.score.batch_size, 2,
+                                              cfg.score.precision))
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in rates.items():
         print(f"{k:<12} {med[k]:7.1f} images/s (runs: {', '.join(f'{x:.1f}' for x in v)})")
@@ -169,12 +340,53 @@ def main() -> int:
           "(target >= 6x)")
     print(f"scoring job / plain loop: {med['scoring job'] / med['plain loop']:.0%} "
           "(target >= 80%)")
+    for k, mib in memory.items():
+        print(f"{k:<12} peak Python worker memory {mib:.0f} MiB over {len(paths)} images "
+              "(target < 1536 MiB)")
     flops = flops_per_image(args.model)
     peak, how = peak_flops()
     print(f"model: {flops / 1e9:.2f} GFLOP per image (FlopCounterMode; multiply-add = 2)")
     print(f"peak: {peak / 1e9:.0f} GFLOP/s = {how}")
     for k in rates:
         print(f"{k:<12} model part reaches {flops * med[k] / peak:.1%} of peak")
+
+    ingest_dir = REPO / "runs" / "bench_ingest"
+    ingest_args = ["data.source=folder", f"data.lake={timed}", f"data.dataset={ingest_dir}",
+                   f"data.quarantine={ingest_dir}_quarantine"]
+    scratch = [ingest_dir, Path(f"{ingest_dir}_quarantine")]
+    rate, mib = run_path("ingest", local, ingest_args, scratch)
+    print(f"ingest (local[2]) {rate:7.1f} images/s, peak Python worker memory {mib:.0f} MiB")
+    if not args.no_cluster:
+        cluster = REPO / "conf" / "cluster.yaml"
+        out: dict[int, dict[str, float]] = {}
+        for workers in (1, 2):
+            local_cluster("start", workers)
+            try:
+                out[workers] = {
+                    "ingest": run_path("ingest", cluster, ingest_args, scratch)[0],
+                    "score": run_path("job", cluster, score_args, [res])[0],
+                }
+            finally:
+                local_cluster("stop", workers)
+        for kind in ("ingest", "score"):
+            print(f"cluster {kind}: one 1-core worker {out[1][kind]:.1f} images/s, two "
+                  f"{out[2][kind]:.1f} images/s: {out[2][kind] / out[1][kind]:.2f}x "
+                  "(target >= 1.7x)")
+
+    cached, naive = training_costs(args.model)
+    print(f"training, per image: frozen-feature cache view {cached * 1000:.0f} ms (once per "
+          f"view), naive epoch step {naive * 1000:.0f} ms (every epoch)")
+    acc = Path(args.accuracy_json)
+    if acc.exists():
+        run = json.loads(acc.read_text())
+        wall = run["wall_seconds"]
+        trainings, epochs = run.get("trainings", 15), run.get("epochs", cfg.train.epochs)
+        n_train = run.get("train_images", 384)
+        estimate = trainings * epochs * n_train * naive
+        print(f"cross-validation ({acc.name}): {wall:.0f} s wall for {trainings} trainings "
+              f"(target < 600 s); the naive recipe would need about {estimate:.0f} s "
+              f"({trainings} x {epochs} epochs x {n_train} images x {naive * 1000:.0f} ms): "
+              f"{estimate / wall:.1f}x")
     return 0
 
 

@@ -30,6 +30,9 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("model.source=hub", "choose one of bvlc, torchvision"),
     ("train.test_fold=5", "test_fold"),
     ("noequals", "section.key=value"),
+    ("data.stain=macenko", "choose none or field"),
+    ("score.precision=int8", "choose fp32 or bf16"),
+    ("train.frozen_precision=fp16", "choose fp32 or bf16"),
 ])
 def test_bad_values_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):

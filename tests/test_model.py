@@ -102,3 +102,34 @@ def test_summary_counts_and_head(fake_weights, caplog):
 def test_invalid_freeze_point():
     with pytest.raises(ValueError, match="choose none or one of"):
         WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 3, freeze_until="layer4")
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_fast_lrn_matches_torch(batch):
+    from torch import nn
+
+    from wbc_spark.model.googlenet import LocalResponseNorm
+
+    x = torch.relu(torch.randn(batch, 12, 9, 9) * 60)
+    ours = LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+    stock = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+    with torch.inference_mode():
+        assert torch.allclose(ours(x), stock(x), rtol=1e-5, atol=1e-5)
+        assert ours(x.bfloat16()).dtype == torch.bfloat16
+    y = x.clone().requires_grad_(True)  # with gradients: the stock path, same values
+    assert torch.allclose(ours(y), stock(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_forward_close_to_fp32():
+    from wbc_spark.model.transfer import inference_precision
+
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5).eval()
+    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        full = net(images).softmax(1)
+        with inference_precision("bf16"):
+            half = net(images).float().softmax(1)
+    assert (full - half).abs().max() < 0.05
+    with pytest.raises(ValueError, match="choose one of fp32, bf16"):
+        inference_precision("int4")

@@ -7,7 +7,7 @@ from wbc_spark.transforms import cell_crop, dihedral, locate_cell
 
 
 def test_locator_finds_the_purple_cell():
-    box, mask = locate_cell(smear(cell_xy=(60, 190), radius=25))
+    box, mask, _ = locate_cell(smear(cell_xy=(60, 190), radius=25))
     assert box.found
     cx, cy = box.left + box.side / 2, box.top + box.side / 2
     assert abs(cx - 60) < 8 and abs(cy - 190) < 8

@@ -58,6 +58,9 @@ class DataConfig:
     quarantine: str = "runs/quarantine"  # files that could not be ingested, with the reason
     crop_size: int = 224  # side of the cell crop stored for training and scoring
     context: float = 1.5  # crop side / located cell's larger side (fixed cell scale)
+    # Stain standardisation before the crop: "field" maps each field's hue, saturation and
+    # brightness to one reference (wbc_spark/stain.py); "none" keeps the colours as imaged.
+    stain: str = "field"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
 
@@ -75,7 +78,7 @@ class TrainConfig:
     num_processes: int = 2  # TorchDistributor processes (GPUs when use_gpu)
     use_gpu: bool = False
     local_mode: bool = True  # True: processes on the driver; False: on executors
-    epochs: int = 20
+    epochs: int = 15
     # Augmented views of each training image passed once through the frozen layers and
     # cached; epochs then train on the cache (each epoch draws one view per image).
     views: int = 8
@@ -90,6 +93,9 @@ class TrainConfig:
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
     val_fraction: float = 0.2  # of the remaining data, for choosing the epoch and temperature
     threads_per_process: int = 1
+    # Arithmetic of the frozen-feature cache: "bf16" (CPU autocast, about 2x faster on CPUs
+    # with AVX512-BF16/AMX) or "fp32". The training steps themselves always run in fp32.
+    frozen_precision: str = "bf16"
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 
@@ -112,6 +118,7 @@ class ScoreConfig:
     results: str = "runs/results"  # per-image table; per-class table in <results>_per_class
     batch_size: int = 64  # Arrow records per batch sent to the UDF
     threads_per_worker: int = 1
+    precision: str = "bf16"  # "bf16" (CPU autocast) or "fp32" for the whole forward pass
 
 
 @dataclass
@@ -203,6 +210,12 @@ def validate(config: Config) -> None:
     if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")
+    if config.data.stain not in ("none", "field"):
+        raise ConfigError(f"data.stain={config.data.stain!r}; choose none or field")
+    for name, value in (("train.frozen_precision", config.train.frozen_precision),
+                        ("score.precision", config.score.precision)):
+        if value not in ("fp32", "bf16"):
+            raise ConfigError(f"{name}={value!r}; choose fp32 or bf16")
     if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     if not 0 <= config.train.test_fold < config.train.folds:

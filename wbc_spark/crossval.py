@@ -22,6 +22,7 @@ from PIL import Image
 
 from wbc_spark import metrics
 from wbc_spark.augment import AugmentSettings, augment, stain_shift
+from wbc_spark.explain import area_on_cell, class_activation_maps, crop_mask, mass_on_cell
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
 from wbc_spark.transforms import cell_crop
@@ -29,12 +30,18 @@ from wbc_spark.transforms import cell_crop
 log = logging.getLogger(__name__)
 
 
-def load_dataset(path: str, classes: list[str]) -> pd.DataFrame:
-    """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id)."""
+def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.DataFrame:
+    """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
+    with ``stain``, refuse a dataset whose crops were made with another standardisation."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["image_id", "label", "group", "sha256", "crop", "crop_size", "image"])
+        columns=["image_id", "label", "group", "sha256", "crop", "crop_size", "stain", "image",
+                 "mask", "crop_box"])
     df = table.to_pandas()
     df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
+    made = set(df.stain.fillna("none"))
+    if stain is not None and made != {stain}:
+        raise ValueError(f"{path}: crops were made with stain {sorted(made)}, the config "
+                         f"wants {stain!r}; ingest again into a new data.dataset")
     return df
 
 
@@ -52,7 +59,8 @@ SHIFTS = {
 }
 
 
-def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float) -> np.ndarray:
+def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float,
+                  stain: str = "none") -> np.ndarray:
     """Apply a shift to each original image, then locate and crop as the scoring job does."""
     out = []
     for data in df.image:
@@ -64,25 +72,28 @@ def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float) -
         else:
             img = Image.fromarray(stain_shift(np.asarray(img), shift["hue"], shift["saturation"],
                                               shift["brightness"], shift["contrast"]))
-        crop, _, _ = cell_crop(img, size, context=context)
+        crop, _, _ = cell_crop(img, size, context=context, stain=stain)
         out.append(crop)
     return np.stack(out)
 
 
-def features_of(model, images: np.ndarray, batch: int = 50) -> torch.Tensor:
+def features_of(model, images: np.ndarray, precision: str = "fp32", batch: int = 50
+                ) -> torch.Tensor:
     feats, _ = frozen_features(model, ((torch.from_numpy(images[i:i + batch]),
                                         torch.zeros(len(images[i:i + batch])))
-                                       for i in range(0, len(images), batch)))
+                                       for i in range(0, len(images), batch)), precision)
     return feats
 
 
 def augmented_view_features(model, crops: np.ndarray, views: int, seed: int,
-                            settings: AugmentSettings = AugmentSettings()) -> torch.Tensor:
+                            settings: AugmentSettings = AugmentSettings(),
+                            precision: str = "fp32") -> torch.Tensor:
     """(views, N, ...) frozen features of random training views of every crop."""
     out = []
     for v in range(views):
         rng = np.random.default_rng([seed, v])
-        out.append(features_of(model, np.stack([augment(c, rng, settings) for c in crops])))
+        out.append(features_of(model, np.stack([augment(c, rng, settings) for c in crops]),
+                               precision))
         log.info("cached augmented view %d/%d", v + 1, views)
     return torch.stack(out)
 
@@ -96,6 +107,8 @@ class FoldResult:
     best_epoch: int
     temperature: float
     seconds: float
+    n_train: int
+    maps: np.ndarray  # class activation maps of the test images (see wbc_spark.explain)
 
 
 def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
@@ -119,9 +132,10 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
                  steps, (eval_feats["original"][va], labels[va]), recipe, num_classes, counts)
     probs = {name: predict_probs(model, f[te], result.temperature)
              for name, f in eval_feats.items()}
+    maps, _ = class_activation_maps(model, eval_feats["original"][te])
     model.load_state_dict(fresh)  # the next fold starts from the pretrained weights again
     return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, len(tr), maps)
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
@@ -173,4 +187,37 @@ def format_summary(summary: dict, classes: list[str]) -> str:
         for i, rep in enumerate(s["pooled_by_seed"]):
             lines.append(f"  pooled out-of-fold, seed {i}:")
             lines.extend("    " + ln for ln in metrics.format_report(rep).splitlines())
+    return "\n".join(lines)
+
+
+def where_it_looks(results: list[FoldResult], df: pd.DataFrame, classes: list[str],
+                   labels: np.ndarray) -> dict | None:
+    """Out-of-fold class activation maps of the first seed against the KRD-WBC masks."""
+    if df["mask"].isna().any():
+        return None
+    seed = results[0].seed
+    size = int(df.crop_size.iloc[0])
+    index = np.concatenate([r.test_index for r in results if r.seed == seed])
+    maps = np.concatenate([r.maps for r in results if r.seed == seed])
+    masks = np.stack([crop_mask(df["mask"].iloc[i], list(df.crop_box.iloc[i]), size)
+                      for i in index])
+    frac, hit = mass_on_cell(maps, masks)
+    area = area_on_cell(masks)
+    per_class = {c: (float(np.nanmean(frac[labels[index] == k])),
+                     float(area[labels[index] == k].mean()),
+                     float(hit[labels[index] == k].mean()))
+                 for k, c in enumerate(classes) if (labels[index] == k).any()}
+    return {"mass_on_cell": float(np.nanmean(frac)), "area_on_cell": float(area.mean()),
+            "peak_on_cell": float(hit.mean()), "per_class": per_class,
+            "index": index, "maps": maps, "masks": masks}
+
+
+def format_where_it_looks(look: dict) -> str:
+    lines = [f"class activation maps (predicted class, out of fold, first seed): "
+             f"{look['mass_on_cell']:.1%} of the map's mass lies on the white cell, which "
+             f"covers {look['area_on_cell']:.1%} of the crop; the map's peak is on the cell "
+             f"in {look['peak_on_cell']:.1%} of images"]
+    for c, (mass, area, peak) in look["per_class"].items():
+        lines.append(f"  {c:<11} mass on cell {mass:.1%} (cell area {area:.1%}), "
+                     f"peak on cell {peak:.1%}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ mask            binary     ground-truth cell mask as PNG (thresholded > 127), or
 image           binary     the original file's bytes
 crop            binary     cell crop, crop_size x crop_size x 3 uint8 RGB, row-major
 crop_size       int        side of ``crop``
+stain           string     stain standardisation applied to ``crop`` ("none" or "field")
 crop_box        array<int> left, top, side of the crop in the original image
 cell_found      boolean    false when no stained cell stood out (centre crop used)
 cell_iou        double     IoU of the located cell with the true mask (null without mask)
@@ -67,6 +68,7 @@ DATASET_SCHEMA = T.StructType([
     T.StructField("image", T.BinaryType()),
     T.StructField("crop", T.BinaryType()),
     T.StructField("crop_size", T.IntegerType()),
+    T.StructField("stain", T.StringType()),
     T.StructField("crop_box", T.ArrayType(T.IntegerType())),
     T.StructField("cell_found", T.BooleanType()),
     T.StructField("cell_iou", T.DoubleType()),
@@ -98,18 +100,20 @@ class IngestSettings:
     context: float = 1.5
     min_side: int = 32
     max_pixels: int = 40_000_000
+    stain: str = "none"
 
     @classmethod
     def from_config(cls, config: Config) -> IngestSettings:
         d = config.data
-        return cls(d.crop_size, d.context, d.min_side, d.max_pixels)
+        return cls(d.crop_size, d.context, d.min_side, d.max_pixels, d.stain)
 
 
 def process_row(row: dict, settings: IngestSettings) -> dict:
     """Decode, check and crop one file; on failure the row carries ``reason``."""
     out = {name: row.get(name) for name in PROCESSED_SCHEMA.fieldNames()}
     content = row.get("content")
-    out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size, reason=None)
+    out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size,
+               stain=settings.stain, reason=None)
     if content is None:
         local = folder.local_path(row.get("path") or "")
         exists = os.path.isfile(local)
@@ -120,7 +124,8 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     try:
         img = images.decode(content, min_side=settings.min_side, max_pixels=settings.max_pixels)
         out["width"], out["height"] = img.size
-        crop, box, estimate = cell_crop(img, settings.crop_size, context=settings.context)
+        crop, box, estimate = cell_crop(img, settings.crop_size, context=settings.context,
+                                        stain=settings.stain)
         if row.get("mask_content") is not None:
             truth = images.decode_mask(row["mask_content"], img.size)
             out["mask"] = images.encode_png(truth)

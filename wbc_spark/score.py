@@ -46,6 +46,7 @@ from wbc_spark import artifact, images, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import DATASET_SCHEMA
 from wbc_spark.metrics import wilson
+from wbc_spark.model.transfer import inference_precision
 from wbc_spark.sources.folder import path_metadata
 from wbc_spark.train import softmax
 from wbc_spark.transforms import cell_crop
@@ -116,12 +117,15 @@ def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, boo
             raise images.BadImage(f"stored crop is not {size}x{size}x3")
         return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3), True
     img = images.decode(data)
-    crop, box, _ = cell_crop(img, size, context=float(pre["context"]))
+    crop, box, _ = cell_crop(img, size, context=float(pre["context"]),
+                             stain=pre.get("stain", "none"))
     return crop, box.found
 
 
-def classify_frame(data: pd.Series, model, meta: dict, kind: str) -> pd.DataFrame:
-    """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``).
+def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32"
+                   ) -> pd.DataFrame:
+    """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
+    the forward pass in ``precision`` (see ``inference_precision``).
 
     A file that cannot be read gets an ``error`` and no prediction; the batch goes on.
     """
@@ -147,8 +151,8 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str) -> pd.DataFram
         ok.append(i)
         out.at[i, "cell_found"] = found
     if crops:
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(np.stack(crops))).numpy()
+        with torch.inference_mode(), inference_precision(precision):
+            logits = model(torch.from_numpy(np.stack(crops))).float().numpy()
         probs = softmax(logits, float(meta["temperature"]))
         idx = np.asarray(ok)
         for j, c in enumerate(classes):
@@ -159,21 +163,23 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str) -> pd.DataFram
 
 
 def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
-                     threads: int = 1) -> Iterator[pd.DataFrame]:
+                     threads: int = 1, precision: str = "fp32") -> Iterator[pd.DataFrame]:
     """Body of the iterator pandas UDF: the model is loaded once, then each batch scored."""
     model, meta = load_model_once(model_path, threads)
     for data in batches:
-        yield classify_frame(data.reset_index(drop=True), model, meta, kind)
+        yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision)
 
 
-def make_udf(model_file: str, kind: str, classes: list[str], threads: int):
+def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
+             precision: str = "fp32"):
     """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
     from pyspark import SparkFiles
     from pyspark.sql.functions import pandas_udf
 
     @pandas_udf(prediction_schema(classes))
     def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-        yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads)
+        yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads,
+                                    precision)
 
     return classify
 
@@ -191,8 +197,9 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     if _is_dataset(spark, src):
         df = tables.read(spark, src, DATASET_SCHEMA)
         pre = meta["preprocessing"]
-        sizes = {r.crop_size for r in df.select("crop_size").distinct().collect()}
-        same = sizes == {int(pre["crop_size"])} and abs(
+        made = {(r.crop_size, r.stain or "none")
+                for r in df.select("crop_size", "stain").distinct().collect()}
+        same = made == {(int(pre["crop_size"]), pre.get("stain", "none"))} and abs(
             config.data.context - float(pre["context"])) < 1e-9
         column, kind = ("crop", "crop") if same else ("image", "image")
         return df.select(*KEY, "image_id", "slide", F.col(column).alias("data")), kind
@@ -264,7 +271,8 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     done = (tables.read(spark, table, schema).where(F.col("model_id") == model_id)
             .select(*KEY))
     todo = frame.join(done, KEY, "left_anti")
-    udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker)
+    log.info("scoring with model %s, forward pass in %s", model_id, s.precision)
+    udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision)
     scored = (todo.withColumn("_p", udf("data")).drop("data")
               .select(*KEY, "image_id", "slide", "_p.*")
               .withColumn("model_id", F.lit(model_id))

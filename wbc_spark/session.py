@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from wbc_spark.config import Config
 
@@ -76,7 +77,10 @@ def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
         spark = spark_builder(config).getOrCreate()
         logging.getLogger("wbc_spark").info("Spark master: %s", spark.sparkContext.master)
         try:
+            start = time.perf_counter()
             lines = body(spark, config)
+            # The job's own time, after the session is up: what benchmarks compare.
+            lines.append(f"{name}: job body took {time.perf_counter() - start:.1f} s")
         finally:
             spark.stop()
     except Exception as exc:

@@ -134,17 +134,22 @@ def train_one_epoch(head: nn.Module, batches: Iterable[Batch], optimizer, schedu
 
 
 @torch.no_grad()
-def frozen_features(model, batches: Iterable[Batch], dtype=torch.float16
-                    ) -> tuple[torch.Tensor, np.ndarray]:
-    """Frozen-part outputs (stored as float16 to halve memory) and labels of ``batches``.
+def frozen_features(model, batches: Iterable[Batch], precision: str = "fp32",
+                    dtype=torch.float16) -> tuple[torch.Tensor, np.ndarray]:
+    """Frozen-part outputs (computed in ``precision``, stored as float16 to halve memory) and
+    labels of ``batches``.
 
     The frozen layers are the expensive part of the network and never change, so each image
     view goes through them once; every epoch then trains on the cached outputs.
     """
+    from wbc_spark.model.transfer import inference_precision
+
     model.eval()
     feats, labels = [], []
     for images, y in batches:
-        feats.append(model.embed_frozen(images).to(dtype))
+        with inference_precision(precision):
+            out = model.embed_frozen(images)
+        feats.append(out.to(dtype))
         labels.append(np.asarray(y))
     if not feats:
         raise ValueError("no images to compute features from")
@@ -346,6 +351,7 @@ def distributed_worker(job: dict) -> dict | None:
     # DDP only sees the trainable part: frozen weights need no gradient all-reduce.
     train_head = DistributedDataParallel(head) if world > 1 else head
     size = job["crop_size"]
+    precision = job["frozen_precision"]
     main = is_main_process()
 
     # Rank 0 reads the validation and test images (small, unaugmented) straight from the
@@ -355,15 +361,16 @@ def distributed_worker(job: dict) -> dict | None:
     val = test = None
     rows: list[int] = []
     if main:
-        val = frozen_features(model, converter_batches(job["conv_val"], size))
-        test = frozen_features(model, converter_batches(job["conv_test"], size, rows))
+        val = frozen_features(model, converter_batches(job["conv_val"], size), precision)
+        test = frozen_features(model, converter_batches(job["conv_test"], size, rows),
+                               precision)
     start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
             batch_size=64, num_epochs=job["views"], workers_count=2, cur_shard=rank(),
             shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed,
                                           settings=AugmentSettings(**job["augment"])),
             shuffling_queue_capacity=0) as loader:
-        train_feats, train_labels = frozen_features(model, _loader_batches(loader))
+        train_feats, train_labels = frozen_features(model, _loader_batches(loader), precision)
     expected = job["views"] * job["n_train"] / world
     if len(train_feats) < 0.5 * expected:
         raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
@@ -423,7 +430,8 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
         out / "model.pt", model, classes=classes, source=pretrained.source,
         convention=pretrained.convention,
         preprocessing={"crop": "stain-located cell, fixed cell scale",
-                       "crop_size": job["crop_size"], "context": job["context"]},
+                       "crop_size": job["crop_size"], "context": job["context"],
+                       "stain": job["stain"]},
         config=job["config"], provenance=pretrained.provenance,
         metrics={"test": {k: report[k] for k in ("n", "accuracy", "balanced_accuracy",
                                                   "macro_f1", "ece")},

@@ -44,10 +44,12 @@ def run_training(spark: SparkSession, config: Config) -> dict:
     if others:
         raise ValueError(f"{others} images carry labels outside classes {classes}; refusing "
                          "to drop them silently (set 'classes' or fix the labels)")
-    sizes = [r.crop_size for r in labelled.select("crop_size").distinct().collect()]
-    if sizes != [config.data.crop_size]:
-        raise ValueError(f"dataset crops are {sizes}, config wants {config.data.crop_size}; "
-                         "ingest again with the same data.crop_size")
+    made = sorted((r.crop_size, r.stain or "none")
+                  for r in labelled.select("crop_size", "stain").distinct().collect())
+    wanted = (config.data.crop_size, config.data.stain)
+    if made != [wanted]:
+        raise ValueError(f"{config.data.dataset}: crops were made as (crop_size, stain) {made}, "
+                         f"the config wants {wanted}; ingest again into a new data.dataset")
     # Metadata only (no pixels) comes to the driver to compute the grouped split.
     meta = (labelled.select("image_id", "sha256", "label", "group").orderBy("image_id")
             .toPandas())
@@ -80,7 +82,9 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             "model_source": config.model.source, "weights_dir": weights_dir,
             "freeze_until": config.model.freeze_until, "dropout": config.model.dropout,
             "crop_size": config.data.crop_size, "context": config.data.context,
+            "stain": config.data.stain,
             "threads_per_process": t.threads_per_process, "views": t.views,
+            "frozen_precision": t.frozen_precision,
             "augment": dict(config.augment.__dict__), "use_gpu": t.use_gpu,
             "n_train": split_sizes["train"], "class_counts": counts,
             "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,

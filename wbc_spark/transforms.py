@@ -19,6 +19,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from wbc_spark.stain import MODES as STAIN_MODES
+from wbc_spark.stain import FieldStain, field_stain, standardise
+
 #: Side of the square the locator works on; small enough to be cheap, large enough to be exact.
 LOCATE_SIZE = 128
 #: Purple score below which a pixel is never nucleus (red cells and background stay under ~20).
@@ -83,26 +86,36 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     return ndimage.binary_fill_holes(grown)
 
 
-def locate_cell(image: Image.Image, *, context: float = 1.5
-                ) -> tuple[CellBox, np.ndarray | None]:
+def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
+                ) -> tuple[CellBox, np.ndarray | None, FieldStain | None]:
     """Square box around the white cell, ``context`` times the cell's larger side.
 
-    Returns the box and the estimated cell mask on a LOCATE_SIZE x LOCATE_SIZE grid (None when
-    no cell stood out and the centre square was used instead).
+    Returns the box, the estimated cell mask on a LOCATE_SIZE x LOCATE_SIZE grid (None when
+    no cell stood out and the centre square was used instead) and, with ``stain="field"``,
+    the field's measured stain (see ``wbc_spark.stain``); the cell is then located again on
+    the standardised field, so the locator sees the same colours whatever the lab.
     """
     w, h = image.size
     small = np.asarray(image.convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE), Image.BILINEAR))
     mask = cell_mask(small)
+    measured = None
+    if stain == "field":
+        cell = ndimage.binary_dilation(mask, iterations=3) if mask is not None else None
+        measured = field_stain(small, cell)
+        mask = cell_mask(standardise(small, measured))
+    elif stain != "none":
+        raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
         side = min(w, h)
-        return CellBox((w - side) // 2, (h - side) // 2, side, found=False), None
+        return CellBox((w - side) // 2, (h - side) // 2, side, found=False), None, measured
     ys, xs = np.nonzero(mask)
     sx, sy = w / LOCATE_SIZE, h / LOCATE_SIZE
     cx = (xs.min() + xs.max() + 1) / 2 * sx
     cy = (ys.min() + ys.max() + 1) / 2 * sy
     extent = max((xs.max() - xs.min() + 1) * sx, (ys.max() - ys.min() + 1) * sy)
     side = int(round(max(extent * context, 32)))
-    return CellBox(int(round(cx - side / 2)), int(round(cy - side / 2)), side, found=True), mask
+    box = CellBox(int(round(cx - side / 2)), int(round(cy - side / 2)), side, found=True)
+    return box, mask, measured
 
 
 def mask_iou(estimate: np.ndarray | None, truth: np.ndarray) -> float:
@@ -132,12 +145,18 @@ def crop_box(image: Image.Image, box: CellBox, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR, box=shifted))
 
 
-def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5
-              ) -> tuple[np.ndarray, CellBox, np.ndarray | None]:
-    """Locate the white cell; return its crop (size x size x 3 uint8 RGB), box and mask."""
+def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
+              stain: str = "none") -> tuple[np.ndarray, CellBox, np.ndarray | None]:
+    """Locate the white cell; return its crop (size x size x 3 uint8 RGB), box and mask.
+
+    ``stain="field"`` standardises the crop's colours by its field's stain first.
+    """
     image = image.convert("RGB")
-    box, mask = locate_cell(image, context=context)
-    return crop_box(image, box, size), box, mask
+    box, mask, measured = locate_cell(image, context=context, stain=stain)
+    crop = crop_box(image, box, size)
+    if measured is not None:
+        crop = standardise(crop, measured)
+    return crop, box, mask
 
 
 def dihedral(images: np.ndarray, k: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # (in, 1x1, 3x3_reduce, 3x3, 5x5_reduce, 5x5, pool_proj) for each Inception block.
 INCEPTION_CONFIG: dict[str, tuple[int, int, int, int, int, int, int]] = {
@@ -35,6 +36,39 @@ INCEPTION_CONFIG: dict[str, tuple[int, int, int, int, int, int, int]] = {
 
 #: The network's blocks in forward order; ``freeze_until`` names one of them.
 BLOCKS: tuple[str, ...] = ("conv1", "conv2", *INCEPTION_CONFIG, "fc")
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """Caffe's across-channel LRN, computed a few images at a time for inference.
+
+    Same result as ``nn.LocalResponseNorm`` (to float rounding); that one builds a padded 5-D
+    copy and runs ``avg_pool3d`` over the whole batch, which took a third of the network's CPU
+    time while the convolutions took half. Here the window sum is four shifted adds, the
+    power is ``rsqrt(y) * sqrt(rsqrt(y))`` (= ``y ** -0.75``), and each chunk of images is
+    small enough to stay in the CPU's cache. With gradients, or other settings than Caffe's
+    odd window and beta 0.75, the stock path runs.
+    """
+
+    chunk = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        odd_window = self.size % 2 == 1
+        if self.beta != 0.75 or not odd_window or (torch.is_grad_enabled() and x.requires_grad):
+            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], self.chunk):
+            out[i:i + self.chunk] = self._normalise(x[i:i + self.chunk].float())
+        return out
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        sq = x * x
+        s = sq.clone()
+        for d in range(1, self.size // 2 + 1):
+            s[:, d:] += sq[:, :-d]
+            s[:, :-d] += sq[:, d:]
+        s.mul_(self.alpha / self.size).add_(self.k)
+        r = s.rsqrt_()
+        return x * r * r.sqrt()
 
 
 def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0
@@ -68,12 +102,12 @@ class BVLCGoogLeNet(nn.Module):
         self.conv1 = nn.Sequential(
             _conv_relu(3, 64, 7, stride=2, pad=3),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
-            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+            LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
         )
         self.conv2 = nn.Sequential(
             _conv_relu(64, 64, 1),
             _conv_relu(64, 192, 3, pad=1),
-            nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
+            LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0),
             nn.MaxPool2d(3, stride=2, ceil_mode=True),
         )
         for name, cfg in INCEPTION_CONFIG.items():

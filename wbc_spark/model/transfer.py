@@ -7,6 +7,7 @@ channel order or mean wrong.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 
@@ -17,6 +18,20 @@ from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
 from wbc_spark.model.weights import InputConvention, PretrainedModel, build_architecture
 
 log = logging.getLogger(__name__)
+
+#: Arithmetic for forward passes that train nothing (the frozen-feature cache, scoring).
+PRECISIONS = ("fp32", "bf16")
+
+
+def inference_precision(precision: str) -> contextlib.AbstractContextManager:
+    """Context for a forward pass in ``precision``: "fp32", or "bf16" (convolutions and
+    matrix products in bfloat16 through CPU autocast; fast on CPUs with AVX512-BF16 or AMX,
+    slow elsewhere). Training steps always run in fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 class Normalize(nn.Module):

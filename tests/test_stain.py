@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+from conftest import smear
+
+from wbc_spark.augment import stain_shift
+from wbc_spark.stain import REFERENCE, FieldStain, field_stain, standardise
+from wbc_spark.transforms import cell_crop
+
+
+def test_field_stain_measures_a_global_shift():
+    field = np.asarray(smear(128, radius=12))
+    before = field_stain(field)
+    after = field_stain(stain_shift(field, 0.05, 0.7, 1.0, 1.0))
+    assert abs((after.hue - before.hue) % 1.0 - 0.05) < 0.01
+    assert after.saturation / before.saturation == pytest.approx(0.7, abs=0.05)
+
+
+def test_standardise_undoes_a_global_stain_shift():
+    field = np.asarray(smear(128, radius=12))
+    shifted = stain_shift(field, 0.05, 0.7, 1.08, 0.9)
+    a = standardise(field, field_stain(field)).astype(int)
+    b = standardise(shifted, field_stain(shifted)).astype(int)
+    assert np.abs(shifted.astype(int) - field.astype(int)).mean() > 8  # the shift is visible
+    assert np.abs(a - b).mean() < 3  # and standardising takes it away
+
+
+def test_standardise_to_own_stain_is_identity():
+    field = np.asarray(smear(96, radius=10))
+    stain = field_stain(field)
+    assert np.abs(standardise(field, stain, stain).astype(int) - field).max() <= 2
+
+
+def test_the_cell_is_left_out_of_the_field_measure():
+    """A big purple cell must not pull the field's hue towards purple."""
+    field = np.asarray(smear(128, radius=40))
+    rgb = field.astype(float)
+    cell = ((rgb[..., 0] + rgb[..., 2]) / 2 - rgb[..., 1]) > 15
+    without = field_stain(field, cell)
+    with_cell = field_stain(field)
+    background = field_stain(np.asarray(smear(128, radius=1)))
+    hue_gap = lambda a, b: abs((a.hue - b.hue + 0.5) % 1.0 - 0.5)  # noqa: E731
+    assert hue_gap(without, background) < hue_gap(with_cell, background)
+
+
+def test_field_crops_agree_across_stains():
+    img = smear(256, radius=20)
+    shifted = stain_shift(np.asarray(img), 0.05, 0.7, 1.08, 0.9)
+    from PIL import Image
+
+    a, _, _ = cell_crop(img, 64, stain="field")
+    b, _, _ = cell_crop(Image.fromarray(shifted), 64, stain="field")
+    raw, _, _ = cell_crop(Image.fromarray(shifted), 64, stain="none")
+    assert np.abs(a.astype(int) - b).mean() < np.abs(a.astype(int) - raw).mean() / 3
+
+
+def test_unknown_stain_mode_is_refused():
+    with pytest.raises(ValueError, match="stain='macenko'"):
+        cell_crop(smear(64, radius=8), 32, stain="macenko")
+
+
+def test_reference_is_a_valid_stain():
+    assert isinstance(REFERENCE, FieldStain)
+    assert 0 <= REFERENCE.hue < 1 and 0 < REFERENCE.saturation < 1
+    assert 0 <= REFERENCE.v_low < REFERENCE.v_high <= 1

@@ -1,0 +1,97 @@
+"""Stain standardisation: bring each field's stain colour to one reference before the crop.
+
+Labs differ in stain batch, staining time, lamp and camera white balance. On a Wright-Giemsa
+field that shows mostly as a global change of hue, of saturation and of brightness/contrast.
+The red cells and plasma fill most of the field (the white cell covers 3-7% of a KRD-WBC
+image, 19% for its basophils), so the field's own colour statistics measure the lab, not
+the white cell. ``field_stain`` measures them on the small copy the cell locator already
+makes; ``standardise`` maps an image (the field, or a crop of it) so that they match
+``REFERENCE``. The cell's colours relative to its field (an eosinophil's orange granules
+against the red cells) are kept; the field's tint, which in KRD-WBC also tells basophils
+apart (their session had a pinker background), is removed.
+
+What it cannot undo: changes that are not global, such as one lab's granules taking up more
+stain than another's. The training augmentation's colour jitter is there for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wbc_spark.augment import hsv_to_rgb, rgb_to_hsv
+
+MODES = ("none", "field")
+
+
+@dataclass(frozen=True)
+class FieldStain:
+    """A field's stain: saturation-weighted circular mean hue (0..1), mean saturation, and
+    the 2nd and 98th percentiles of its HSV value (brightness)."""
+
+    hue: float
+    saturation: float
+    v_low: float
+    v_high: float
+
+
+#: Median of ``field_stain`` over the 600 KRD-WBC fields (``python -m wbc_spark.stain``).
+REFERENCE = FieldStain(hue=0.93, saturation=0.25, v_low=0.45, v_high=0.98)
+
+
+def field_stain(rgb: np.ndarray, cell: np.ndarray | None = None) -> FieldStain:
+    """Measure the stain of a uint8 RGB field (a small copy is enough), leaving out the
+    pixels where ``cell`` (a boolean mask of the same height and width) is set: the white
+    cell must not measure its own colour away."""
+    keep = np.ones(rgb.shape[:2], bool) if cell is None else ~cell
+    if keep.sum() < 0.1 * keep.size:  # the cell fills the field: measure everything
+        keep[:] = True
+    hsv = rgb_to_hsv(rgb[keep].astype(np.float32) / 255.0)
+    h, s, v = hsv[:, 0], hsv[:, 1], hsv[:, 2]
+    # Every pixel votes for the hue with its saturation: grey background has no say.
+    angle = 2 * np.pi * h
+    x, y = (s * np.cos(angle)).sum(), (s * np.sin(angle)).sum()
+    hue = float(np.arctan2(y, x) / (2 * np.pi) % 1.0) if np.hypot(x, y) > 1e-6 else \
+        REFERENCE.hue
+    v_low, v_high = np.percentile(v, [2, 98])
+    return FieldStain(hue, max(float(s.mean()), 1e-3), float(v_low),
+                      float(max(v_high, v_low + 1e-3)))
+
+
+def standardise(rgb: np.ndarray, stain: FieldStain, reference: FieldStain = REFERENCE
+                ) -> np.ndarray:
+    """Map a uint8 RGB image from ``stain`` to ``reference``: rotate hue, scale saturation,
+    stretch brightness linearly between the percentiles."""
+    hsv = rgb_to_hsv(rgb.astype(np.float32) / 255.0)
+    hsv[..., 0] = (hsv[..., 0] + (reference.hue - stain.hue)) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * (reference.saturation / stain.saturation), 0, 1)
+    gain = (reference.v_high - reference.v_low) / (stain.v_high - stain.v_low)
+    hsv[..., 2] = np.clip((hsv[..., 2] - stain.v_low) * gain + reference.v_low, 0, 1)
+    return np.clip(hsv_to_rgb(hsv) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _reference_from_krd_wbc() -> FieldStain:
+    """Median field stain over KRD-WBC (how ``REFERENCE`` was set)."""
+    from PIL import Image
+
+    from wbc_spark.sources.krd_wbc import default_root
+    from wbc_spark.transforms import LOCATE_SIZE
+
+    stains = []
+    for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg")):
+        small = Image.open(path).convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE),
+                                                       Image.BILINEAR)
+        stains.append(field_stain(np.asarray(small)))
+    hues = np.array([s.hue for s in stains])
+    # Circular median is overkill here: KRD-WBC's field hues sit in one narrow arc.
+    centre = np.angle(np.exp(2j * np.pi * hues).mean()) / (2 * np.pi) % 1.0
+    offset = (hues - centre + 0.5) % 1.0 - 0.5
+    return FieldStain(float((centre + np.median(offset)) % 1.0),
+                      float(np.median([s.saturation for s in stains])),
+                      float(np.median([s.v_low for s in stains])),
+                      float(np.median([s.v_high for s in stains])))
+
+
+if __name__ == "__main__":
+    print(_reference_from_krd_wbc())
