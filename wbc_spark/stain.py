@@ -37,7 +37,7 @@ class FieldStain:
 
 
 #: Median of ``field_stain`` over the 600 KRD-WBC fields (``python -m wbc_spark.stain``).
-REFERENCE = FieldStain(hue=0.93, saturation=0.25, v_low=0.45, v_high=0.98)
+REFERENCE = FieldStain(hue=0.111, saturation=0.131, v_low=0.459, v_high=0.882)
 
 
 def field_stain(rgb: np.ndarray, cell: np.ndarray | None = None) -> FieldStain:
@@ -76,13 +76,13 @@ def _reference_from_krd_wbc() -> FieldStain:
     from PIL import Image
 
     from wbc_spark.sources.krd_wbc import default_root
-    from wbc_spark.transforms import LOCATE_SIZE
+    from wbc_spark.transforms import LOCATE_SIZE, field_stain_around
 
     stains = []
     for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg")):
         small = Image.open(path).convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE),
                                                        Image.BILINEAR)
-        stains.append(field_stain(np.asarray(small)))
+        stains.append(field_stain_around(np.asarray(small)))
     hues = np.array([s.hue for s in stains])
     # Circular median is overkill here: KRD-WBC's field hues sit in one narrow arc.
     centre = np.angle(np.exp(2j * np.pi * hues).mean()) / (2 * np.pi) % 1.0

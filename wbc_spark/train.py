@@ -28,6 +28,7 @@ from torch import nn
 
 from wbc_spark import metrics
 from wbc_spark.augment import AugmentSettings, augment
+from wbc_spark.model.transfer import inference_precision
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,6 @@ def frozen_features(model, batches: Iterable[Batch], precision: str = "fp32",
     The frozen layers are the expensive part of the network and never change, so each image
     view goes through them once; every epoch then trains on the cached outputs.
     """
-    from wbc_spark.model.transfer import inference_precision
-
     model.eval()
     feats, labels = [], []
     for images, y in batches:

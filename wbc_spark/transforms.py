@@ -86,6 +86,15 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     return ndimage.binary_fill_holes(grown)
 
 
+def field_stain_around(small: np.ndarray, mask: np.ndarray | None = None) -> FieldStain:
+    """The stain of a small field, measured around its white cell (``mask``, found when not
+    given, widened by a few pixels)."""
+    if mask is None:
+        mask = cell_mask(small)
+    cell = ndimage.binary_dilation(mask, iterations=3) if mask is not None else None
+    return field_stain(small, cell)
+
+
 def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
                 ) -> tuple[CellBox, np.ndarray | None, FieldStain | None]:
     """Square box around the white cell, ``context`` times the cell's larger side.
@@ -100,8 +109,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
     mask = cell_mask(small)
     measured = None
     if stain == "field":
-        cell = ndimage.binary_dilation(mask, iterations=3) if mask is not None else None
-        measured = field_stain(small, cell)
+        measured = field_stain_around(small, mask)
         mask = cell_mask(standardise(small, measured))
     elif stain != "none":
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
