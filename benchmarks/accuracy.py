@@ -117,7 +117,7 @@ def main() -> int:
         frac, _ = mass_on_cell(look["maps"][examples], look["masks"][examples])
         overlay_png(
             crops[rows], look["maps"][examples], look["masks"][examples],
-            [f"{classes[labels[r]][:4]} {df.image_id.iloc[r][:14]} {f:.0%}"
+            [f"{classes[labels[r]][:4]} {df.image_id.iloc[r].rsplit('/', 1)[-1]} {f:.0%} on cell"
              for r, f in zip(rows, frac)], args.figure)
         print(f"examples (map in red, true cell outline in green): {args.figure}")
     iou = None

@@ -18,9 +18,11 @@
    peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
 5. Scale-out: ingest and scoring on a local standalone cluster with one and with two one-core
    workers (``--no-cluster`` skips it).
-6. Training: the frozen-feature cache per view against the naive recipe's per-image epoch
-   cost (full forward and backward every epoch); the cross-validation wall time is read from
-   the last ``benchmarks/accuracy.py`` run (runs/accuracy.json).
+6. Training: with ``--distributed``, the training job through spark-submit with one and with
+   two TorchDistributor processes (cache rate, epoch time); the frozen-feature cache per view
+   against the naive recipe's per-image epoch cost (full forward and backward every epoch);
+   the cross-validation wall time read from the last ``benchmarks/accuracy.py`` run
+   (runs/accuracy.json).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from PIL import Image
 
 from wbc_spark import artifact, metrics
 from wbc_spark.config import load_config
+from wbc_spark.model.googlenet import use_torch_lrn
 from wbc_spark.score import classify_frame
 from wbc_spark.sources.krd_wbc import default_root
 
@@ -86,20 +89,6 @@ def sub_lake(lake: Path, slides: int) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.link(f, target)
     return root
-
-
-def stock_lrn(model):
-    """The naive path's model: torch's own LocalResponseNorm in place of wbc_spark's."""
-    from torch import nn
-
-    from wbc_spark.model.googlenet import LocalResponseNorm
-
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, LocalResponseNorm):
-                setattr(parent, name, nn.LocalResponseNorm(child.size, child.alpha, child.beta,
-                                                           child.k))
-    return model
 
 
 def precision_check(model_path: str) -> str:
@@ -186,15 +175,14 @@ spark.sparkContext.setLogLevel("ERROR")
 if sys.argv[2] == "naive":
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
-    sys.path.insert(0, "benchmarks")
-    from speed import stock_lrn
+    from wbc_spark.model.googlenet import use_torch_lrn
     from wbc_spark import artifact
     def make_udf(model_file, kind, classes, threads, precision):
         from pyspark import SparkFiles
         @pandas_udf(score.prediction_schema(classes))
         def classify(data: pd.Series) -> pd.DataFrame:
             model, meta = artifact.load(SparkFiles.get(model_file))  # every batch
-            stock_lrn(model)
+            use_torch_lrn(model)
             return score.classify_frame(data.reset_index(drop=True), model, meta, kind, "fp32")
         return classify
     score.make_udf = make_udf
@@ -233,6 +221,29 @@ def local_cluster(action: str, workers: int) -> None:
                    check=True, capture_output=True, timeout=300)
 
 
+def distributed_epochs(processes: int, views: int, epochs: int) -> tuple[float, float]:
+    """Run the training job through spark-submit with ``processes`` TorchDistributor
+    processes (the machine's cores split between them); return the frozen-feature cache rate
+    (views/s, all ranks together) and the median epoch time (s) of rank 0."""
+    threads = max(1, (os.cpu_count() or 2) // processes)
+    out = REPO / "runs" / f"bench_train_{processes}p"
+    cmd = ["bash", str(REPO / "deploy" / "submit.sh"), "train_distributed",
+           f"train.num_processes={processes}", f"train.threads_per_process={threads}",
+           f"train.views={views}", f"train.epochs={epochs}", f"train.output={out}"]
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               WBC_SPARK_VENV=str(Path(sys.executable).parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    shutil.rmtree(out, ignore_errors=True)
+    log = proc.stdout + proc.stderr
+    cached = [(int(n), float(t)) for n, t in
+              re.findall(r"cached (\d+) augmented views .* in ([0-9.]+) s", log)]
+    seconds = [float(x) for x in re.findall(r'rank0 .*epoch \d+: .*"seconds": ([0-9.]+)', log)]
+    if proc.returncode != 0 or len(cached) != processes or not seconds:
+        raise RuntimeError(f"training with {processes} processes failed:\n{log[-3000:]}")
+    rate = sum(n for n, _ in cached) / max(t for _, t in cached)
+    return rate, statistics.median(seconds[1:] or seconds)
+
+
 def training_costs(model_path: str, images: int = 32) -> tuple[float, float]:
     """Seconds per image: one frozen-feature cache view (optimised recipe), and one naive
     epoch step (augment, forward through the whole network in fp32 with stock LRN, backward
@@ -254,7 +265,7 @@ def training_costs(model_path: str, images: int = 32) -> tuple[float, float]:
     with torch.no_grad(), inference_precision(cfg.train.frozen_precision):
         model.embed_frozen(views)
     cached = (time.perf_counter() - start) / images
-    stock_lrn(model).train()
+    use_torch_lrn(model).train()
     head = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(head, lr=1e-4)
     start = time.perf_counter()
@@ -308,6 +319,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
     parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
+    parser.add_argument("--distributed", action="store_true",
+                        help="also time the training job with 1 and 2 TorchDistributor "
+                             "processes (2 views, 4 epochs each)")
     parser.add_argument("--accuracy-json", default=str(REPO / "runs" / "accuracy.json"))
     args = parser.parse_args()
     local = REPO / "conf" / "local.yaml"
@@ -373,6 +387,12 @@ def main() -> int:
                   f"{out[2][kind]:.1f} images/s: {out[2][kind] / out[1][kind]:.2f}x "
                   "(target >= 1.7x)")
 
+    if args.distributed:
+        for processes in (1, 2):
+            rate, epoch = distributed_epochs(processes, views=2, epochs=4)
+            print(f"train_distributed, {processes} TorchDistributor process(es) x "
+                  f"{max(1, (os.cpu_count() or 2) // processes)} thread(s): frozen-feature "
+                  f"cache {rate:.1f} views/s, epoch (cached features) {epoch:.2f} s")
     cached, naive = training_costs(args.model)
     print(f"training, per image: frozen-feature cache view {cached * 1000:.0f} ms (once per "
           f"view), naive epoch step {naive * 1000:.0f} ms (every epoch)")

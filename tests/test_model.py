@@ -133,3 +133,21 @@ def test_bf16_forward_close_to_fp32():
     assert (full - half).abs().max() < 0.05
     with pytest.raises(ValueError, match="choose one of fp32, bf16"):
         inference_precision("int4")
+
+
+def test_use_torch_lrn_swaps_every_lrn_and_keeps_the_output():
+    from torch import nn
+
+    from wbc_spark.model.googlenet import LocalResponseNorm, use_torch_lrn
+
+    torch.manual_seed(0)
+    net = BVLCGoogLeNet(num_classes=3).eval()
+    x = torch.rand(1, 3, 224, 224) * 100
+    with torch.inference_mode():
+        before = net(x)
+        use_torch_lrn(net)
+        after = net(x)
+    kinds = [type(m) for m in net.modules() if isinstance(m, nn.LocalResponseNorm)]
+    assert kinds == [nn.LocalResponseNorm, nn.LocalResponseNorm]
+    assert not any(isinstance(m, LocalResponseNorm) for m in net.modules())
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)

@@ -71,6 +71,17 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         return x * r * r.sqrt()
 
 
+def use_torch_lrn(model: nn.Module) -> nn.Module:
+    """Put torch's own ``nn.LocalResponseNorm`` in place of this module's (same values, slower):
+    the eager baseline the speed benchmark compares against."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LocalResponseNorm):
+                setattr(parent, name, nn.LocalResponseNorm(child.size, child.alpha, child.beta,
+                                                           child.k))
+    return model
+
+
 def _conv_relu(cin: int, cout: int, kernel: int, stride: int = 1, pad: int = 0
                ) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, bias=True),
