@@ -62,3 +62,30 @@ def test_reference_is_a_valid_stain():
     assert isinstance(REFERENCE, FieldStain)
     assert 0 <= REFERENCE.hue < 1 and 0 < REFERENCE.saturation < 1
     assert 0 <= REFERENCE.v_low < REFERENCE.v_high <= 1
+
+
+def test_corrections_beyond_any_lab_difference_are_capped():
+    from wbc_spark.stain import MAX_HUE_SHIFT
+
+    purple = np.zeros((8, 8, 3), np.uint8) + (120, 60, 150)
+    odd = FieldStain(hue=(REFERENCE.hue + 0.4) % 1.0, saturation=0.01, v_low=0.5, v_high=0.52)
+    out = standardise(purple, odd)
+    from wbc_spark.augment import rgb_to_hsv
+
+    before, after = rgb_to_hsv(purple[:1, :1] / 255.0)[0, 0], rgb_to_hsv(out[:1, :1] / 255.0)[0, 0]
+    turned = abs((after[0] - before[0] + 0.5) % 1.0 - 0.5)
+    assert turned <= MAX_HUE_SHIFT + 0.01  # not the 0.4 turn the odd field asked for
+    assert after[1] <= min(1.0, before[1] * 2.0) + 0.02
+
+
+def test_a_cell_the_standardised_colours_hide_is_still_found(monkeypatch):
+    """If nothing stands out after standardising, the raw field's cell is kept."""
+    import wbc_spark.transforms as transforms
+
+    img = smear(256, cell_xy=(80, 170), radius=20)
+    monkeypatch.setattr(transforms, "standardise",
+                        lambda rgb, stain: np.full_like(rgb, 128))  # every colour gone
+    _, box, mask = cell_crop(img, 64, stain="field")
+    assert box.found and mask is not None
+    cx, cy = box.left + box.side / 2, box.top + box.side / 2
+    assert abs(cx - 80) < 10 and abs(cy - 170) < 10

@@ -23,6 +23,13 @@ import numpy as np
 from wbc_spark.augment import hsv_to_rgb, rgb_to_hsv
 
 MODES = ("none", "field")
+#: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
+#: that asks for more (a cell filling the field, KRD-WBC's purple-tinted basophil session)
+#: is measuring something else than the stain, and fully "correcting" it would turn a purple
+#: nucleus orange. Such corrections are capped, not trusted.
+MAX_HUE_SHIFT = 0.08  # of the hue circle (29 degrees)
+SATURATION_FACTORS = (0.5, 2.0)
+BRIGHTNESS_GAINS = (0.67, 1.5)
 
 
 @dataclass(frozen=True)
@@ -61,13 +68,19 @@ def field_stain(rgb: np.ndarray, cell: np.ndarray | None = None) -> FieldStain:
 
 def standardise(rgb: np.ndarray, stain: FieldStain, reference: FieldStain = REFERENCE
                 ) -> np.ndarray:
-    """Map a uint8 RGB image from ``stain`` to ``reference``: rotate hue, scale saturation,
-    stretch brightness linearly between the percentiles."""
+    """Map a uint8 RGB image from ``stain`` towards ``reference``: rotate hue, scale
+    saturation, stretch brightness linearly between the percentiles (each correction capped,
+    see ``MAX_HUE_SHIFT``)."""
     hsv = rgb_to_hsv(rgb.astype(np.float32) / 255.0)
-    hsv[..., 0] = (hsv[..., 0] + (reference.hue - stain.hue)) % 1.0
-    hsv[..., 1] = np.clip(hsv[..., 1] * (reference.saturation / stain.saturation), 0, 1)
-    gain = (reference.v_high - reference.v_low) / (stain.v_high - stain.v_low)
-    hsv[..., 2] = np.clip((hsv[..., 2] - stain.v_low) * gain + reference.v_low, 0, 1)
+    shift = (reference.hue - stain.hue + 0.5) % 1.0 - 0.5
+    hsv[..., 0] = (hsv[..., 0] + np.clip(shift, -MAX_HUE_SHIFT, MAX_HUE_SHIFT)) % 1.0
+    factor = np.clip(reference.saturation / stain.saturation, *SATURATION_FACTORS)
+    hsv[..., 1] = np.clip(hsv[..., 1] * factor, 0, 1)
+    gain = np.clip((reference.v_high - reference.v_low) / (stain.v_high - stain.v_low),
+                   *BRIGHTNESS_GAINS)
+    mid = (stain.v_low + stain.v_high) / 2
+    hsv[..., 2] = np.clip((hsv[..., 2] - mid) * gain + (reference.v_low + reference.v_high) / 2,
+                          0, 1)
     return np.clip(hsv_to_rgb(hsv) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 

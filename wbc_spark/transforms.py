@@ -110,7 +110,10 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
     measured = None
     if stain == "field":
         measured = field_stain_around(small, mask)
-        mask = cell_mask(standardise(small, measured))
+        # Locate again in the standardised colours; keep the first answer if nothing stands
+        # out there.
+        again = cell_mask(standardise(small, measured))
+        mask = again if again is not None else mask
     elif stain != "none":
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
