@@ -199,7 +199,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(config: Config) -> None:
     """Refuse settings that cannot work, naming the valid choices."""
     from wbc_spark.model.googlenet import BLOCKS
+    from wbc_spark.model.transfer import PRECISIONS
     from wbc_spark.model.weights import SOURCES
+    from wbc_spark.stain import MODES as STAIN_MODES
 
     if config.data.source not in ("krd_wbc", "folder", "manifest"):
         raise ConfigError(f"data.source={config.data.source!r}; choose krd_wbc, folder or "
@@ -210,12 +212,13 @@ def validate(config: Config) -> None:
     if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")
-    if config.data.stain not in ("none", "field"):
-        raise ConfigError(f"data.stain={config.data.stain!r}; choose none or field")
+    if config.data.stain not in STAIN_MODES:
+        raise ConfigError(f"data.stain={config.data.stain!r}; choose "
+                          f"{' or '.join(STAIN_MODES)}")
     for name, value in (("train.frozen_precision", config.train.frozen_precision),
                         ("score.precision", config.score.precision)):
-        if value not in ("fp32", "bf16"):
-            raise ConfigError(f"{name}={value!r}; choose fp32 or bf16")
+        if value not in PRECISIONS:
+            raise ConfigError(f"{name}={value!r}; choose {' or '.join(PRECISIONS)}")
     if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     if not 0 <= config.train.test_fold < config.train.folds:
