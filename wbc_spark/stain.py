@@ -89,13 +89,14 @@ def _reference_from_krd_wbc() -> FieldStain:
     from PIL import Image
 
     from wbc_spark.sources.krd_wbc import default_root
-    from wbc_spark.transforms import LOCATE_SIZE, field_stain_around
+    from wbc_spark.transforms import LOCATE_SIZE, cell_mask, field_stain_around
 
     stains = []
     for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg")):
         small = Image.open(path).convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE),
                                                        Image.BILINEAR)
-        stains.append(field_stain_around(np.asarray(small)))
+        small = np.asarray(small)
+        stains.append(field_stain_around(small, cell_mask(small)))
     hues = np.array([s.hue for s in stains])
     # Circular median is overkill here: KRD-WBC's field hues sit in one narrow arc.
     centre = np.angle(np.exp(2j * np.pi * hues).mean()) / (2 * np.pi) % 1.0

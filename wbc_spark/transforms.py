@@ -86,11 +86,9 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     return ndimage.binary_fill_holes(grown)
 
 
-def field_stain_around(small: np.ndarray, mask: np.ndarray | None = None) -> FieldStain:
-    """The stain of a small field, measured around its white cell (``mask``, found when not
-    given, widened by a few pixels)."""
-    if mask is None:
-        mask = cell_mask(small)
+def field_stain_around(small: np.ndarray, mask: np.ndarray | None) -> FieldStain:
+    """The stain of a small field, measured around its white cell (``mask`` from
+    ``cell_mask``, widened by a few pixels; None: no cell found, the whole field counts)."""
     cell = ndimage.binary_dilation(mask, iterations=3) if mask is not None else None
     return field_stain(small, cell)
 
