@@ -81,10 +81,15 @@ def test_krd_ingest_handles_every_quirk(krd_run):
     assert data.cell_iou.median() > 0.6  # the stain locator finds the cell
 
 
-# Measured on test fold 0 (122 images) with this recipe: macro-F1 0.70, accuracy 0.91
-# (deploy/submit.sh train_distributed); the bar leaves room for run-to-run variation.
-MIN_MACRO_F1 = 0.60
-MIN_ACCURACY = 0.85
+# A check that distributed training learns, not an accuracy measurement (benchmarks/accuracy.py
+# is that). Test fold 0 (122 images, 7 monocytes, 3 eosinophils) with the default recipe gave
+# macro-F1 0.60-0.76 and accuracy 0.86-0.93 in four `deploy/demo.sh` runs (seeded, but
+# petastorm's read order varies); predicting the majority class scores 0.13 and 0.49, so the
+# bars sit well above chance and below the runs' spread. The large classes are steadier:
+# neutrophil and lymphocyte recall stayed at 0.89 or more in every run.
+MIN_MACRO_F1 = 0.45
+MIN_ACCURACY = 0.80
+MIN_LARGE_CLASS_RECALL = 0.80
 
 
 @pytest.mark.slow
@@ -96,6 +101,8 @@ def test_distributed_training_beats_the_bar_on_held_out_data(krd_run):
     assert ev["split"]["test"] >= 100 and ev["split"]["val"] >= 60
     assert test["macro_f1"] >= MIN_MACRO_F1, out[-2000:]
     assert test["accuracy"] >= MIN_ACCURACY
+    for name in ("Neutrophil", "Lymphocyte"):
+        assert test["per_class"][name]["recall"] >= MIN_LARGE_CLASS_RECALL, name
     lo, hi = test["accuracy_ci"]
     assert lo < test["accuracy"] < hi
     assert set(test["per_class"]) == set(CLASSES)
