@@ -118,7 +118,7 @@ class ScoreConfig:
     results: str = "runs/results"  # per-image table; per-class table in <results>_per_class
     batch_size: int = 64  # Arrow records per batch sent to the UDF
     threads_per_worker: int = 1
-    precision: str = "bf16"  # "bf16" (CPU autocast) or "fp32" for the whole forward pass
+    precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
 
 
 @dataclass

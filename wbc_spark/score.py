@@ -125,7 +125,7 @@ def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, boo
 def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32"
                    ) -> pd.DataFrame:
     """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
-    the forward pass in ``precision`` (see ``inference_precision``).
+    the frozen layers in ``precision`` (see ``inference_precision``).
 
     A file that cannot be read gets an ``error`` and no prediction; the batch goes on.
     """
@@ -151,8 +151,12 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         ok.append(i)
         out.at[i, "cell_found"] = found
     if crops:
-        with torch.inference_mode(), inference_precision(precision):
-            logits = model(torch.from_numpy(np.stack(crops))).float().numpy()
+        with torch.inference_mode():
+            # The frozen layers in ``precision``, the trained layers in fp32: the same
+            # arithmetic as training and calibration (cached features, fp32 head).
+            with inference_precision(precision):
+                frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
+            logits = model.head(frozen.float()).numpy()
         probs = softmax(logits, float(meta["temperature"]))
         idx = np.asarray(ok)
         for j, c in enumerate(classes):
@@ -271,7 +275,8 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     done = (tables.read(spark, table, schema).where(F.col("model_id") == model_id)
             .select(*KEY))
     todo = frame.join(done, KEY, "left_anti")
-    log.info("scoring with model %s, forward pass in %s", model_id, s.precision)
+    log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
+             s.precision)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision)
     scored = (todo.withColumn("_p", udf("data")).drop("data")
               .select(*KEY, "image_id", "slide", "_p.*")
