@@ -26,7 +26,7 @@ import torch
 from wbc_spark import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
-from wbc_spark.explain import mass_on_cell, overlay_png
+from wbc_spark.explain import overlay_png
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.train import Recipe
@@ -114,7 +114,7 @@ def main() -> int:
         examples = [i for k in range(len(classes))
                     for i in np.flatnonzero(labels[look["index"]] == k)[:3]]
         rows = look["index"][examples]
-        frac, _ = mass_on_cell(look["maps"][examples], look["masks"][examples])
+        frac = look["mass"][examples]
         overlay_png(
             crops[rows], look["maps"][examples], look["masks"][examples],
             [f"{classes[labels[r]][:4]} {df.image_id.iloc[r].rsplit('/', 1)[-1]} {f:.0%} on cell"

@@ -209,7 +209,7 @@ def where_it_looks(results: list[FoldResult], df: pd.DataFrame, classes: list[st
                  for k, c in enumerate(classes) if (labels[index] == k).any()}
     return {"mass_on_cell": float(np.nanmean(frac)), "area_on_cell": float(area.mean()),
             "peak_on_cell": float(hit.mean()), "per_class": per_class,
-            "index": index, "maps": maps, "masks": masks}
+            "index": index, "maps": maps, "masks": masks, "mass": frac}
 
 
 def format_where_it_looks(look: dict) -> str:
