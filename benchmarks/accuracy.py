@@ -30,6 +30,7 @@ from wbc_spark.explain import overlay_png
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.train import Recipe
+from wbc_spark.transforms import dihedral
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,9 @@ def main() -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-shifts", action="store_true", help="skip the robustness copies")
+    parser.add_argument("--tta", action="store_true",
+                        help="also score the original test images averaged over their eight "
+                             "flips/rotations (variant original_tta; about +90 s)")
     parser.add_argument("--json", default=str(REPO / "runs" / "accuracy.json"))
     parser.add_argument("--cache", default=None,
                         help="file to keep the frozen-layer features in; reused when present "
@@ -72,7 +76,7 @@ def main() -> int:
     key = {"views": t.views, "freeze_until": config.model.freeze_until,
            "frozen_precision": t.frozen_precision,
            "augment": dict(config.augment.__dict__),
-           "ids": df.image_id.tolist(), "shifts": not args.no_shifts}
+           "ids": df.image_id.tolist(), "shifts": not args.no_shifts, "tta": args.tta}
     cached = torch.load(args.cache, weights_only=True) if args.cache and Path(
         args.cache).exists() else None
     if cached is not None and cached["key"] == key:
@@ -83,6 +87,10 @@ def main() -> int:
             model, crops, t.views, seed=1234,
             settings=AugmentSettings(**config.augment.__dict__), precision=t.frozen_precision)
         eval_feats = {"original": crossval.features_of(model, crops, t.frozen_precision)}
+        if args.tta:
+            eval_feats["original_tta"] = torch.stack([crossval.features_of(
+                model, dihedral(crops, k), t.frozen_precision) for k in range(8)])
+            logging.info("cached the eight flips/rotations of the test images")
         if not args.no_shifts:
             for name, shift in crossval.SHIFTS.items():
                 eval_feats[name] = crossval.features_of(model, crossval.shifted_crops(
@@ -120,6 +128,10 @@ def main() -> int:
             [f"{classes[labels[r]][:4]} {df.image_id.iloc[r].rsplit('/', 1)[-1]} {f:.0%} on cell"
              for r, f in zip(rows, frac)], args.figure)
         print(f"examples (map in red, true cell outline in green): {args.figure}")
+    frame = crossval.outside_frame(df)
+    print("crops reaching outside their image (filled by reflection), per class: " + "  ".join(
+        f"{c} {r.outside:.0%} (mean {r.mean_share:.1%} of the side)"
+        for c, r in frame.iterrows()))
     iou = None
     try:
         import pyarrow.dataset as pads
@@ -144,6 +156,7 @@ def main() -> int:
                                            "train_images": sum(r.n_train for r in results)
                                            / len(results),
                                            "cell_iou": iou, "stain": config.data.stain,
+                                           "outside_frame": frame.to_dict("index"),
                                            "where_it_looks": None if look is None else {
                                                k: look[k] for k in ("mass_on_cell",
                                                                     "area_on_cell",

@@ -1,17 +1,66 @@
 import pandas as pd
 import pytest
+from conftest import smear
 
-from wbc_spark.crossval import load_dataset
+from wbc_spark.crossval import cut_at_cell, load_dataset
+from wbc_spark.transforms import locate_cell
 
 
 def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b"], "label": ["Neutrophil", "Lymphocyte"],
                          "group": ["a", "b"], "sha256": ["1", "2"], "crop": [b"x", b"y"],
                          "crop_size": [1, 1], "stain": ["none", "none"], "image": [b"", b""],
-                         "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]]})
+                         "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]],
+                         "width": [1, 1], "height": [1, 1]})
     (tmp_path / "batch=1").mkdir()
     rows.to_parquet(tmp_path / "batch=1" / "part.parquet")
     classes = ["Neutrophil", "Lymphocyte"]
     assert len(load_dataset(str(tmp_path), classes, "none")) == 2
     with pytest.raises(ValueError, match="crops were made with stain \\['none'\\].*'field'"):
         load_dataset(str(tmp_path), classes, "field")
+
+
+@pytest.mark.parametrize("side", range(4))
+def test_cut_at_cell_puts_the_frame_edge_at_the_cell(side):
+    """The cell stays whole and is found again; its crop box now reaches a sixth of its side
+    past the new edge (where crop_box reflects), on the side that was cut and no other."""
+    field = smear(256, (128, 128), radius=20)
+    before, _, _ = locate_cell(field)
+    cut = cut_at_cell(field, side, 1 / 3, context=1.5)
+    after, _, _ = locate_cell(cut)
+    # The locator works on a 128 x 128 grid of the field, so a smaller field moves it by a few
+    # pixels.
+    assert after.found and abs(after.side - before.side) <= 0.1 * before.side
+    w, h = cut.size
+    beyond = [after.left + after.side - w, -after.top, -after.left, after.top + after.side - h]
+    assert abs(beyond[side] - before.side / 6) <= 0.1 * before.side
+    assert all(b <= 0 for i, b in enumerate(beyond) if i != side)
+
+
+def test_summary_counts_other_classes_called_each_class():
+    import numpy as np
+
+    from wbc_spark.crossval import FoldResult, format_summary, summarise
+
+    classes = ["A", "B", "C"]
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    # Every image predicted A, except one C image predicted B.
+    probs = np.tile([0.8, 0.1, 0.1], (6, 1))
+    probs[5] = [0.1, 0.8, 0.1]
+    runs = [FoldResult(0, f, idx, {"original": probs[idx]}, 0, 1.0, 0.0, 4, None)
+            for f, idx in enumerate([np.array([0, 2, 4]), np.array([1, 3, 5])])]
+    called = summarise(runs, labels, classes)["original"]["others_called"]
+    # Non-A images: two B (both called A) and two C (one called A, one B).
+    assert called == pytest.approx({"A": 3 / 4, "B": 1 / 4, "C": 0.0})
+    assert "B 25.0%" in format_summary(summarise(runs, labels, classes), classes)
+
+
+def test_outside_frame_share_per_class():
+    from wbc_spark.crossval import outside_frame
+
+    df = pd.DataFrame({"label": ["A", "A", "B"], "width": [100, 100, 100],
+                       "height": [100, 100, 100],
+                       "crop_box": [[10, 10, 50], [-10, 20, 50], [60, 60, 50]]})
+    out = outside_frame(df)
+    assert out.loc["A", "outside"] == 0.5 and out.loc["A", "mean_share"] == pytest.approx(0.1)
+    assert out.loc["B", "outside"] == 1.0 and out.loc["B", "mean_share"] == pytest.approx(0.2)

@@ -105,6 +105,21 @@ def test_feature_batches_cover_the_cache():
         assert torch.equal(f.view(-1).long(), y)
 
 
+def test_balanced_sampling_evens_out_the_classes():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    feats = torch.arange(100).float().view(100, 1)
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([y.numpy() for _, y in
+                            feature_batches(feats, labels, 3, 600, rng, "balanced")])
+    share = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.allclose(share, 1 / 3, atol=0.05)
+    shuffled = np.concatenate([y.numpy() for _, y in
+                               feature_batches(feats, labels, 10, 10, rng, "shuffle")])
+    assert np.bincount(shuffled, minlength=3)[0] == 90
+    with pytest.raises(ValueError, match="choose one of shuffle, balanced"):
+        next(feature_batches(feats, labels, 3, 1, rng, "oversample"))
+
+
 def test_frozen_features_are_half_precision_and_ordered():
     net = TinyNet()
     imgs = torch.randint(0, 255, (6, 8, 8, 3), dtype=torch.uint8)

@@ -1,8 +1,18 @@
 import numpy as np
+import pytest
 from conftest import smear
 from PIL import Image
 
-from wbc_spark.augment import hsv_to_rgb, rescale, rgb_to_hsv, stain_shift
+from wbc_spark.augment import (
+    AugmentSettings,
+    augment,
+    frame_edges,
+    hsv_to_rgb,
+    reflect_beyond,
+    rescale,
+    rgb_to_hsv,
+    stain_shift,
+)
 from wbc_spark.transforms import cell_crop, dihedral, locate_cell
 
 
@@ -63,3 +73,60 @@ def test_rescale_keeps_size_and_zooms():
     def purple(a):
         return ((a[..., 0].astype(int) + a[..., 2]) / 2 - a[..., 1] > 40).mean()
     assert purple(rescale(img, 1.25)) > purple(img) > purple(rescale(img, 0.8))
+
+
+def _reflected_width(image, side):
+    """Width of the mirrored strip on one side of a crop (0 when there is none)."""
+    turned = np.rot90(image, side)
+    w = turned.shape[1]
+    for width in range(w // 2 - 1, 0, -1):
+        inside = turned[:, w - width - 2:w - 2 * width - 2:-1]
+        if np.array_equal(turned[:, w - width:], inside):
+            return width
+    return 0
+
+
+def test_reflect_beyond_mirrors_one_side_like_crop_padding():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    for side in range(4):
+        out = reflect_beyond(img, side, 9)
+        assert out.shape == img.shape
+        assert _reflected_width(out, side) == 9
+        # Everything on the frame's side of the edge is untouched.
+        assert np.array_equal(np.rot90(out, side)[:, :31], np.rot90(img, side)[:, :31])
+        assert all(_reflected_width(out, other) == 0 for other in range(4) if other != side)
+    # The same reflection crop_box uses: np.pad's "reflect" of the part inside the frame.
+    assert np.array_equal(reflect_beyond(img, 0, 9),
+                          np.pad(img[:, :31], ((0, 0), (0, 9), (0, 0)), mode="reflect"))
+    with pytest.raises(ValueError, match="frame edge width"):
+        reflect_beyond(img, 0, 20)
+
+
+def test_frame_edges_cut_one_or_two_sides_within_the_width():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    counts = []
+    for _ in range(40):
+        out = frame_edges(img, rng, 0.3)
+        widths = [_reflected_width(out, s) for s in range(4)]
+        cut = [w for w in widths if w]
+        assert cut and all(w <= 30 for w in cut)
+        counts.append(len(cut))
+    assert set(counts) == {1, 2}
+
+
+def test_frame_edge_probability_zero_keeps_the_earlier_views():
+    """frame_edge=0 draws nothing extra from the generator: the views of a seed are the ones
+    earlier versions made, so older cross-validation figures can be reproduced."""
+    img = np.asarray(smear(64, (32, 32), radius=10))
+    off = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=0.0))
+    on = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=1.0))
+    # With frame edges off, the first draw is the flip/rotation: the same image, turned.
+    k = int(np.random.default_rng(5).integers(8))
+    turned = np.rot90(img, k % 4)
+    turned = turned[:, ::-1] if k >= 4 else turned
+    first = augment(img, np.random.default_rng(5), AugmentSettings(
+        frame_edge=0.0, scale=1e-9, hue=0.0, saturation=0.0, brightness=0.0, contrast=0.0))
+    assert np.abs(first.astype(int) - turned).max() <= 1
+    assert off.shape == on.shape == img.shape and not np.array_equal(off, on)

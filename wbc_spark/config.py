@@ -88,6 +88,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     class_weighting: str = "inverse_sqrt"  # "none", "inverse", "inverse_sqrt"
+    # "shuffle": each image about once per epoch; "balanced": batches drawn with every class
+    # equally likely (pair it with class_weighting=none).
+    sampling: str = "shuffle"
     seed: int = 0
     folds: int = 5
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
@@ -109,6 +112,10 @@ class AugmentConfig:
     saturation: float = 0.3  # saturation factor: exp(+-saturation)
     brightness: float = 0.15
     contrast: float = 0.15
+    # Probability that a training view gets one or two simulated frame edges (reflected
+    # borders, up to frame_edge_width of the side), so such borders say nothing of the class.
+    frame_edge: float = 0.5
+    frame_edge_width: float = 0.3
 
 
 @dataclass
@@ -202,6 +209,7 @@ def validate(config: Config) -> None:
     from wbc_spark.model.transfer import PRECISIONS
     from wbc_spark.model.weights import SOURCES
     from wbc_spark.stain import MODES as STAIN_MODES
+    from wbc_spark.train import SAMPLINGS
 
     if config.data.source not in ("krd_wbc", "folder", "manifest"):
         raise ConfigError(f"data.source={config.data.source!r}; choose krd_wbc, folder or "
@@ -219,6 +227,15 @@ def validate(config: Config) -> None:
                         ("score.precision", config.score.precision)):
         if value not in PRECISIONS:
             raise ConfigError(f"{name}={value!r}; choose {' or '.join(PRECISIONS)}")
+    if not 0 <= config.augment.frame_edge <= 1:
+        raise ConfigError(f"augment.frame_edge={config.augment.frame_edge}: a probability, "
+                          "0..1")
+    if not 0.05 < config.augment.frame_edge_width < 0.5:
+        raise ConfigError(f"augment.frame_edge_width={config.augment.frame_edge_width}: a "
+                          "share of the crop's side above 0.05 and under 0.5")
+    if config.train.sampling not in SAMPLINGS:
+        raise ConfigError(f"train.sampling={config.train.sampling!r}; choose "
+                          f"{' or '.join(SAMPLINGS)}")
     if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     if not 0 <= config.train.test_fold < config.train.folds:

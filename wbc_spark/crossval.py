@@ -25,7 +25,7 @@ from wbc_spark.augment import AugmentSettings, augment, stain_shift
 from wbc_spark.explain import area_on_cell, class_activation_maps, crop_mask, mass_on_cell
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
-from wbc_spark.transforms import cell_crop
+from wbc_spark.transforms import cell_crop, locate_cell
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.
     with ``stain``, refuse a dataset whose crops were made with another standardisation."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
         columns=["image_id", "label", "group", "sha256", "crop", "crop_size", "stain", "image",
-                 "mask", "crop_box"])
+                 "mask", "crop_box", "width", "height"])
     df = table.to_pandas()
     df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
     made = set(df.stain.fillna("none"))
@@ -45,27 +45,61 @@ def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.
     return df
 
 
+def outside_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per class: the share of crops whose box reaches outside the image (filled by
+    reflection in ``crop_box``) and the mean share of the crop's side that lies outside."""
+    box = np.stack(df.crop_box.to_numpy())
+    left, top, side = box[:, 0], box[:, 1], box[:, 2]
+    w, h = df.width.to_numpy(), df.height.to_numpy()
+    beyond = np.maximum.reduce([-left, -top, left + side - w, top + side - h, 0 * side])
+    frame = pd.DataFrame({"label": df.label.to_numpy(), "outside": beyond > 0,
+                          "share": beyond / side})
+    return frame.groupby("label").agg(images=("outside", "size"), outside=("outside", "mean"),
+                                      mean_share=("share", "mean"))
+
+
 def crops_of(df: pd.DataFrame) -> np.ndarray:
     size = int(df.crop_size.iloc[0])
     return np.stack([np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in df.crop])
 
 
-# Shifts standing in for other labs: the whole field rescaled (another magnification), or the
-# stain's colour shifted (another staining protocol or camera).
+# Shifts standing in for other labs: the whole field rescaled (another magnification), the
+# stain's colour shifted (another staining protocol or camera), or the field cut so the cell
+# touches its edge (common in any smear; in KRD-WBC mostly the basophils' crops reach outside
+# the frame, so this shows whether the model learnt the reflected border as a basophil cue).
 SHIFTS = {
     "rescale_0.75": {"scale": 0.75},
     "rescale_1.33": {"scale": 1.33},
     "stain_shift": {"hue": 0.05, "saturation": 0.7, "brightness": 1.08, "contrast": 0.9},
+    "cell_at_edge": {"edge": 1 / 3},
 }
+
+
+def cut_at_cell(image: Image.Image, side: int, reach: float, *, context: float,
+                stain: str = "none") -> Image.Image:
+    """The field cut ``reach`` crop sides from the located cell's centre on one side (0 right,
+    1 top, 2 left, 3 bottom); with the default context of 1.5 a reach of 1/3 puts the frame's
+    edge where the cell ends, and a sixth of the crop then lies outside the frame."""
+    box, _, _ = locate_cell(image, context=context, stain=stain)
+    if not box.found:
+        return image
+    w, h = image.size
+    cx, cy = box.left + box.side / 2, box.top + box.side / 2
+    d = reach * box.side
+    left, top, right, bottom = [(0, 0, min(w, cx + d), h), (0, max(0, cy - d), w, h),
+                                (max(0, cx - d), 0, w, h), (0, 0, w, min(h, cy + d))][side]
+    return image.crop(tuple(int(round(v)) for v in (left, top, right, bottom)))
 
 
 def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float,
                   stain: str = "none") -> np.ndarray:
     """Apply a shift to each original image, then locate and crop as the scoring job does."""
     out = []
-    for data in df.image:
+    for i, data in enumerate(df.image):
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        if "scale" in shift:
+        if "edge" in shift:
+            img = cut_at_cell(img, i % 4, shift["edge"], context=context, stain=stain)
+        elif "scale" in shift:
             w, h = img.size
             img = img.resize((round(w * shift["scale"]), round(h * shift["scale"])),
                              Image.BILINEAR)
@@ -128,10 +162,15 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
     counts = [int((labels[tr] == c).sum()) for c in range(num_classes)]
     result = fit(model, HeadOnly(model),
                  lambda e: feature_batches(train_feats, train_labels, recipe.batch_size, steps,
-                                           rng),
+                                           rng, recipe.sampling),
                  steps, (eval_feats["original"][va], labels[va]), recipe, num_classes, counts)
-    probs = {name: predict_probs(model, f[te], result.temperature)
-             for name, f in eval_feats.items()}
+    probs = {}
+    for name, f in eval_feats.items():
+        if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities
+            probs[name] = np.mean([predict_probs(model, v[te], result.temperature)
+                                   for v in f], axis=0)
+        else:
+            probs[name] = predict_probs(model, f[te], result.temperature)
     maps, _ = class_activation_maps(model, eval_feats["original"][te])
     model.load_state_dict(fresh)  # the next fold starts from the pretrained weights again
     return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
@@ -168,10 +207,16 @@ def summarise(results: list[FoldResult], labels: np.ndarray, classes: list[str])
             pooled.setdefault(r.seed, np.zeros((len(labels), len(classes))))[r.test_index] = p
         reports = [metrics.classification_report(labels, p.argmax(1), classes, p)
                    for p in pooled.values()]
+        # How often images of the other classes are called this class: a shortcut (a border,
+        # a zoom) that the shift adds or removes shows here first.
+        called = {c: float(np.mean([(p.argmax(1)[labels != k] == k).mean()
+                                    for p in pooled.values()]))
+                  for k, c in enumerate(classes)}
         out[variant] = {
             "runs": {k: mean_interval(v) for k, v in runs.items()},
             "runs_recall": {c: mean_interval(v) for c, v in per_class_recall.items()},
             "pooled_by_seed": reports,
+            "others_called": called,
         }
     return out
 
@@ -184,6 +229,8 @@ def format_summary(summary: dict, classes: list[str]) -> str:
             f"{k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in s["runs"].items()))
         lines.append("  recall per class over runs: " + "  ".join(
             f"{c} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in s["runs_recall"].items()))
+        lines.append("  other classes' images called this class (pooled, mean of seeds): "
+                     + "  ".join(f"{c} {v:.1%}" for c, v in s["others_called"].items()))
         for i, rep in enumerate(s["pooled_by_seed"]):
             lines.append(f"  pooled out-of-fold, seed {i}:")
             lines.extend("    " + ln for ln in metrics.format_report(rep).splitlines())

@@ -44,6 +44,7 @@ class Recipe:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     class_weighting: str = "inverse_sqrt"
+    sampling: str = "shuffle"
     seed: int = 0
 
     @classmethod
@@ -199,14 +200,30 @@ class FitResult:
     history: list[dict]
 
 
-def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
-                    rng: np.random.Generator) -> Iterator[Batch]:
-    """``steps`` random batches (without replacement within an epoch) of cached features.
+SAMPLINGS = ("shuffle", "balanced")
 
-    ``features`` holds every augmented view of every training image, so an epoch sees each
-    image about once, in a random one of its views.
+
+def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
+                    rng: np.random.Generator, sampling: str = "shuffle") -> Iterator[Batch]:
+    """``steps`` random batches of cached features.
+
+    ``features`` holds every augmented view of every training image. ``shuffle``: without
+    replacement within an epoch, so an epoch sees each image about once, in a random one of
+    its views. ``balanced``: each batch drawn with every class equally likely (rare classes'
+    views repeat, with replacement as in torch's WeightedRandomSampler), the alternative
+    to weighting the loss.
     """
     y = torch.as_tensor(labels)
+    if sampling == "balanced":
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        p = 1.0 / counts[inverse]
+        p /= p.sum()
+        for _ in range(steps):
+            idx = torch.as_tensor(rng.choice(len(features), batch_size, p=p))
+            yield features[idx], y[idx]
+        return
+    if sampling != "shuffle":
+        raise ValueError(f"sampling={sampling!r}; choose one of {', '.join(SAMPLINGS)}")
     order = rng.permutation(len(features))
     for i in range(steps):
         idx = torch.as_tensor(order[(i * batch_size) % len(order):][:batch_size])
@@ -381,7 +398,7 @@ def distributed_worker(job: dict) -> dict | None:
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,
                  lambda epoch: feature_batches(train_feats, train_labels, recipe.batch_size,
-                                               steps, rng),
+                                               steps, rng, recipe.sampling),
                  steps, val, recipe, len(classes), job["class_counts"])
 
     summary = None
