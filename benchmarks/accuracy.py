@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/accuracy.py [--dataset runs/dataset] [--seeds 3] [--folds 5]
 
-Prints, for the original test images and for rescaled (0.75, 1.33) and stain-shifted copies:
-accuracy, balanced accuracy, macro-F1, ECE (15 bins) and per-class recall as means with 95%
-intervals over the runs, and the pooled out-of-fold report (per-class precision/recall with
-Wilson intervals, confusion matrix) for each seed. Uses the training job's recipe
-(wbc_spark.train) in one process; the frozen layers' outputs are cached once for all runs.
-If the dataset is missing it is ingested first with deploy/submit.sh.
+Prints, for the original test images and for rescaled (0.75, 1.33), stain-shifted and
+cell-at-the-frame-edge copies: accuracy, balanced accuracy, macro-F1, ECE (15 bins) and
+per-class recall as means with 95% intervals over the runs, how often other classes' images
+are called each class, and the pooled out-of-fold report (per-class precision/recall with
+Wilson intervals, confusion matrix) for each seed; then where the class activation maps lie
+against the masks, the share of crops reaching outside their image per class, and the cell
+locator's IoU. ``--tta`` adds the original images averaged over their eight flips/rotations.
+Uses the training job's recipe (wbc_spark.train) in one process; the frozen layers' outputs
+are cached once for all runs. If the dataset is missing it is ingested first with
+deploy/submit.sh.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.frozen_precision=fp16", "choose fp32 or bf16"),
     ("augment.frame_edge=1.5", "a probability"),
     ("train.sampling=oversample", "choose shuffle or balanced"),
+    ("augment.frame_edge_sides=5", "1..4"),
     ("augment.frame_edge_width=0.6", "under 0.5"),
 ])
 def test_bad_values_are_refused(override, match):

@@ -114,6 +114,9 @@ def test_frame_edges_cut_one_or_two_sides_within_the_width():
         assert cut and all(w <= 30 for w in cut)
         counts.append(len(cut))
     assert set(counts) == {1, 2}
+    views = [frame_edges(img, rng, 0.3, 4) for _ in range(60)]
+    four = [sum(_reflected_width(v, s) > 0 for s in range(4)) for v in views]
+    assert set(four) == {1, 2, 3, 4}
 
 
 def test_frame_edge_probability_zero_keeps_the_earlier_views():

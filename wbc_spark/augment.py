@@ -29,6 +29,7 @@ class AugmentSettings:
     frame_edge: float = 0.5  # probability that a view gets one or two simulated frame edges
     #: Largest share of the crop's side that a simulated edge fills by reflection.
     frame_edge_width: float = 0.3
+    frame_edge_sides: int = 2  # a view with edges gets 1..frame_edge_sides of them
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
@@ -101,10 +102,11 @@ def reflect_beyond(image: np.ndarray, side: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(cut, -side))
 
 
-def frame_edges(image: np.ndarray, rng: np.random.Generator, width: float) -> np.ndarray:
-    """One or two simulated frame edges on random sides, each filling 5%..``width`` of the
-    crop's side."""
-    sides = rng.choice(4, size=int(rng.integers(1, 3)), replace=False)
+def frame_edges(image: np.ndarray, rng: np.random.Generator, width: float,
+                max_sides: int = 2) -> np.ndarray:
+    """1..``max_sides`` simulated frame edges on random sides, each filling 5%..``width`` of
+    the crop's side."""
+    sides = rng.choice(4, size=int(rng.integers(1, max_sides + 1)), replace=False)
     for side in sides:
         image = reflect_beyond(image, int(side),
                                max(1, int(rng.uniform(0.05, width) * image.shape[0])))
@@ -116,7 +118,7 @@ def augment(image: np.ndarray, rng: np.random.Generator,
     """One random training view of a uint8 RGB crop."""
     # Drawn only when enabled, so frame_edge=0 reproduces the views of earlier versions.
     if settings.frame_edge > 0 and rng.random() < settings.frame_edge:
-        image = frame_edges(image, rng, settings.frame_edge_width)
+        image = frame_edges(image, rng, settings.frame_edge_width, settings.frame_edge_sides)
     k = int(rng.integers(8))
     out = np.rot90(image, k % 4)
     if k >= 4:

@@ -116,6 +116,7 @@ class AugmentConfig:
     # borders, up to frame_edge_width of the side), so such borders say nothing of the class.
     frame_edge: float = 0.5
     frame_edge_width: float = 0.3
+    frame_edge_sides: int = 2  # 1..frame_edge_sides edges per view that gets them (max 4)
 
 
 @dataclass
@@ -233,6 +234,9 @@ def validate(config: Config) -> None:
     if not 0.05 < config.augment.frame_edge_width < 0.5:
         raise ConfigError(f"augment.frame_edge_width={config.augment.frame_edge_width}: a "
                           "share of the crop's side above 0.05 and under 0.5")
+    if not 1 <= config.augment.frame_edge_sides <= 4:
+        raise ConfigError(f"augment.frame_edge_sides={config.augment.frame_edge_sides}: "
+                          "1..4")
     if config.train.sampling not in SAMPLINGS:
         raise ConfigError(f"train.sampling={config.train.sampling!r}; choose "
                           f"{' or '.join(SAMPLINGS)}")
