@@ -29,7 +29,7 @@ class AugmentSettings:
     frame_edge: float = 0.5  # probability that a view gets one or two simulated frame edges
     #: Largest share of the crop's side that a simulated edge fills by reflection.
     frame_edge_width: float = 0.3
-    frame_edge_sides: int = 2  # a view with edges gets 1..frame_edge_sides of them
+    frame_edge_sides: int = 4  # a view with edges gets 1..frame_edge_sides of them
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:

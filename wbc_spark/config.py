@@ -116,7 +116,7 @@ class AugmentConfig:
     # borders, up to frame_edge_width of the side), so such borders say nothing of the class.
     frame_edge: float = 0.5
     frame_edge_width: float = 0.3
-    frame_edge_sides: int = 2  # 1..frame_edge_sides edges per view that gets them (max 4)
+    frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)
 
 
 @dataclass
