@@ -55,6 +55,18 @@ def test_dihedral_group():
     assert np.array_equal(dihedral(x, 0), x)
 
 
+def test_rgb_to_hsv_matches_colorsys():
+    import colorsys
+
+    rng = np.random.default_rng(3)
+    rgb = rng.random((200, 3)).astype(np.float32)
+    rgb[:20] = rgb[:20, :1]  # greys: hue and saturation 0
+    rgb[20:40, 1] = rgb[20:40, 0]  # ties between the largest channels
+    ours = rgb_to_hsv(rgb)
+    ref = np.array([colorsys.rgb_to_hsv(*px) for px in rgb.astype(np.float64)])
+    assert np.allclose(ours, ref, atol=1e-5)
+
+
 def test_hsv_roundtrip_and_neutral_shift():
     rng = np.random.default_rng(0)
     rgb = rng.random((10, 10, 3))

@@ -35,8 +35,10 @@ class AugmentSettings:
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     """float RGB in 0..1 (... x 3) -> HSV in 0..1."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc = rgb.max(-1)
-    minc = rgb.min(-1)
+    # Element-wise over the three planes: the same values as rgb.max(-1), but numpy reduces
+    # a length-3 inner axis about 7x slower (this runs on every crop at ingest and scoring).
+    maxc = np.maximum(np.maximum(r, g), b)
+    minc = np.minimum(np.minimum(r, g), b)
     v = maxc
     delta = maxc - minc
     s = np.where(maxc > 0, delta / np.maximum(maxc, 1e-8), 0)
