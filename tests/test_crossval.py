@@ -11,7 +11,8 @@ def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
                          "group": ["a", "b"], "sha256": ["1", "2"], "crop": [b"x", b"y"],
                          "crop_size": [1, 1], "stain": ["none", "none"], "image": [b"", b""],
                          "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]],
-                         "width": [1, 1], "height": [1, 1]})
+                         "width": [1, 1], "height": [1, 1], "path": ["a.jpg", "b.jpg"],
+                         "ingested_at": pd.to_datetime(["2026-01-01", "2026-01-01"])})
     (tmp_path / "batch=1").mkdir()
     rows.to_parquet(tmp_path / "batch=1" / "part.parquet")
     classes = ["Neutrophil", "Lymphocyte"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import time
 
 import pandas as pd
 import pytest
@@ -61,6 +64,28 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path):
     third = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
     assert "read 15, written 2, quarantined 0, duplicates 1" in third
     assert len(pd.read_parquet(tmp_path / "ds")) == 11
+
+    # A copied or touched lake (every file listed with a new time, same bytes) adds nothing.
+    later = time.time() + 3600
+    for f in lake.rglob("*"):
+        if f.is_file():
+            os.utime(f, (later, later))
+    touched = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
+    assert "written 0, quarantined 0" in touched and "already ingested 15" in touched
+    assert len(pd.read_parquet(tmp_path / "ds")) == 11
+    assert len(pd.read_parquet(tmp_path / "q")) == 4
+
+    # A file whose content changed is ingested again; its new row supersedes the old one.
+    smear(seed=55).save(lake / "Lymphocyte" / "Lymphocyte_0.jpg")
+    changed = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
+    assert "written 1, quarantined 0" in changed
+    from wbc_spark.crossval import load_dataset
+
+    current = load_dataset(str(tmp_path / "ds"), ["Neutrophil", "Lymphocyte", "Basophil"])
+    assert len(current) == 11 and current.path.is_unique
+    row = current[current.image_id == "Lymphocyte/Lymphocyte_0.jpg"].iloc[0]
+    assert row.sha256 == hashlib.sha256(
+        (lake / "Lymphocyte" / "Lymphocyte_0.jpg").read_bytes()).hexdigest()
 
 
 def test_same_content_with_two_labels_is_an_error_naming_both(tmp_path):

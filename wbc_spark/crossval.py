@@ -34,9 +34,11 @@ def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.
     """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
     with ``stain``, refuse a dataset whose crops were made with another standardisation."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["image_id", "label", "group", "sha256", "crop", "crop_size", "stain", "image",
-                 "mask", "crop_box", "width", "height"])
+        columns=["image_id", "path", "label", "group", "sha256", "crop", "crop_size", "stain",
+                 "image", "mask", "crop_box", "width", "height", "ingested_at"])
     df = table.to_pandas()
+    # As wbc_spark.ingest.read_dataset: each path's latest ingest supersedes earlier ones.
+    df = df.sort_values("ingested_at").drop_duplicates("path", keep="last")
     df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
     made = set(df.stain.fillna("none"))
     if stain is not None and made != {stain}:

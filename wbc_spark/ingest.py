@@ -238,6 +238,16 @@ class IngestSummary:
                 f"{self.skipped_known} (run {self.run_id})")
 
 
+def read_dataset(spark: SparkSession, table: str) -> DataFrame:
+    """The dataset as it stands: for each path, the row of its latest ingest (a file whose
+    content changed is ingested again and its new row supersedes the old one)."""
+    from pyspark.sql.window import Window
+
+    rows = tables.read(spark, table, DATASET_SCHEMA)
+    latest = Window.partitionBy("path").orderBy(F.col("ingested_at").desc())
+    return (rows.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n"))
+
+
 def duplicate_report(df: DataFrame) -> pd.DataFrame:
     """Contents present more than once: sha256, paths and labels (small: aggregates only)."""
     groups = (df.groupBy("sha256")
@@ -268,8 +278,9 @@ def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
     files, lake = _catalog(spark, config)
     log.info("ingesting %s (%s) into %s", lake, config.data.source, dataset)
 
-    # Skip what an earlier run already handled (same path, size and time): nothing is added
-    # twice, and a replaced file (new size or time) is ingested again.
+    # Skip what an earlier run already handled (same path, size and time) without reading it;
+    # a file listed with a new size or time is read again and kept only if its content (or,
+    # for a bad file, its problem) changed: a copied or touched lake adds nothing.
     key = ["path", "file_length", "file_mtime"]
     known = (tables.read(spark, dataset, DATASET_SCHEMA).select(*key)
              .unionByName(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select(*key)))
@@ -279,11 +290,15 @@ def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
     processed = fresh.mapInPandas(lambda it: process_batch(it, settings), PROCESSED_SCHEMA)
     processed = processed.persist()
     try:
-        good = processed.where(F.col("reason").isNull()).drop("reason")
-        bad = processed.where(F.col("reason").isNotNull()).select(
-            *QUARANTINE_SCHEMA.fieldNames())
+        existing = read_dataset(spark, dataset).select("sha256", "path", "label")
+        good = (processed.where(F.col("reason").isNull()).drop("reason")
+                .join(existing.select("path", "sha256"), ["path", "sha256"], "left_anti"))
+        bad = (processed.where(F.col("reason").isNotNull())
+               .select(*QUARANTINE_SCHEMA.fieldNames())
+               .join(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select("path", "reason"),
+                     ["path", "reason"], "left_anti")
+               .select(*QUARANTINE_SCHEMA.fieldNames()))
         n_good, n_bad = good.count(), bad.count()
-        existing = tables.read(spark, dataset, DATASET_SCHEMA).select("sha256", "path", "label")
         report = duplicate_report(good.select("sha256", "path", "label").unionByName(existing))
         check_duplicate_labels(report)
         for row in report.itertuples():

@@ -44,7 +44,7 @@ from pyspark.sql import types as T
 
 from wbc_spark import artifact, images, tables
 from wbc_spark.config import Config
-from wbc_spark.ingest import DATASET_SCHEMA
+from wbc_spark.ingest import read_dataset
 from wbc_spark.metrics import wilson
 from wbc_spark.model.transfer import inference_precision
 from wbc_spark.sources.folder import path_metadata
@@ -199,7 +199,7 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     if not src:
         raise ValueError("score.input is empty: give an image folder, a glob or a dataset")
     if _is_dataset(spark, src):
-        df = tables.read(spark, src, DATASET_SCHEMA)
+        df = read_dataset(spark, src)
         pre = meta["preprocessing"]
         made = {(r.crop_size, r.stain or "none")
                 for r in df.select("crop_size", "stain").distinct().collect()}

@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from wbc_spark import tables
 from wbc_spark.config import Config
-from wbc_spark.ingest import DATASET_SCHEMA
+from wbc_spark.ingest import read_dataset
 from wbc_spark.model.weights import resolve_bvlc_dir
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import Recipe, distributed_worker
@@ -38,7 +38,7 @@ def run_training(spark: SparkSession, config: Config) -> dict:
     if not tables.has_data(spark, config.data.dataset):
         raise FileNotFoundError(f"{config.data.dataset}: no ingested dataset; run "
                                 "jobs/ingest.py first")
-    data = tables.read(spark, config.data.dataset, DATASET_SCHEMA)
+    data = read_dataset(spark, config.data.dataset)
     labelled = data.where(F.col("label").isin(classes))
     others = data.where(F.col("label").isNotNull() & ~F.col("label").isin(classes)).count()
     if others:
