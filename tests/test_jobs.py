@@ -40,7 +40,7 @@ def ingest_args(tmp_path, lake):
             f"data.quarantine={tmp_path / 'q'}", "data.crop_size=64"]
 
 
-def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path):
+def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path, tiny_artifact):
     lake = make_lake(tmp_path / "lake")
     out = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
     assert "read 13, written 9, quarantined 4, duplicates 0" in out
@@ -86,6 +86,12 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path):
     row = current[current.image_id == "Lymphocyte/Lymphocyte_0.jpg"].iloc[0]
     assert row.sha256 == hashlib.sha256(
         (lake / "Lymphocyte" / "Lymphocyte_0.jpg").read_bytes()).hexdigest()
+    # Spark readers (training, scoring) see the same 11 rows.
+    scored = run_ok("score", f"score.input={tmp_path / 'ds'}", f"score.model={tiny_artifact}",
+                    f"score.results={tmp_path / 'res'}").stdout
+    assert "scored 11 new images (0 with errors)" in scored
+    res = pd.read_parquet(tmp_path / "res")
+    assert len(res) == 11 and row.sha256 in set(res.sha256)
 
 
 def test_same_content_with_two_labels_is_an_error_naming_both(tmp_path):

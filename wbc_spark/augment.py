@@ -26,7 +26,7 @@ class AugmentSettings:
     saturation: float = 0.3
     brightness: float = 0.15
     contrast: float = 0.15
-    frame_edge: float = 0.5  # probability that a view gets one or two simulated frame edges
+    frame_edge: float = 0.5  # probability that a view gets simulated frame edges
     #: Largest share of the crop's side that a simulated edge fills by reflection.
     frame_edge_width: float = 0.3
     frame_edge_sides: int = 4  # a view with edges gets 1..frame_edge_sides of them

@@ -112,8 +112,9 @@ class AugmentConfig:
     saturation: float = 0.3  # saturation factor: exp(+-saturation)
     brightness: float = 0.15
     contrast: float = 0.15
-    # Probability that a training view gets one or two simulated frame edges (reflected
-    # borders, up to frame_edge_width of the side), so such borders say nothing of the class.
+    # Probability that a training view gets 1..frame_edge_sides simulated frame edges
+    # (reflected borders, each up to frame_edge_width of the side), so such borders say
+    # nothing of the class.
     frame_edge: float = 0.5
     frame_edge_width: float = 0.3
     frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)

@@ -241,11 +241,13 @@ class IngestSummary:
 def read_dataset(spark: SparkSession, table: str) -> DataFrame:
     """The dataset as it stands: for each path, the row of its latest ingest (a file whose
     content changed is ingested again and its new row supersedes the old one)."""
-    from pyspark.sql.window import Window
-
     rows = tables.read(spark, table, DATASET_SCHEMA)
-    latest = Window.partitionBy("path").orderBy(F.col("ingested_at").desc())
-    return (rows.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n"))
+    # Find the superseded rows from two small columns, then drop them with a broadcast
+    # anti-join: the image bytes are never shuffled, and usually nothing is superseded.
+    latest = rows.groupBy("path").agg(F.max("ingested_at").alias("latest"))
+    superseded = (rows.select("path", "ingested_at").join(latest, "path")
+                  .where(F.col("ingested_at") < F.col("latest")).select("path", "ingested_at"))
+    return rows.join(F.broadcast(superseded), ["path", "ingested_at"], "left_anti")
 
 
 def duplicate_report(df: DataFrame) -> pd.DataFrame:
