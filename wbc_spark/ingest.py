@@ -32,6 +32,9 @@ ingested_at     timestamp  when this run processed it
 
 Quarantine schema (``QUARANTINE_SCHEMA``): path, image_id, source, label, reason, file_length,
 file_mtime, ingested_at.
+
+The tables are append-only. Read the dataset with ``read_dataset``: when a file's content
+changed and it was ingested again, its latest row supersedes the earlier one.
 """
 
 from __future__ import annotations
