@@ -120,7 +120,7 @@ def test_frame_edges_cut_one_or_two_sides_within_the_width():
     img = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
     counts = []
     for _ in range(40):
-        out = frame_edges(img, rng, 0.3)
+        out = frame_edges(img, rng, 0.3, 2)
         widths = [_reflected_width(out, s) for s in range(4)]
         cut = [w for w in widths if w]
         assert cut and all(w <= 30 for w in cut)

@@ -105,7 +105,7 @@ def reflect_beyond(image: np.ndarray, side: int, width: int) -> np.ndarray:
 
 
 def frame_edges(image: np.ndarray, rng: np.random.Generator, width: float,
-                max_sides: int = 2) -> np.ndarray:
+                max_sides: int) -> np.ndarray:
     """1..``max_sides`` simulated frame edges on random sides, each filling 5%..``width`` of
     the crop's side."""
     sides = rng.choice(4, size=int(rng.integers(1, max_sides + 1)), replace=False)
