@@ -299,7 +299,6 @@ def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
         good = (processed.where(F.col("reason").isNull()).drop("reason")
                 .join(existing.select("path", "sha256"), ["path", "sha256"], "left_anti"))
         bad = (processed.where(F.col("reason").isNotNull())
-               .select(*QUARANTINE_SCHEMA.fieldNames())
                .join(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select("path", "reason"),
                      ["path", "reason"], "left_anti")
                .select(*QUARANTINE_SCHEMA.fieldNames()))
