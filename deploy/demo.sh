@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: ingest KRD-WBC, fine-tune GoogLeNet with
-# TorchDistributor, score a folder of images, print the scores and where the tables are.
+# The main job, end to end on this machine: ingest two labs (KRD-WBC and PBC-dev) into one
+# dataset, fine-tune GoogLeNet on both with TorchDistributor, score a folder of images, print
+# the scores and where the tables are.
 # Extra arguments (key=value) go to every job, e.g. `bash deploy/demo.sh train.epochs=4`.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 conf="${WBC_SPARK_CONF:-conf/local.yaml}"
+py="$repo/.venv/bin/python"
 start=$(date +%s)
-echo "== 1/3 ingest KRD-WBC -> runs/dataset"
-deploy/submit.sh ingest --config "$conf" "$@"
-echo "== 2/3 distributed fine-tuning (TorchDistributor) -> runs/model"
+krd="$("$py" -c 'from wbc_spark.sources.krd_wbc import default_root; print(default_root())')"
+pbc="$("$py" -c 'from wbc_spark.config import shared_lake; print(shared_lake("PBC-dev", "WBC_SPARK_PBC_DEV"))')"
+echo "== 1/4 ingest KRD-WBC ($krd) -> runs/dataset"
+deploy/submit.sh ingest --config "$conf" data.source=krd_wbc data.lake="$krd" "$@"
+echo "== 2/4 ingest PBC-dev ($pbc/labels.csv) -> runs/dataset"
+deploy/submit.sh ingest --config "$conf" data.source=manifest data.lake="$pbc/labels.csv" \
+  data.lab=PBC-dev "$@"
+echo "== 3/4 distributed fine-tuning on both labs (TorchDistributor) -> runs/model"
 deploy/submit.sh train_distributed --config "$conf" "$@"
-lake="${WBC_SPARK_SCORE_INPUT:-$("$repo/.venv/bin/python" -c 'from wbc_spark.sources.krd_wbc import default_root; print(default_root() / "Dataset" / "image")')}"
-echo "== 3/3 score the folder $lake -> runs/results"
+lake="${WBC_SPARK_SCORE_INPUT:-$krd/Dataset/image}"
+echo "== 4/4 score the folder $lake -> runs/results"
 deploy/submit.sh score --config "$conf" score.input="$lake" "$@"
 echo "== done in $(( $(date +%s) - start )) s"
-echo "held-out test fold scores: runs/model/evaluation.json, runs/model/confusion.txt, runs/model/confusion.png"
+echo "held-out test fold scores (overall and per lab): runs/model/evaluation.json, runs/model/confusion.txt, runs/model/confusion.png"
 echo "results tables: runs/results (per image), runs/results_per_class (per class)"

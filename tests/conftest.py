@@ -92,6 +92,16 @@ def krd_root() -> Path | None:
     return root if (root / "class labels.csv").is_file() else None
 
 
+def pbc_root() -> Path | None:
+    from wbc_spark.config import shared_lake
+
+    try:
+        root = shared_lake("PBC-dev", "WBC_SPARK_PBC_DEV")
+    except FileNotFoundError:
+        return None
+    return root if (root / "labels.csv").is_file() else None
+
+
 def bvlc_dir() -> Path | None:
     from wbc_spark.model.weights import WeightsError, resolve_bvlc_dir
 

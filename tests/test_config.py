@@ -47,3 +47,24 @@ def test_override_values_are_typed():
     assert parse_override("train.use_gpu=true") == {"train": {"use_gpu": True}}
     c = load_config(None, ["train.lr=1e-3", "train.epochs=3", "train.use_gpu=false"])
     assert c.train.lr == 1e-3 and c.train.epochs == 3 and c.train.use_gpu is False
+
+
+def test_lab_name_comes_from_the_config_or_the_lake(tmp_path):
+    from wbc_spark.config import load_config
+    from wbc_spark.ingest import lab_name
+
+    assert lab_name(load_config(None, ["data.source=krd_wbc"])) == "KRD-WBC"
+    assert lab_name(load_config(None, ["data.source=folder", "data.lake=/x/lab_b/"])) == "lab_b"
+    assert lab_name(load_config(None, ["data.source=manifest",
+                                       "data.lake=/x/PBC-dev/labels.csv"])) == "PBC-dev"
+    assert lab_name(load_config(None, ["data.source=folder", "data.lake=/x/y",
+                                       "data.lab=Hospital 3"])) == "Hospital 3"
+
+
+def test_other_labels_may_not_repeat_a_class():
+    import pytest
+
+    from wbc_spark.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="other_labels repeats classes"):
+        load_config(None, ["other_labels=[neutrophil, Platelet]"])

@@ -9,6 +9,7 @@ from wbc_spark.transforms import locate_cell
 def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b"], "label": ["Neutrophil", "Lymphocyte"],
                          "group": ["a", "b"], "sha256": ["1", "2"], "crop": [b"x", b"y"],
+                         "source": ["lab", "lab"],
                          "crop_size": [1, 1], "stain": ["none", "none"], "image": [b"", b""],
                          "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]],
                          "width": [1, 1], "height": [1, 1], "path": ["a.jpg", "b.jpg"],

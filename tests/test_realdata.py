@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASSES, bvlc_dir, krd_root, spark_submit
+from conftest import CLASSES, bvlc_dir, krd_root, pbc_root, spark_submit
 
 pytestmark = pytest.mark.realdata
 needs_weights = pytest.mark.skipif(bvlc_dir() is None, reason="BVLC weights not found")
@@ -134,3 +134,53 @@ def test_scoring_the_ingested_dataset(krd_run):
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     second = spark_submit("score", *args)
     assert "scored 0 new images" in second.stdout
+
+
+@pytest.fixture(scope="module")
+def two_lab_run(tmp_path_factory):
+    """KRD-WBC and PBC-dev in one dataset (4,894 rows, 3,694 of the five classes), trained
+    on with conf/local.yaml's settings: the size at which training first ran out of Java heap
+    (Spark's Parquet reader took thousands of 150 KB crops per batch). One view and three
+    epochs keep it to a few minutes: this checks that it trains and what it records, not how
+    well (benchmarks/crosslab.py measures that)."""
+    if krd_root() is None or pbc_root() is None or bvlc_dir() is None:
+        pytest.skip("KRD-WBC, PBC-dev or the BVLC weights not found")
+    root = tmp_path_factory.mktemp("two_labs")
+    common = [f"data.dataset={root / 'ds'}", f"data.quarantine={root / 'q'}"]
+    krd = spark_submit("ingest", *common)
+    assert krd.returncode == 0, krd.stdout[-3000:]
+    pbc = spark_submit("ingest", *common, "data.source=manifest",
+                       f"data.lake={pbc_root() / 'labels.csv'}")
+    assert pbc.returncode == 0, pbc.stdout[-3000:]
+    train = spark_submit("train_distributed", *common, f"train.output={root / 'model'}",
+                         f"train.petastorm_cache={root / 'cache'}", "train.views=1",
+                         "train.epochs=3", timeout=1800)
+    assert train.returncode == 0, train.stdout[-5000:]
+    return root, pbc.stdout, train.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_two_labs_in_one_dataset_train_and_are_reported_per_lab(two_lab_run):
+    root, ingest_out, out = two_lab_run
+    assert "read 4294, written 4294, quarantined 0" in ingest_out
+    data = pd.read_parquet(root / "ds", columns=["image_id", "source", "label"])
+    assert data.source.value_counts().to_dict() == {"PBC-dev": 4294, "KRD-WBC": 600}
+    assert data.image_id.is_unique
+    # The three other cell types are kept with their label and never trained on.
+    others = data[~data.label.isin(CLASSES)].label.value_counts().to_dict()
+    assert others == {"ImmatureGranulocyte": 400, "Erythroblast": 400, "Platelet": 400}
+    ev = json.loads((root / "model" / "evaluation.json").read_text())
+    assert set(ev["test_per_lab"]) == {"KRD-WBC", "PBC-dev"}
+    assert sum(ev["split"].values()) == 3694
+    raw = torch.load(root / "model" / "model.pt", weights_only=True)
+    trained = raw["trained_on"]
+    assert set(trained) == {"KRD-WBC", "PBC-dev"}
+    assert sum(sum(v.values()) for v in trained.values()) == ev["split"]["train"]
+    # Stratified by lab and class: each lab's classes are in training in their shares.
+    assert 0.5 < trained["PBC-dev"]["Basophil"] / (371 * 0.64) < 1.5
+    assert trained["KRD-WBC"]["Eosinophil"] >= 5
+    # A learnt model on the large lab, well above chance (0.2), even after three epochs.
+    assert ev["test_per_lab"]["PBC-dev"]["balanced_accuracy"] > 0.6, out[-3000:]
+    preds = pd.read_csv(root / "model" / "test_predictions.csv")
+    assert set(preds.source) == {"KRD-WBC", "PBC-dev"}

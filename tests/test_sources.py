@@ -74,3 +74,13 @@ def test_bad_manifests(tmp_path, text, match):
     (tmp_path / "m.csv").write_text(text)
     with pytest.raises(manifest.ManifestError, match=match):
         manifest.catalog(tmp_path / "m.csv", CLASSES)
+
+
+def test_manifest_keeps_other_cell_types_with_their_label(tmp_path):
+    from wbc_spark.config import CLASSES, OTHER_LABELS
+
+    (tmp_path / "m.csv").write_text("path,label\na.jpg,Neutrophil\nb.jpg,platelet\n")
+    cat = manifest.catalog(tmp_path / "m.csv", list(CLASSES) + list(OTHER_LABELS))
+    assert cat.label.tolist() == ["Neutrophil", "Platelet"]
+    with pytest.raises(manifest.ManifestError, match="'platelet' is not one of"):
+        manifest.catalog(tmp_path / "m.csv", CLASSES)

@@ -56,3 +56,35 @@ def test_too_few_examples_refused():
     meta.loc[0, "label"] = "Z"
     with pytest.raises(ValueError, match="'Z' has 1 images"):
         assign_folds(meta, 5, 0)
+
+
+def two_lab_meta():
+    rng = np.random.default_rng(3)
+    rows = []
+    for lab, n, p in (("KRD", 300, [0.6, 0.35, 0.05]), ("PBC", 600, [0.2, 0.3, 0.5])):
+        for i, label in enumerate(rng.choice(["A", "B", "C"], size=n, p=p)):
+            rows.append({"image_id": f"{lab}/{i}", "label": label, "group": f"{lab}/{i}",
+                         "sha256": f"{lab}{i}", "source": lab})
+    return pd.DataFrame(rows)
+
+
+def test_folds_stratify_by_lab_and_class():
+    meta = two_lab_meta()
+    fold = assign_folds(meta, 5, seed=0)
+    for (lab, label), part in meta.groupby(["source", "label"]):
+        per_fold = np.bincount(fold[part.index], minlength=5)
+        # Each lab's class is spread evenly: no fold gets one lab's class and not the other's.
+        assert per_fold.max() - per_fold.min() <= 2, (lab, label, per_fold)
+
+
+def test_a_lab_class_smaller_than_the_folds_falls_back_to_the_class():
+    from wbc_spark.splits import strata
+
+    meta = two_lab_meta()
+    few = meta.index[(meta.source == "PBC") & (meta.label == "A")][3:]
+    meta = meta.drop(few).reset_index(drop=True)  # three PBC "A" cells, as when adapting
+    s = strata(meta, 5)
+    assert set(s[(meta.source == "PBC") & (meta.label == "A")]) == {"A"}
+    assert set(s[(meta.source == "KRD") & (meta.label == "A")]) == {"KRD/A"}
+    roles = train_val_test(meta, folds=5, test_fold=0, val_fraction=0.2, seed=0)
+    assert set(roles) == {"train", "val", "test"}

@@ -145,3 +145,53 @@ def test_frame_edge_probability_zero_keeps_the_earlier_views():
         frame_edge=0.0, scale=1e-9, hue=0.0, saturation=0.0, brightness=0.0, contrast=0.0))
     assert np.abs(first.astype(int) - turned).max() <= 1
     assert off.shape == on.shape == img.shape and not np.array_equal(off, on)
+
+
+def lobed_smear(size: int, scale: float) -> Image.Image:
+    """A neutrophil seen at ``scale``: three nuclear lobes with gaps between them."""
+    yy, xx = np.mgrid[:size, :size]
+    img = np.zeros((size, size, 3), np.float32) + (225, 205, 200)
+    c = size / 2
+    cyto = (xx - c) ** 2 + (yy - c) ** 2 < (60 * scale) ** 2
+    img[cyto] = (200, 180, 205)
+    for dx, dy in ((-32, 0), (0, -24), (32, 0)):
+        lobe = (xx - c - dx * scale) ** 2 + (yy - c - dy * scale) ** 2 < (15 * scale) ** 2
+        img[lobe] = (110, 50, 150)
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def test_a_lobed_nucleus_at_high_zoom_sets_the_crop_as_a_whole():
+    """Lobes far apart on the locator's grid are one nucleus: the crop spans all of them
+    (one lobe alone would give a crop a third as wide)."""
+    box, _, _ = locate_cell(lobed_smear(360, 2.0))
+    assert box.found
+    assert box.side > 1.5 * (64 + 30) * 2.0 * 0.85
+
+
+def test_white_balance_makes_the_background_neutral():
+    from wbc_spark.stain import WHITE, background_white, white_balance
+
+    field = np.asarray(smear(128))
+    tinted = np.clip(field * np.array([1.0, 0.85, 0.7]), 0, 255).astype(np.uint8)
+    for img in (field, tinted):
+        out = white_balance(img, background_white(img)).astype(float)
+        bg = np.percentile(out.reshape(-1, 3), 95, axis=0)
+        assert np.abs(bg - WHITE).max() <= 3
+    # Both fields end up alike: the tint is gone, not just the brightness.
+    a = white_balance(field, background_white(field)).astype(int)
+    b = white_balance(tinted, background_white(tinted)).astype(int)
+    assert np.median(np.abs(a - b)) <= 4
+
+
+def test_resolution_augmentation_blurs_but_keeps_the_size():
+    from wbc_spark.augment import resample
+
+    crop, _, _ = cell_crop(smear(256), 96)
+    low = resample(crop, 0.35)
+    assert low.shape == crop.shape and low.dtype == np.uint8
+
+    def sharpness(a):
+        return np.abs(np.diff(a.astype(float), axis=1)).mean()
+
+    assert sharpness(low) < 0.8 * sharpness(crop)
+    assert abs(low.astype(float).mean() - crop.astype(float).mean()) < 3

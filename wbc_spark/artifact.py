@@ -48,7 +48,7 @@ def versions() -> dict:
 
 def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: str,
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
-         metrics: dict, temperature: float = 1.0) -> str:
+         metrics: dict, temperature: float = 1.0, trained_on: dict | None = None) -> str:
     """Atomically write the artifact; return its model ID (a digest of the weights)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     digest = hashlib.sha256()
@@ -70,6 +70,8 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         "weights_provenance": provenance,
         "versions": versions(),
         "metrics": metrics,
+        # Lab -> class -> images the model was trained on (the test fold not included).
+        "trained_on": trained_on or {},
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

@@ -34,6 +34,18 @@ def shared_dir() -> Path | None:
     return None
 
 
+def shared_lake(name: str, env: str) -> Path:
+    """A lake this project's machines keep in ``shared/data/<name>``: ``$env`` if set, else
+    that folder (for the demo and the benchmarks; jobs take ``data.lake``)."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    shared = shared_dir()
+    if shared is None or not (shared / "data" / name).is_dir():
+        raise FileNotFoundError(f"{name} not found: set {env} to its folder (see README "
+                                "'Data and weights')")
+    return shared / "data" / name
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid."""
 
@@ -54,13 +66,17 @@ class DataConfig:
     # The lake: KRD-WBC's root, an image folder, or a manifest CSV. Empty: KRD-WBC from
     # $WBC_SPARK_KRD_WBC or ../shared/data/KRD-WBC.
     lake: str = ""
+    # The lab the lake comes from, written into the dataset's ``source`` column (training
+    # balances and splits by it; results are reported per lab). Empty: "KRD-WBC" for
+    # source=krd_wbc, else the name of the lake's folder (a manifest's: the folder it is in).
+    lab: str = ""
     dataset: str = "runs/dataset"  # ingested Parquet table (one batch=<run> folder per run)
     quarantine: str = "runs/quarantine"  # files that could not be ingested, with the reason
     crop_size: int = 224  # side of the cell crop stored for training and scoring
     context: float = 1.5  # crop side / located cell's larger side (fixed cell scale)
     # Stain standardisation before the crop: "field" maps each field's hue, saturation and
     # brightness to one reference (wbc_spark/stain.py); "none" keeps the colours as imaged.
-    stain: str = "field"
+    stain: str = "white"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
 
@@ -118,6 +134,10 @@ class AugmentConfig:
     frame_edge: float = 0.5
     frame_edge_width: float = 0.3
     frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)
+    # Probability that a training view is resampled through a lower resolution (down to
+    # min_resolution of its side) and back, so sharpness (one lab's optics) says nothing.
+    resolution: float = 0.0
+    min_resolution: float = 0.35
 
 
 @dataclass
@@ -130,9 +150,16 @@ class ScoreConfig:
     precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
 
 
+#: Cell types that labelled lakes may carry but that are not one of the classes (PBC's
+#: immature granulocytes, nucleated red cells and platelets): ingested with their label, never
+#: trained as one of the classes. Any other label is an error.
+OTHER_LABELS: tuple[str, ...] = ("ImmatureGranulocyte", "Erythroblast", "Platelet")
+
+
 @dataclass
 class Config:
     classes: list = field(default_factory=lambda: list(CLASSES))
+    other_labels: list = field(default_factory=lambda: list(OTHER_LABELS))
     spark: SparkConfig = field(default_factory=SparkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,3 +274,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.test_fold must be in 0..{config.train.folds - 1}")
     if len(set(config.classes)) != len(config.classes) or len(config.classes) < 2:
         raise ConfigError("classes must be at least two distinct names")
+    both = {c.lower() for c in config.classes} & {c.lower() for c in config.other_labels}
+    if both:
+        raise ConfigError(f"other_labels repeats classes {sorted(both)}")

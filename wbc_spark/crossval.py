@@ -34,7 +34,8 @@ def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.
     """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
     with ``stain``, refuse a dataset whose crops were made with another standardisation."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["image_id", "path", "label", "group", "sha256", "crop", "crop_size", "stain",
+        columns=["image_id", "path", "source", "label", "group", "sha256", "crop", "crop_size",
+                 "stain",
                  "image", "mask", "crop_box", "width", "height", "ingested_at"])
     df = table.to_pandas()
     # As wbc_spark.ingest.read_dataset: each path's latest ingest supersedes earlier ones.
@@ -158,11 +159,24 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
     roles = train_val_test(meta, folds=folds, test_fold=fold, val_fraction=val_fraction,
                            seed=recipe.seed)
     tr, va, te = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
-    torch.manual_seed(recipe.seed * 100 + fold)
+    probs, result, maps = train_and_test(model, view_feats, eval_feats, labels, tr, va, te,
+                                         recipe, num_classes, run=fold)
+    return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
+                      time.perf_counter() - start, len(tr), maps)
+
+
+def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
+                   tr: np.ndarray, va: np.ndarray, te: np.ndarray, recipe: Recipe,
+                   num_classes: int, run: int = 0) -> tuple[dict, object, np.ndarray]:
+    """Train from the pretrained weights on rows ``tr`` (all their cached views), choose the
+    epoch and temperature on ``va``, and return the calibrated probabilities of ``te`` for
+    every evaluation variant, the fit result and the test images' activation maps. The model
+    is reset to the pretrained weights afterwards."""
+    torch.manual_seed(recipe.seed * 100 + run)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     train_feats = view_feats[:, tr].reshape(-1, *view_feats.shape[2:])
     train_labels = np.tile(labels[tr], view_feats.shape[0])
-    rng = np.random.default_rng([recipe.seed, fold])
+    rng = np.random.default_rng([recipe.seed, run])
     steps = max(1, len(tr) // recipe.batch_size)
     counts = [int((labels[tr] == c).sum()) for c in range(num_classes)]
     result = fit(model, HeadOnly(model),
@@ -177,9 +191,8 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
         else:
             probs[name] = predict_probs(model, f[te], result.temperature)
     maps, _ = class_activation_maps(model, eval_feats["original"][te])
-    model.load_state_dict(fresh)  # the next fold starts from the pretrained weights again
-    return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
-                      time.perf_counter() - start, len(tr), maps)
+    model.load_state_dict(fresh)  # the next run starts from the pretrained weights again
+    return probs, result, maps
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:

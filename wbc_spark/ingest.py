@@ -11,10 +11,10 @@ column          type       meaning
 ==============  =========  ================================================================
 image_id        string     stable ID (``krd-wbc/image12``, or the path relative to the lake)
 path            string     the file's path as Spark lists it (``file:/...``)
-source          string     krd_wbc, folder or manifest
+source          string     the lab (``data.lab``: KRD-WBC, PBC-dev, ...)
 sha256          string     SHA-256 of the file's bytes
 width, height   int        of the original image
-label           string     class name, null when unlabelled
+label           string     class name (or one of ``other_labels``), null when unlabelled
 group           string     images that must stay on one side of a split share it
 slide           string     slide or session, null when unknown
 mask            binary     ground-truth cell mask as PNG (thresholded > 127), or null
@@ -163,9 +163,26 @@ def _strip_scheme(col):
     return F.regexp_replace(col, r"^file:(//)?", "")
 
 
-def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
-    """The lake's catalog joined with its files' bytes; returns (frame, lake description)."""
+def lab_name(config: Config) -> str:
+    """The lab written into the ``source`` column: ``data.lab``, else KRD-WBC for its reader,
+    else the lake folder's name (a manifest's: the folder it lies in)."""
     d = config.data
+    if d.lab:
+        return d.lab
+    if d.source == "krd_wbc":
+        return "KRD-WBC"
+    lake = Path(folder.local_path(d.lake.rstrip("/")))
+    return (lake.parent if d.source == "manifest" else lake).name or "lab"
+
+
+def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
+    """The lake's catalog joined with its files' bytes; returns (frame, lake description).
+
+    Folder and manifest image IDs are prefixed with the lab, so two labs' ``Neutrophil/1.jpg``
+    stay apart."""
+    d = config.data
+    lab = lab_name(config)
+    labels = list(config.classes) + list(config.other_labels)
     if d.source == "folder":
         if not d.lake:
             raise ValueError("data.lake must name the image folder for data.source=folder")
@@ -178,15 +195,15 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
                 [(p, t, 0, b"") for p, t in empties], files.schema))
         meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
                                     ("image_id", "label", "group", "slide")])
-        classes = list(config.classes)
 
         @F.udf(meta_schema)
         def meta(path):
-            return folder.path_metadata(path, lake, classes)
+            return folder.path_metadata(path, lake, labels)
 
         files = files.withColumn("_m", meta("path"))
         df = files.select(
-            F.col("_m.image_id").alias("image_id"), "path", F.lit("folder").alias("source"),
+            F.concat(F.lit(f"{lab}/"), F.col("_m.image_id")).alias("image_id"), "path",
+            F.lit(lab).alias("source"),
             F.col("_m.label").alias("label"), F.col("_m.group").alias("group"),
             F.col("_m.slide").alias("slide"), F.lit(None).cast("string").alias("mask_path"),
             F.lit(None).cast("binary").alias("mask_content"), "content",
@@ -198,8 +215,10 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
         cat = krd_wbc.catalog(root, config.classes)
         lake = str(root)
     else:
-        cat = manifest.catalog(d.lake, config.classes)
+        cat = manifest.catalog(d.lake, labels)
+        cat["image_id"] = lab + "/" + cat["image_id"]
         lake = d.lake
+    cat["source"] = lab
     schema = T.StructType([T.StructField(c, T.StringType()) for c in CATALOG_COLUMNS])
     cat_df = spark.createDataFrame(cat.astype(object).where(cat.notna(), None), schema)
     image_dirs = sorted({str(Path(p).parent) for p in cat["path"]})
@@ -281,7 +300,8 @@ def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
     for table in (dataset, quarantine):
         tables.clear_staging(spark, table)
     files, lake = _catalog(spark, config)
-    log.info("ingesting %s (%s) into %s", lake, config.data.source, dataset)
+    log.info("ingesting %s (%s, lab %s) into %s", lake, config.data.source, lab_name(config),
+             dataset)
 
     # Skip what an earlier run already handled (same path, size and time) without reading it;
     # a file listed with a new size or time is read again and kept only if its content (or,

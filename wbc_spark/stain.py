@@ -22,7 +22,7 @@ import numpy as np
 
 from wbc_spark.augment import hsv_to_rgb, rgb_to_hsv
 
-MODES = ("none", "field")
+MODES = ("none", "field", "white", "surround")
 #: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
 #: that asks for more (a cell filling the field, KRD-WBC's purple-tinted basophil session)
 #: is measuring something else than the stain, and fully "correcting" it would turn a purple
@@ -82,6 +82,60 @@ def standardise(rgb: np.ndarray, stain: FieldStain, reference: FieldStain = REFE
     hsv[..., 2] = np.clip((hsv[..., 2] - mid) * gain + (reference.v_low + reference.v_high) / 2,
                           0, 1)
     return np.clip(hsv_to_rgb(hsv) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+#: Where ``white_balance`` puts a field's background (plasma between the cells): a neutral
+#: light grey, as a well white-balanced brightfield camera records an empty slide.
+WHITE = 235.0
+#: Percentile of each channel taken as the background's level: the plasma and the pale
+#: centres of red cells are the field's brightest parts in every Romanowsky-stained smear.
+BACKGROUND_PERCENTILE = 95
+
+
+def background_white(rgb: np.ndarray) -> np.ndarray:
+    """The field's background colour (per-channel ``BACKGROUND_PERCENTILE``), float32 x 3."""
+    flat = rgb.reshape(-1, 3).astype(np.float32)
+    return np.maximum(np.percentile(flat, BACKGROUND_PERCENTILE, axis=0), 1.0)
+
+
+def white_balance(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Scale each channel so that ``background`` becomes neutral ``WHITE`` (von Kries).
+
+    This removes what the lamp, the camera's white balance and its exposure add to every
+    pixel, the largest part of a lab's colour cast, while the stain's own colours (purple
+    nucleus, pink red cells, orange granules) keep their relations to the background.
+    """
+    gain = WHITE / np.asarray(background, np.float32)
+    return np.clip(rgb.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+
+
+#: Mean RGB that ``surround_balance`` gives a crop's surroundings (red cells and plasma around
+#: the white cell): about the two labs' white-balanced mean, a pale lilac-grey.
+SURROUND = np.array([200.0, 185.0, 200.0], np.float32)
+#: The crop's surroundings: outside a centred disc of this radius (share of the side). With
+#: the default context of 1.5 the located cell spans the central two thirds.
+SURROUND_RADIUS = 0.36
+
+
+def surround_mean(crop: np.ndarray) -> np.ndarray:
+    """Mean RGB of a square crop outside its central disc (the cell's surroundings)."""
+    s = crop.shape[0]
+    yy, xx = np.mgrid[:s, :s]
+    ring = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 > (SURROUND_RADIUS * s) ** 2
+    return np.maximum(crop[ring].astype(np.float32).mean(0), 1.0)
+
+
+def surround_balance(crop: np.ndarray) -> np.ndarray:
+    """Scale each channel so that the crop's surroundings average ``SURROUND`` (grey world on
+    the red cells and plasma next to the white cell).
+
+    Stronger than ``white_balance``: besides the lamp and camera it takes out the colour the
+    stain gives the red cells, which differs between labs and sessions (KRD-WBC's basophil
+    session is bluer than its other fields, PBC's red cells are pinker) and was the cue that
+    sent other labs' cells to Basophil. The white cell keeps its colour relative to them.
+    """
+    gain = SURROUND / surround_mean(crop)
+    return np.clip(crop.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
 def _reference_from_krd_wbc() -> FieldStain:

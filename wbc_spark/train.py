@@ -324,11 +324,11 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
 
     from wbc_spark.sources.folder import local_path
 
-    table = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet"
-                         ).to_table(columns=["crop", "label_index", "row"])
-    frame = table.to_pandas()
-    for i in range(0, len(frame), batch):
-        part = frame.iloc[i:i + batch]
+    data = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet")
+    # Streamed in record batches: the test fold of a large dataset never sits in memory whole.
+    for record_batch in data.to_batches(columns=["crop", "label_index", "row"],
+                                        batch_size=batch):
+        part = record_batch.to_pandas()
         if rows is not None:
             rows.extend(part["row"].tolist())
         yield (torch.from_numpy(decode_crops(part["crop"], size)),
@@ -426,14 +426,20 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
     out = Path(job["output"])
     out.mkdir(parents=True, exist_ok=True)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
+    labs = np.asarray([job["sources"][r] for r in rows])
+    per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
+                                                       probs.argmax(1)[labs == lab], classes,
+                                                       probs[labs == lab])
+               for lab in sorted(set(labs))}
     evaluation = {
         "split": job["split_sizes"], "test_fold": job["test_fold"], "folds": job["folds"],
         "best_epoch": result.best_epoch, "best_val_macro_f1": result.best_val_macro_f1,
         "temperature": result.temperature, "history": result.history,
-        "parameters": params, "test": report,
+        "parameters": params, "test": report, "test_per_lab": per_lab,
+        "trained_on": job["trained_on"],
     }
     ids = [job["image_ids"][r] for r in rows]
-    preds = pd.DataFrame({"image_id": ids, "label": [classes[i] for i in labels],
+    preds = pd.DataFrame({"image_id": ids, "source": labs, "label": [classes[i] for i in labels],
                           "predicted": [classes[i] for i in probs.argmax(1)]})
     for i, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, i]
@@ -441,7 +447,9 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
     _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
     metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
                           f"test fold {job['test_fold']}: rows true, columns predicted")
-    _atomic_write(out / "confusion.txt", metrics.format_report(report).encode())
+    text = metrics.format_report(report) + "".join(
+        f"\n\n== test fold, lab {lab} ==\n{metrics.format_report(r)}" for lab, r in per_lab.items())
+    _atomic_write(out / "confusion.txt", text.encode())
     model_id = artifact.save(
         out / "model.pt", model, classes=classes, source=pretrained.source,
         convention=pretrained.convention,
@@ -452,14 +460,14 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
         metrics={"test": {k: report[k] for k in ("n", "accuracy", "balanced_accuracy",
                                                   "macro_f1", "ece")},
                  "best_val_macro_f1": result.best_val_macro_f1},
-        temperature=result.temperature,
+        temperature=result.temperature, trained_on=job["trained_on"],
     )
     evaluation["model_id"] = model_id
     log.info("saved %s (model_id %s)", out / "model.pt", model_id)
     return {"model_id": model_id, "test": {k: report[k] for k in (
         "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",
         "macro_f1", "macro_f1_ci", "ece")}, "best_epoch": result.best_epoch,
-        "temperature": result.temperature, "report_text": metrics.format_report(report)}
+        "temperature": result.temperature, "report_text": text}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

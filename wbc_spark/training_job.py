@@ -40,10 +40,16 @@ def run_training(spark: SparkSession, config: Config) -> dict:
                                 "jobs/ingest.py first")
     data = read_dataset(spark, config.data.dataset)
     labelled = data.where(F.col("label").isin(classes))
-    others = data.where(F.col("label").isNotNull() & ~F.col("label").isin(classes)).count()
-    if others:
-        raise ValueError(f"{others} images carry labels outside classes {classes}; refusing "
-                         "to drop them silently (set 'classes' or fix the labels)")
+    outside = {r.label: r["count"] for r in data.where(
+        F.col("label").isNotNull() & ~F.col("label").isin(classes)).groupBy("label").count()
+        .collect()}
+    unknown = sorted(set(outside) - set(config.other_labels))
+    if unknown:
+        raise ValueError(f"images labelled {unknown} are neither classes {classes} nor "
+                         f"other_labels {list(config.other_labels)}; refusing to drop them "
+                         "silently (set 'classes' or 'other_labels', or fix the labels)")
+    if outside:
+        log.info("not trained on (other_labels, not one of the classes): %s", outside)
     made = sorted((r.crop_size, r.stain or "none")
                   for r in labelled.select("crop_size", "stain").distinct().collect())
     wanted = (config.data.crop_size, config.data.stain)
@@ -51,8 +57,8 @@ def run_training(spark: SparkSession, config: Config) -> dict:
         raise ValueError(f"{config.data.dataset}: crops were made as (crop_size, stain) {made}, "
                          f"the config wants {wanted}; ingest again into a new data.dataset")
     # Metadata only (no pixels) comes to the driver to compute the grouped split.
-    meta = (labelled.select("image_id", "sha256", "label", "group").orderBy("image_id")
-            .toPandas())
+    meta = (labelled.select("image_id", "sha256", "label", "group", "source")
+            .orderBy("image_id").toPandas())
     roles = train_val_test(meta, folds=t.folds, test_fold=t.test_fold,
                            val_fraction=t.val_fraction, seed=t.seed)
     meta["role"] = roles
@@ -60,8 +66,11 @@ def run_training(spark: SparkSession, config: Config) -> dict:
     meta["label_index"] = meta["label"].map({c: i for i, c in enumerate(classes)})
     split_sizes = {r: int((roles == r).sum()) for r in ("train", "val", "test")}
     counts = [int(((roles == "train") & (meta["label"] == c)).sum()) for c in classes]
-    log.info("split (grouped, stratified, test fold %d of %d): %s; train per class %s",
-             t.test_fold, t.folds, split_sizes, dict(zip(classes, counts)))
+    trained_on = {str(lab): {c: int(((roles == "train") & (meta["source"] == lab)
+                                     & (meta["label"] == c)).sum()) for c in classes}
+                  for lab in sorted(meta["source"].fillna("").unique())}
+    log.info("split (grouped, stratified by lab and class, test fold %d of %d): %s; train per "
+             "lab and class %s", t.test_fold, t.folds, split_sizes, trained_on)
     for c, n in zip(classes, counts):
         if n == 0:
             raise ValueError(f"class {c} has no training images after the split")
@@ -88,7 +97,8 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             "augment": dict(config.augment.__dict__), "use_gpu": t.use_gpu,
             "n_train": split_sizes["train"], "class_counts": counts,
             "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,
-            "image_ids": meta["image_id"].tolist(), "output": str(Path(t.output).resolve()),
+            "image_ids": meta["image_id"].tolist(), "sources": meta["source"].tolist(),
+            "trained_on": trained_on, "output": str(Path(t.output).resolve()),
             "config": config.to_dict(),
             "conv_train": converters["train"], "conv_val": converters["val"],
             "conv_test": converters["test"],

@@ -20,7 +20,14 @@ from PIL import Image
 from scipy import ndimage
 
 from wbc_spark.stain import MODES as STAIN_MODES
-from wbc_spark.stain import FieldStain, field_stain, standardise
+from wbc_spark.stain import (
+    FieldStain,
+    background_white,
+    field_stain,
+    standardise,
+    surround_balance,
+    white_balance,
+)
 
 #: Side of the square the locator works on; small enough to be cheap, large enough to be exact.
 LOCATE_SIZE = 128
@@ -79,7 +86,13 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     centres = ndimage.center_of_mass(np.ones_like(score), blobs, np.arange(1, n + 1))
     dist = np.array([np.hypot((cy - h / 2) / h, (cx - w / 2) / w) for cy, cx in centres])
     best = int(np.argmax(sizes * (1.2 - dist))) + 1
-    nucleus = ndimage.binary_fill_holes(blobs == best)
+    # At a high zoom (PBC's single-cell images) a neutrophil's lobes stay separate blobs even
+    # after the closing: take in every nuclear blob within half the chosen blob's equivalent
+    # side, so the cell's whole nucleus, not one lobe, sets the crop's scale.
+    chosen = blobs == best
+    reach = max(1, int(round(0.5 * np.sqrt(chosen.sum()))))
+    near = np.unique(blobs[ndimage.binary_dilation(chosen, iterations=reach) & (blobs > 0)])
+    nucleus = ndimage.binary_fill_holes(np.isin(blobs, near))
     # Grow the nucleus by a margin proportional to its size to cover the cytoplasm.
     radius = max(1, int(round(GROW * np.sqrt(nucleus.sum()))))
     grown = ndimage.binary_dilation(nucleus, iterations=radius)
@@ -112,7 +125,9 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
         # out there.
         again = cell_mask(standardise(small, measured))
         mask = again if again is not None else mask
-    elif stain != "none":
+    elif stain == "white":
+        measured = background_white(small)
+    elif stain not in ("none", "surround"):
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
         side = min(w, h)
@@ -163,8 +178,12 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
     image = image.convert("RGB")
     box, mask, measured = locate_cell(image, context=context, stain=stain)
     crop = crop_box(image, box, size)
-    if measured is not None:
+    if isinstance(measured, FieldStain):
         crop = standardise(crop, measured)
+    elif measured is not None:
+        crop = white_balance(crop, measured)
+    elif stain == "surround":
+        crop = surround_balance(crop)
     return crop, box, mask
 
 

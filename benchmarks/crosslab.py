@@ -1,0 +1,284 @@
+"""The cross-lab protocol: does the recipe learn the cell or the lab?
+
+    .venv/bin/python benchmarks/crosslab.py [--dataset runs/dataset] [--draws 3]
+
+Needs a dataset holding two labs (``source`` column), as ``make demo`` ingests: KRD-WBC and
+PBC-dev. Runs, with the training job's recipe (``wbc_spark.train``) in one process:
+
+1. lab held out: train on one lab only, test on every five-class image of the other;
+2. both labs: grouped 5-fold cross-validation stratified by lab and class, the other lab's
+   images always in training; scores per lab;
+3. adaptation: one lab plus k = 5, 10, 25 labelled cells per class of the other, tested on
+   the rest of that lab (``--draws`` random draws of the k cells each);
+4. the seed's setting as one row: KRD-WBC alone, 5-fold cross-validation.
+
+Prints per setting balanced accuracy, macro-F1, per-class recall (each with its 95% interval),
+ECE, the largest predicted-to-true share ratio of any class (a "sink" class), the confusion
+matrix, and the wall time; writes ``runs/crosslab.json`` and ``runs/crops_per_lab.png``
+(originals beside the crops the model is fed, per lab and class). The frozen layers' outputs
+of every image and training view are computed once and reused by every training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from wbc_spark import crossval, metrics
+from wbc_spark.augment import AugmentSettings
+from wbc_spark.config import load_config
+from wbc_spark.model.transfer import build_classifier
+from wbc_spark.model.weights import load_pretrained
+from wbc_spark.splits import assign_folds, train_val_test
+from wbc_spark.train import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+KS = (5, 10, 25)
+
+
+def crops_picture(df: pd.DataFrame, classes: list[str], path: str, per_class: int = 4,
+                  tile: int = 112) -> None:
+    """Per lab and class, ``per_class`` originals each beside the crop made from it."""
+    size = int(df.crop_size.iloc[0])
+    rows = []
+    rng = np.random.default_rng(0)
+    for lab in sorted(df.source.unique()):
+        for c in classes:
+            pick = df[(df.source == lab) & (df.label == c)]
+            pick = pick.iloc[rng.choice(len(pick), min(per_class, len(pick)), replace=False)]
+            tiles = []
+            for r in pick.itertuples():
+                original = Image.open(io.BytesIO(r.image)).convert("RGB").resize((tile, tile))
+                crop = Image.fromarray(np.frombuffer(r.crop, np.uint8).reshape(size, size, 3)
+                                       ).resize((tile, tile))
+                tiles.append(np.concatenate([np.asarray(original), np.asarray(crop),
+                                             np.full((tile, 4, 3), 255, np.uint8)], 1))
+            while len(tiles) < per_class:
+                tiles.append(np.full((tile, 2 * tile + 4, 3), 255, np.uint8))
+            label = np.full((tile, 150, 3), 255, np.uint8)
+            row = np.concatenate([label] + tiles, 1)
+            rows.append((f"{lab}\n{c}", row))
+    from PIL import ImageDraw
+
+    canvas = Image.fromarray(np.concatenate([r for _, r in rows], 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, _) in enumerate(rows):
+        draw.multiline_text((6, i * tile + tile // 2 - 12), text, fill=(0, 0, 0))
+    draw.text((6, 4), "original | crop", fill=(0, 0, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def evaluate(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Classification report plus the sink ratio: each class's predicted share over its true
+    share (a class predicted for far more cells than it has is where foreign cells go)."""
+    rep = metrics.classification_report(labels, probs.argmax(1), classes, probs)
+    true = np.bincount(labels, minlength=len(classes)) / len(labels)
+    pred = np.bincount(probs.argmax(1), minlength=len(classes)) / len(labels)
+    rep["share_ratio"] = {c: float(pred[k] / true[k]) if true[k] else float("nan")
+                          for k, c in enumerate(classes)}
+    return rep
+
+
+def inner_validation(meta: pd.DataFrame, pool: np.ndarray, val_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``pool`` (row indices) into train and validation, grouped and stratified."""
+    inner = assign_folds(meta.iloc[pool].reset_index(drop=True),
+                         max(2, int(round(1 / val_fraction))), seed + 1)
+    return pool[inner != 0], pool[inner == 0]
+
+
+def line(name: str, rep: dict, classes: list[str], seconds: float | None = None) -> str:
+    def ci(v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+    recall = "  ".join(f"{c[:4]} {rep['per_class'][c]['recall']:.2f} "
+                       f"{ci(rep['per_class'][c]['recall_ci'])}" for c in classes)
+    sink = max(rep["share_ratio"].items(), key=lambda kv: kv[1])
+    return (f"{name:<34} n={rep['n']:<5} bal.acc {rep['balanced_accuracy']:.3f} "
+            f"{ci(rep['balanced_accuracy_ci'])}  macro-F1 {rep['macro_f1']:.3f} "
+            f"{ci(rep['macro_f1_ci'])}  ECE {rep['ece']:.3f}  largest share ratio "
+            f"{sink[0]} {sink[1]:.2f}" + (f"  ({seconds:.0f} s)" if seconds else "")
+            + f"\n{'':<34} recall: {recall}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
+    parser.add_argument("--dataset", default=None, help="ingested dataset (default: config's)")
+    parser.add_argument("--draws", type=int, default=3, help="draws of the k cells per k")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="heldout,both,adapt,krd",
+                        help="comma-separated parts to run: heldout, both, adapt, krd")
+    parser.add_argument("--json", default=str(REPO / "runs" / "crosslab.json"))
+    parser.add_argument("--figure", default=str(REPO / "runs" / "crops_per_lab.png"))
+    parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("wbc_spark.train", "wbc_spark.model.transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    parts = set(args.only.split(","))
+    config = load_config(args.config, args.overrides)
+    dataset = args.dataset or config.data.dataset
+    classes = list(config.classes)
+    start = time.perf_counter()
+    df = crossval.load_dataset(dataset, classes, config.data.stain)
+    labs = sorted(df.source.unique())
+    if len(labs) != 2:
+        raise SystemExit(f"{dataset}: holds labs {labs}; the protocol needs two (ingest "
+                         "KRD-WBC and PBC-dev, as make demo does)")
+    crops_picture(df, classes, args.figure)
+    print(f"crops per lab and class (original | crop): {args.figure}")
+    labels = df.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    meta = df[["image_id", "label", "group", "sha256", "source"]].reset_index(drop=True)
+    source = df.source.to_numpy()
+    pretrained = load_pretrained(config.model.source, config.model.weights_dir or None)
+    model = build_classifier(pretrained, len(classes), freeze_until=config.model.freeze_until,
+                             dropout=config.model.dropout)
+    t = config.train
+    crops = crossval.crops_of(df)
+    view_feats = crossval.augmented_view_features(
+        model, crops, t.views, seed=1234, settings=AugmentSettings(**config.augment.__dict__),
+        precision=t.frozen_precision)
+    eval_feats = {"original": crossval.features_of(model, crops, t.frozen_precision)}
+    del crops
+    cache_seconds = time.perf_counter() - start
+    logging.info("frozen features of %d images x %d views in %.0f s", len(df), t.views,
+                 cache_seconds)
+    base = Recipe.from_config(t)
+    out: dict = {"labs": labs, "images": {lab: {c: int(((source == lab) & (df.label == c)).sum())
+                                               for c in classes} for lab in labs}}
+    report_lines = []
+
+    def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0) -> dict:
+        t0 = time.perf_counter()
+        recipe = Recipe(**{**base.__dict__, "seed": seed})
+        probs, result, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
+                                                   va, te, recipe, len(classes), run=run_id)
+        rep = evaluate(labels[te], probs["original"], classes)
+        rep["seconds"] = time.perf_counter() - t0
+        rep["n_train"] = int(len(tr))
+        logging.info("%s: balanced accuracy %.3f, macro-F1 %.3f (%d train, %.0f s)", name,
+                     rep["balanced_accuracy"], rep["macro_f1"], len(tr), rep["seconds"])
+        return rep
+
+    if "heldout" in parts:
+        out["heldout"] = {}
+        for train_lab in labs:
+            test_lab = next(lab for lab in labs if lab != train_lab)
+            pool = np.flatnonzero(source == train_lab)
+            tr, va = inner_validation(meta, pool, t.val_fraction, 0)
+            te = np.flatnonzero(source == test_lab)
+            rep = run(f"{train_lab} -> {test_lab}", tr, va, te)
+            out["heldout"][f"{train_lab} -> {test_lab}"] = rep
+            report_lines.append(line(f"held out: {train_lab} -> {test_lab}", rep, classes,
+                                     rep["seconds"]))
+            report_lines.append(metrics.format_report(rep))
+
+    if "both" in parts:
+        pooled = np.zeros((len(df), len(classes)))
+        seconds = 0.0
+        for fold in range(args.folds):
+            roles = train_val_test(meta, folds=args.folds, test_fold=fold,
+                                   val_fraction=t.val_fraction, seed=0)
+            tr, va, te = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
+            t0 = time.perf_counter()
+            recipe = Recipe(**{**base.__dict__, "seed": 0})
+            probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
+                                                  va, te, recipe, len(classes), run=fold)
+            pooled[te] = probs["original"]
+            seconds += time.perf_counter() - t0
+            logging.info("both labs, fold %d: %.0f s", fold, time.perf_counter() - t0)
+        out["both"] = {}
+        for lab in labs:
+            rows = source == lab
+            rep = evaluate(labels[rows], pooled[rows], classes)
+            out["both"][lab] = rep
+            report_lines.append(line(f"both labs, {args.folds}-fold, on {lab}", rep, classes))
+            report_lines.append(metrics.format_report(rep))
+        out["both_seconds"] = seconds
+
+    if "adapt" in parts:
+        out["adapt"] = {}
+        rng = np.random.default_rng(7)
+        for home in labs:
+            new = next(lab for lab in labs if lab != home)
+            for k in KS:
+                reps = []
+                for draw in range(args.draws):
+                    # k cells per class of the new lab, whole groups, drawn at random.
+                    new_rows = np.flatnonzero(source == new)
+                    chosen = np.concatenate([
+                        rng.choice(new_rows[labels[new_rows] == c], k, replace=False)
+                        for c in range(len(classes))])
+                    groups = set(meta.group.iloc[chosen]) | set(meta.sha256.iloc[chosen])
+                    same = meta.group.isin(groups).to_numpy() | meta.sha256.isin(groups
+                                                                                ).to_numpy()
+                    te = np.setdiff1d(new_rows[~same[new_rows]], chosen)
+                    pool = np.concatenate([np.flatnonzero(source == home), chosen])
+                    tr, va = inner_validation(meta, pool, t.val_fraction, draw)
+                    reps.append(run(f"{home} + {k}/class of {new}, draw {draw}", tr, va, te,
+                                    seed=draw, run_id=100 * k + draw))
+                bal = [r["balanced_accuracy"] for r in reps]
+                mf1 = [r["macro_f1"] for r in reps]
+                out["adapt"][f"{home} + k of {new}"] = out["adapt"].get(
+                    f"{home} + k of {new}", {})
+                out["adapt"][f"{home} + k of {new}"][k] = {
+                    "balanced_accuracy": crossval.mean_interval(bal),
+                    "macro_f1": crossval.mean_interval(mf1),
+                    "recall": {c: float(np.mean([r["per_class"][c]["recall"] for r in reps]))
+                               for c in classes},
+                    "ece": float(np.mean([r["ece"] for r in reps])),
+                    "draws": reps}
+                m, lo, hi = crossval.mean_interval(bal)
+                report_lines.append(
+                    f"adaptation: {home} + {k:>2}/class of {new}: balanced accuracy on the rest "
+                    f"of {new} {m:.3f} [{lo:.3f}, {hi:.3f}] over {args.draws} draws, macro-F1 "
+                    f"{np.mean(mf1):.3f}; recall " + "  ".join(
+                        f"{c[:4]} {np.mean([r['per_class'][c]['recall'] for r in reps]):.2f}"
+                        for c in classes))
+
+    if "krd" in parts and "KRD-WBC" in labs:
+        rows = np.flatnonzero(source == "KRD-WBC")
+        sub = meta.iloc[rows].reset_index(drop=True)
+        pooled = np.zeros((len(rows), len(classes)))
+        for fold in range(args.folds):
+            roles = train_val_test(sub, folds=args.folds, test_fold=fold,
+                                   val_fraction=t.val_fraction, seed=0)
+            tr, va, te = (rows[roles == r] for r in ("train", "val", "test"))
+            recipe = Recipe(**{**base.__dict__, "seed": 0})
+            probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
+                                                  va, te, recipe, len(classes), run=fold)
+            pooled[np.searchsorted(rows, te)] = probs["original"]
+        rep = evaluate(labels[rows], pooled, classes)
+        out["krd_only"] = rep
+        report_lines.append(line(f"KRD-WBC only, {args.folds}-fold (seed's setting)", rep,
+                                 classes))
+
+    wall = time.perf_counter() - start
+    print("\n".join(report_lines))
+    print(f"recipe {json.dumps(base.__dict__)} views={t.views} "
+          f"freeze_until={config.model.freeze_until} stain={config.data.stain} "
+          f"context={config.data.context} augment={json.dumps(config.augment.__dict__)}; "
+          f"frozen features {cache_seconds:.0f} s; wall time {wall:.0f} s")
+    out.update(wall_seconds=wall, cache_seconds=cache_seconds, recipe=base.__dict__,
+               views=t.views, stain=config.data.stain, augment=config.augment.__dict__)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, default=float, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
