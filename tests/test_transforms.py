@@ -132,17 +132,20 @@ def test_frame_edges_cut_one_or_two_sides_within_the_width():
 
 
 def test_frame_edge_probability_zero_keeps_the_earlier_views():
-    """frame_edge=0 draws nothing extra from the generator: the views of a seed are the ones
-    earlier versions made, so older cross-validation figures can be reproduced."""
+    """frame_edge=0 and resolution=0 draw nothing extra from the generator: the views of a
+    seed are the ones earlier versions made, so older cross-validation figures can be
+    reproduced."""
     img = np.asarray(smear(64, (32, 32), radius=10))
-    off = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=0.0))
-    on = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=1.0))
+    off = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=0.0,
+                                                                 resolution=0.0))
+    on = augment(img, np.random.default_rng(5), AugmentSettings(frame_edge=1.0,
+                                                                resolution=0.0))
     # With frame edges off, the first draw is the flip/rotation: the same image, turned.
     k = int(np.random.default_rng(5).integers(8))
     turned = np.rot90(img, k % 4)
     turned = turned[:, ::-1] if k >= 4 else turned
     first = augment(img, np.random.default_rng(5), AugmentSettings(
-        frame_edge=0.0, scale=1e-9, hue=0.0, saturation=0.0, brightness=0.0, contrast=0.0))
+        frame_edge=0.0, resolution=0.0, scale=1e-9, hue=0.0, saturation=0.0, brightness=0.0, contrast=0.0))
     assert np.abs(first.astype(int) - turned).max() <= 1
     assert off.shape == on.shape == img.shape and not np.array_equal(off, on)
 
@@ -195,3 +198,24 @@ def test_resolution_augmentation_blurs_but_keeps_the_size():
 
     assert sharpness(low) < 0.8 * sharpness(crop)
     assert abs(low.astype(float).mean() - crop.astype(float).mean()) < 3
+
+
+def test_surround_balance_takes_out_the_red_cells_tint_and_keeps_the_cell():
+    from wbc_spark.stain import SURROUND, surround_balance, surround_mean
+
+    crop, _, _ = cell_crop(smear(256, radius=30), 96)
+    bluish = np.clip(crop * np.array([0.9, 0.95, 1.1]), 0, 255).astype(np.uint8)
+    a, b = surround_balance(crop), surround_balance(bluish)
+    assert np.abs(surround_mean(a) - SURROUND).max() < 2
+    assert np.abs(surround_mean(b) - SURROUND).max() < 2
+    assert np.median(np.abs(a.astype(int) - b.astype(int))) <= 3
+    # The nucleus stays purple (red and blue above green) after the balance.
+    centre = a[40:56, 40:56].reshape(-1, 3).astype(float).mean(0)
+    assert (centre[0] + centre[2]) / 2 - centre[1] > 30
+
+
+def test_cell_crop_applies_the_surround_mode():
+    from wbc_spark.stain import SURROUND, surround_mean
+
+    crop, _, _ = cell_crop(smear(256, radius=30), 96, stain="surround")
+    assert np.abs(surround_mean(crop) - SURROUND).max() < 2

@@ -33,7 +33,7 @@ class AugmentSettings:
     #: Probability that a view is resampled through a lower resolution (down to
     #: ``min_resolution`` of the side, log-uniform) and back: labs image a cell with anything
     #: from ~90 (KRD-WBC) to ~220 (PBC) pixels across its crop, so sharpness says the lab.
-    resolution: float = 0.0
+    resolution: float = 0.7
     min_resolution: float = 0.35
 
 

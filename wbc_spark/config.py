@@ -74,9 +74,11 @@ class DataConfig:
     quarantine: str = "runs/quarantine"  # files that could not be ingested, with the reason
     crop_size: int = 224  # side of the cell crop stored for training and scoring
     context: float = 1.5  # crop side / located cell's larger side (fixed cell scale)
-    # Stain standardisation before the crop: "field" maps each field's hue, saturation and
-    # brightness to one reference (wbc_spark/stain.py); "none" keeps the colours as imaged.
-    stain: str = "white"
+    # Colour standardisation of each crop (wbc_spark/stain.py): "surround" (the default)
+    # scales each channel so the red cells and plasma around the white cell average one
+    # reference colour; "white" white-balances the field on its background; "field" maps the
+    # field's hue, saturation and brightness to KRD-WBC's; "none" keeps the colours as imaged.
+    stain: str = "surround"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
 
@@ -94,10 +96,10 @@ class TrainConfig:
     num_processes: int = 2  # TorchDistributor processes (GPUs when use_gpu)
     use_gpu: bool = False
     local_mode: bool = True  # True: processes on the driver; False: on executors
-    epochs: int = 15
+    epochs: int = 10
     # Augmented views of each training image passed once through the frozen layers and
     # cached; epochs then train on the cache (each epoch draws one view per image).
-    views: int = 8
+    views: int = 4
     batch_size: int = 32  # per process
     lr: float = 3e-3  # for the new head; upper Inception blocks get lr * block_lr_factor
     block_lr_factor: float = 0.1
@@ -136,7 +138,7 @@ class AugmentConfig:
     frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)
     # Probability that a training view is resampled through a lower resolution (down to
     # min_resolution of its side) and back, so sharpness (one lab's optics) says nothing.
-    resolution: float = 0.0
+    resolution: float = 0.7
     min_resolution: float = 0.35
 
 
