@@ -79,6 +79,32 @@ def crops_picture(df: pd.DataFrame, classes: list[str], path: str, per_class: in
     canvas.save(path)
 
 
+def crop_statistics(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Per lab and class, what could tell a lab apart in the crops the model is fed: the mean
+    colour of the cell's surroundings (outside the central disc), the sharpness (mean absolute
+    difference of neighbouring pixels) and the share of crops reaching outside their image."""
+    from wbc_spark.stain import surround_mean
+
+    size = int(df.crop_size.iloc[0])
+    rows = []
+    for (lab, label), part in df.groupby(["source", "label"]):
+        crops = [np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in part.crop]
+        surround = np.mean([surround_mean(c) for c in crops], axis=0)
+        sharp = np.mean([np.abs(np.diff(c.astype(np.int16), axis=1)).mean() for c in crops])
+        box = np.stack(part.crop_box.to_numpy())
+        beyond = np.maximum.reduce([-box[:, 0], -box[:, 1], box[:, 0] + box[:, 2]
+                                    - part.width.to_numpy(), box[:, 1] + box[:, 2]
+                                    - part.height.to_numpy(), 0 * box[:, 2]])
+        rows.append({"lab": lab, "class": label, "crops": len(part),
+                     "surround_rgb": " ".join(f"{v:.0f}" for v in surround),
+                     "sharpness": round(float(sharp), 2),
+                     "outside_frame": round(float((beyond > 0).mean()), 2),
+                     "crop_side_px": int(np.median(box[:, 2]))})
+    frame = pd.DataFrame(rows)
+    frame["class"] = pd.Categorical(frame["class"], classes)
+    return frame.sort_values(["lab", "class"])
+
+
 def evaluate(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Classification report plus the sink ratio: each class's predicted share over its true
     share (a class predicted for far more cells than it has is where foreign cells go)."""
@@ -112,6 +138,15 @@ def line(name: str, rep: dict, classes: list[str], seconds: float | None = None)
             + f"\n{'':<34} recall: {recall}")
 
 
+class Lines(list):
+    """The report: each line printed as it is added, so a long run shows its parts as they
+    finish (and a failure late in the run loses none of them)."""
+
+    def append(self, text: str) -> None:
+        print(text, flush=True)
+        super().append(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
@@ -141,6 +176,10 @@ def main() -> int:
                          "KRD-WBC and PBC-dev, as make demo does)")
     crops_picture(df, classes, args.figure)
     print(f"crops per lab and class (original | crop): {args.figure}")
+    stats = crop_statistics(df, classes)
+    print("what the crops say about their lab (surroundings' mean RGB, sharpness, share "
+          "reaching outside the image, median crop side in the original's pixels):\n"
+          + stats.to_string(index=False))
     labels = df.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
     meta = df[["image_id", "label", "group", "sha256", "source"]].reset_index(drop=True)
     source = df.source.to_numpy()
@@ -158,9 +197,10 @@ def main() -> int:
     logging.info("frozen features of %d images x %d views in %.0f s", len(df), t.views,
                  cache_seconds)
     base = Recipe.from_config(t)
-    out: dict = {"labs": labs, "images": {lab: {c: int(((source == lab) & (df.label == c)).sum())
-                                               for c in classes} for lab in labs}}
-    report_lines = []
+    out: dict = {"crop_statistics": stats.astype(str).to_dict("records"), "labs": labs,
+                 "images": {lab: {c: int(((source == lab) & (df.label == c)).sum())
+                                  for c in classes} for lab in labs}}
+    report_lines = Lines()
 
     def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0) -> dict:
         t0 = time.perf_counter()
@@ -223,9 +263,11 @@ def main() -> int:
                     chosen = np.concatenate([
                         rng.choice(new_rows[labels[new_rows] == c], k, replace=False)
                         for c in range(len(classes))])
-                    groups = set(meta.group.iloc[chosen]) | set(meta.sha256.iloc[chosen])
-                    same = meta.group.isin(groups).to_numpy() | meta.sha256.isin(groups
-                                                                                ).to_numpy()
+                    # Rows sharing a group or a content with a chosen cell leave the test
+                    # set (a manifest without groups has none: null is no group).
+                    same = (meta.group.notna() & meta.group.isin(
+                        set(meta.group.iloc[chosen].dropna()))).to_numpy() | meta.sha256.isin(
+                        set(meta.sha256.iloc[chosen])).to_numpy()
                     te = np.setdiff1d(new_rows[~same[new_rows]], chosen)
                     pool = np.concatenate([np.flatnonzero(source == home), chosen])
                     tr, va = inner_validation(meta, pool, t.val_fraction, draw)
@@ -268,7 +310,6 @@ def main() -> int:
                                  classes))
 
     wall = time.perf_counter() - start
-    print("\n".join(report_lines))
     print(f"recipe {json.dumps(base.__dict__)} views={t.views} "
           f"freeze_until={config.model.freeze_until} stain={config.data.stain} "
           f"context={config.data.context} augment={json.dumps(config.augment.__dict__)}; "

@@ -47,13 +47,14 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path, tiny_artifact)
     data = pd.read_parquet(tmp_path / "ds")
     assert len(data) == 9 and data.image_id.is_unique
     assert set(data.label) == {"Neutrophil", "Lymphocyte", "Basophil"}
+    assert set(data.source) == {"lake"}  # the lab: the lake folder's name by default
     assert data.crop.map(len).eq(64 * 64 * 3).all()
     assert data.sha256.str.len().eq(64).all()
     q = pd.read_parquet(tmp_path / "q").set_index("image_id")
-    assert q.loc["Neutrophil/empty.jpg", "reason"] == "empty file"
-    assert q.loc["Neutrophil/notes.jpg", "reason"].startswith("not an image")
-    assert "truncated" in q.loc["Neutrophil/truncated.jpg", "reason"]
-    assert "too small 1x1" in q.loc["Neutrophil/dot.png", "reason"]
+    assert q.loc["lake/Neutrophil/empty.jpg", "reason"] == "empty file"
+    assert q.loc["lake/Neutrophil/notes.jpg", "reason"].startswith("not an image")
+    assert "truncated" in q.loc["lake/Neutrophil/truncated.jpg", "reason"]
+    assert "too small 1x1" in q.loc["lake/Neutrophil/dot.png", "reason"]
 
     again = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
     assert "written 0, quarantined 0" in again and "already ingested 13" in again
@@ -83,7 +84,7 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path, tiny_artifact)
 
     current = load_dataset(str(tmp_path / "ds"), ["Neutrophil", "Lymphocyte", "Basophil"])
     assert len(current) == 11 and current.path.is_unique
-    row = current[current.image_id == "Lymphocyte/Lymphocyte_0.jpg"].iloc[0]
+    row = current[current.image_id == "lake/Lymphocyte/Lymphocyte_0.jpg"].iloc[0]
     assert row.sha256 == hashlib.sha256(
         (lake / "Lymphocyte" / "Lymphocyte_0.jpg").read_bytes()).hexdigest()
     # Spark readers (training, scoring) see the same 11 rows.

@@ -147,3 +147,24 @@ def test_converter_batches_read_cached_parquet(tmp_path):
     assert [len(b[1]) for b in batches] == [2, 2, 1]
     assert rows == [10, 11, 12, 13, 14]
     assert np.array_equal(torch.cat([b[0] for b in batches]).numpy(), crops)
+
+
+def test_cached_views_fit_the_memory_budget():
+    from wbc_spark.train import cached_views
+
+    view = 81_536  # inception4e's output for one image, float16
+    assert cached_views(4, 1_500, view, 4.0) == 4  # 5,000 images on two processes
+    # 100,000 images (80,000 to train): on two processes one view takes 3.0 GiB, on four 1.5
+    assert cached_views(4, 40_000, view, 4.0) == 1
+    assert cached_views(4, 20_000, view, 4.0) == 2
+    with pytest.raises(MemoryError, match="raise train.num_processes"):
+        cached_views(4, 80_000, view, 4.0)
+
+
+def test_frozen_bytes_of_the_default_cut(fake_weights):
+    from wbc_spark.model.transfer import build_classifier
+    from wbc_spark.model.weights import load_bvlc
+    from wbc_spark.train import frozen_bytes
+
+    model = build_classifier(load_bvlc(fake_weights), 5, freeze_until="inception4e")
+    assert frozen_bytes(model, 224) == 832 * 7 * 7 * 2

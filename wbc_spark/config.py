@@ -100,6 +100,9 @@ class TrainConfig:
     # Augmented views of each training image passed once through the frozen layers and
     # cached; epochs then train on the cache (each epoch draws one view per image).
     views: int = 4
+    # Memory for those cached outputs per process (81.5 KB a view at inception4e): on a
+    # large dataset fewer views are cached, and a logged warning says so.
+    cache_gib: float = 4.0
     batch_size: int = 32  # per process
     lr: float = 3e-3  # for the new head; upper Inception blocks get lr * block_lr_factor
     block_lr_factor: float = 0.1

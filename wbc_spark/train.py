@@ -311,6 +311,26 @@ def transform_spec(size: int, *, train: bool, seed: int,
     )
 
 
+def frozen_bytes(model, size: int) -> int:
+    """Bytes one cached view takes: the frozen part's output for one image, in float16."""
+    with torch.no_grad():
+        out = model.embed_frozen(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+    return int(out.numel()) * 2
+
+
+def cached_views(views: int, images_per_process: float, view_bytes: int, budget_gib: float
+                 ) -> int:
+    """How many views of each training image a process caches: ``views``, or fewer when
+    they would not fit in ``budget_gib``; refuses when not even one does."""
+    per_view = images_per_process * view_bytes
+    fit = int(budget_gib * 2**30 // max(per_view, 1))
+    if fit < 1:
+        raise MemoryError(f"one view of {images_per_process:.0f} training images per process "
+                          f"needs {per_view / 2**30:.1f} GiB, over train.cache_gib="
+                          f"{budget_gib}; raise train.num_processes (or train.cache_gib)")
+    return min(views, fit)
+
+
 def _loader_batches(loader) -> Iterator[Batch]:
     for batch in loader:
         yield batch["image"], batch["label"]
@@ -380,14 +400,21 @@ def distributed_worker(job: dict) -> dict | None:
         val = frozen_features(model, converter_batches(job["conv_val"], size), precision)
         test = frozen_features(model, converter_batches(job["conv_test"], size, rows),
                                precision)
+    views = cached_views(job["views"], job["n_train"] / world,
+                         frozen_bytes(model, size), job["cache_gib"])
+    if views < job["views"]:
+        log.warning("train.views=%d would cache %.1f GiB per process; caching %d views "
+                    "(train.cache_gib=%.1f; more processes or a larger budget give more)",
+                    job["views"], job["views"] * job["n_train"] / world
+                    * frozen_bytes(model, size) / 2**30, views, job["cache_gib"])
     start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
-            batch_size=64, num_epochs=job["views"], workers_count=2, cur_shard=rank(),
+            batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
             shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed,
                                           settings=AugmentSettings(**job["augment"])),
             shuffling_queue_capacity=0) as loader:
         train_feats, train_labels = frozen_features(model, _loader_batches(loader), precision)
-    expected = job["views"] * job["n_train"] / world
+    expected = views * job["n_train"] / world
     if len(train_feats) < 0.5 * expected:
         raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
                            f"{rank()}, expected about {expected:.0f}; refusing to train on a "

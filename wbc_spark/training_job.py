@@ -93,6 +93,7 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             "crop_size": config.data.crop_size, "context": config.data.context,
             "stain": config.data.stain,
             "threads_per_process": t.threads_per_process, "views": t.views,
+            "cache_gib": t.cache_gib,
             "frozen_precision": t.frozen_precision,
             "augment": dict(config.augment.__dict__), "use_gpu": t.use_gpu,
             "n_train": split_sizes["train"], "class_counts": counts,
