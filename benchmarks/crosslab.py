@@ -9,7 +9,8 @@ PBC-dev. Runs, with the training job's recipe (``wbc_spark.train``) in one proce
 2. both labs: grouped 5-fold cross-validation stratified by lab and class, the other lab's
    images always in training; scores per lab;
 3. adaptation: one lab plus k = 5, 10, 25 labelled cells per class of the other, tested on
-   the rest of that lab (``--draws`` random draws of the k cells each);
+   the rest of that lab (``--draws`` random draws of the k cells each; a class with fewer
+   than 2k cells gives half of them, so KRD-WBC's 11 eosinophils give 5 at k = 10 and 25);
 4. the seed's setting as one row: KRD-WBC alone, 5-fold cross-validation.
 
 Prints per setting balanced accuracy, macro-F1, per-class recall (each with its 95% interval),
@@ -154,6 +155,10 @@ def main() -> int:
     parser.add_argument("--draws", type=int, default=3, help="draws of the k cells per k")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ks", default=",".join(map(str, KS)),
+                        help="labelled cells per class for the adaptation curve")
+    parser.add_argument("--home", default="",
+                        help="adaptation: only this lab as the home lab (default: both)")
     parser.add_argument("--only", default="heldout,both,adapt,krd",
                         help="comma-separated parts to run: heldout, both, adapt, krd")
     parser.add_argument("--json", default=str(REPO / "runs" / "crosslab.json"))
@@ -206,7 +211,8 @@ def main() -> int:
         t0 = time.perf_counter()
         recipe = Recipe(**{**base.__dict__, "seed": seed})
         probs, result, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
-                                                   va, te, recipe, len(classes), run=run_id)
+                                                   va, te, recipe, len(classes), run=run_id,
+                                                   labs=source)
         rep = evaluate(labels[te], probs["original"], classes)
         rep["seconds"] = time.perf_counter() - t0
         rep["n_train"] = int(len(tr))
@@ -237,7 +243,8 @@ def main() -> int:
             t0 = time.perf_counter()
             recipe = Recipe(**{**base.__dict__, "seed": 0})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
-                                                  va, te, recipe, len(classes), run=fold)
+                                                  va, te, recipe, len(classes), run=fold,
+                                                  labs=source)
             pooled[te] = probs["original"]
             seconds += time.perf_counter() - t0
             logging.info("both labs, fold %d: %.0f s", fold, time.perf_counter() - t0)
@@ -253,16 +260,19 @@ def main() -> int:
     if "adapt" in parts:
         out["adapt"] = {}
         rng = np.random.default_rng(7)
-        for home in labs:
+        for home in [lab for lab in labs if args.home in ("", lab)]:
             new = next(lab for lab in labs if lab != home)
-            for k in KS:
+            for k in map(int, args.ks.split(",")):
                 reps = []
                 for draw in range(args.draws):
                     # k cells per class of the new lab, whole groups, drawn at random.
                     new_rows = np.flatnonzero(source == new)
+                    # A class with fewer than 2k cells (KRD-WBC's 11 eosinophils and 20
+                    # basophils at k = 10 and 25) gives half of them, so some stay to test.
                     chosen = np.concatenate([
-                        rng.choice(new_rows[labels[new_rows] == c], k, replace=False)
-                        for c in range(len(classes))])
+                        rng.choice(of_class, min(k, len(of_class) // 2), replace=False)
+                        for of_class in (new_rows[labels[new_rows] == c]
+                                         for c in range(len(classes)))])
                     # Rows sharing a group or a content with a chosen cell leave the test
                     # set (a manifest without groups has none: null is no group).
                     same = (meta.group.notna() & meta.group.isin(
@@ -302,7 +312,8 @@ def main() -> int:
             tr, va, te = (rows[roles == r] for r in ("train", "val", "test"))
             recipe = Recipe(**{**base.__dict__, "seed": 0})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
-                                                  va, te, recipe, len(classes), run=fold)
+                                                  va, te, recipe, len(classes), run=fold,
+                                                  labs=source)
             pooled[np.searchsorted(rows, te)] = probs["original"]
         rep = evaluate(labels[rows], pooled, classes)
         out["krd_only"] = rep

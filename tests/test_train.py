@@ -168,3 +168,19 @@ def test_frozen_bytes_of_the_default_cut(fake_weights):
 
     model = build_classifier(load_bvlc(fake_weights), 5, freeze_until="inception4e")
     assert frozen_bytes(model, 224) == 832 * 7 * 7 * 2
+
+
+def test_lab_class_sampling_lifts_a_small_labs_rare_class():
+    """A big lab's 900 views of a class do not drown a small lab's 9: each (lab, class) is
+    drawn in proportion to the square root of its size, not to its size."""
+    labels = np.array([0] * 900 + [0] * 9 + [1] * 300)
+    labs = np.array(["big"] * 900 + ["small"] * 9 + ["big"] * 300)
+    feats = torch.arange(len(labels), dtype=torch.float32)[:, None]
+    rng = np.random.default_rng(0)
+    drawn = torch.cat([f[:, 0] for f, _ in feature_batches(feats, labels, 64, 200, rng,
+                                                           "lab_class", labs)]).long().numpy()
+    small = np.isin(drawn, np.arange(900, 909)).mean()
+    expected = 9 ** 0.5 / (900 ** 0.5 + 9 ** 0.5 + 300 ** 0.5)  # 0.0625, against 0.0074
+    assert abs(small - expected) < 0.01
+    with pytest.raises(ValueError, match="needs the lab"):
+        next(feature_batches(feats, labels, 4, 1, rng, "lab_class"))

@@ -167,7 +167,8 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
 
 def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                    tr: np.ndarray, va: np.ndarray, te: np.ndarray, recipe: Recipe,
-                   num_classes: int, run: int = 0) -> tuple[dict, object, np.ndarray]:
+                   num_classes: int, run: int = 0, labs: np.ndarray | None = None
+                   ) -> tuple[dict, object, np.ndarray]:
     """Train from the pretrained weights on rows ``tr`` (all their cached views), choose the
     epoch and temperature on ``va``, and return the calibrated probabilities of ``te`` for
     every evaluation variant, the fit result and the test images' activation maps. The model
@@ -176,12 +177,13 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     train_feats = view_feats[:, tr].reshape(-1, *view_feats.shape[2:])
     train_labels = np.tile(labels[tr], view_feats.shape[0])
+    train_labs = None if labs is None else np.tile(np.asarray(labs)[tr], view_feats.shape[0])
     rng = np.random.default_rng([recipe.seed, run])
     steps = max(1, len(tr) // recipe.batch_size)
     counts = [int((labels[tr] == c).sum()) for c in range(num_classes)]
     result = fit(model, HeadOnly(model),
                  lambda e: feature_batches(train_feats, train_labels, recipe.batch_size, steps,
-                                           rng, recipe.sampling),
+                                           rng, recipe.sampling, train_labs),
                  steps, (eval_feats["original"][va], labels[va]), recipe, num_classes, counts)
     probs = {}
     for name, f in eval_feats.items():

@@ -200,23 +200,32 @@ class FitResult:
     history: list[dict]
 
 
-SAMPLINGS = ("shuffle", "balanced")
+SAMPLINGS = ("shuffle", "balanced", "lab_class")
 
 
 def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
-                    rng: np.random.Generator, sampling: str = "shuffle") -> Iterator[Batch]:
+                    rng: np.random.Generator, sampling: str = "shuffle",
+                    labs: np.ndarray | None = None) -> Iterator[Batch]:
     """``steps`` random batches of cached features.
 
     ``features`` holds every augmented view of every training image. ``shuffle``: without
     replacement within an epoch, so an epoch sees each image about once, in a random one of
     its views. ``balanced``: each batch drawn with every class equally likely (rare classes'
     views repeat, with replacement as in torch's WeightedRandomSampler), the alternative
-    to weighting the loss.
+    to weighting the loss. ``lab_class``: each view drawn with probability ∝ 1/√(images of
+    its lab and class) (``labs``: the lab of each view), so a small lab's rare classes are
+    not drowned by a large lab's (pair it with class_weighting=none).
     """
     y = torch.as_tensor(labels)
-    if sampling == "balanced":
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        p = 1.0 / counts[inverse]
+    if sampling in ("balanced", "lab_class"):
+        if sampling == "lab_class":
+            if labs is None:
+                raise ValueError("sampling=lab_class needs the lab of every view")
+            keys = np.char.add(np.asarray(labs, str), np.char.add("/", labels.astype(str)))
+        else:
+            keys = labels
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        p = 1.0 / (np.sqrt(counts[inverse]) if sampling == "lab_class" else counts[inverse])
         p /= p.sum()
         for _ in range(steps):
             idx = torch.as_tensor(rng.choice(len(features), batch_size, p=p))
@@ -331,8 +340,10 @@ def cached_views(views: int, images_per_process: float, view_bytes: int, budget_
     return min(views, fit)
 
 
-def _loader_batches(loader) -> Iterator[Batch]:
+def _loader_batches(loader, rows: list | None = None) -> Iterator[Batch]:
     for batch in loader:
+        if rows is not None:
+            rows.extend(batch["row"].tolist())
         yield batch["image"], batch["label"]
 
 
@@ -413,7 +424,10 @@ def distributed_worker(job: dict) -> dict | None:
             shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed,
                                           settings=AugmentSettings(**job["augment"])),
             shuffling_queue_capacity=0) as loader:
-        train_feats, train_labels = frozen_features(model, _loader_batches(loader), precision)
+        train_rows: list[int] = []
+        train_feats, train_labels = frozen_features(model, _loader_batches(loader, train_rows),
+                                                    precision)
+    train_labs = np.asarray([job["sources"][r] for r in train_rows])
     expected = views * job["n_train"] / world
     if len(train_feats) < 0.5 * expected:
         raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
@@ -425,7 +439,7 @@ def distributed_worker(job: dict) -> dict | None:
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,
                  lambda epoch: feature_batches(train_feats, train_labels, recipe.batch_size,
-                                               steps, rng, recipe.sampling),
+                                               steps, rng, recipe.sampling, train_labs),
                  steps, val, recipe, len(classes), job["class_counts"])
 
     summary = None
