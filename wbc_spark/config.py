@@ -108,10 +108,12 @@ class TrainConfig:
     block_lr_factor: float = 0.1
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    class_weighting: str = "inverse_sqrt"  # "none", "inverse", "inverse_sqrt"
-    # "shuffle": each image about once per epoch; "balanced": batches drawn with every class
-    # equally likely (pair it with class_weighting=none).
-    sampling: str = "shuffle"
+    class_weighting: str = "none"  # "none", "inverse", "inverse_sqrt"
+    # "lab_class" (default): views drawn in proportion to 1/sqrt(images of their lab and
+    # class), so a small lab's rare classes count; "shuffle": each image about once per epoch
+    # (pair it with class_weighting=inverse_sqrt, the earlier default); "balanced": batches
+    # drawn with every class equally likely.
+    sampling: str = "lab_class"
     seed: int = 0
     folds: int = 5
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
@@ -128,7 +130,7 @@ class TrainConfig:
 class AugmentConfig:
     """Training augmentation (see wbc_spark/augment.py): ranges of the random jitter."""
 
-    scale: float = 0.12  # cell scale: exp(+-scale)
+    scale: float = 0.3  # cell scale: exp(+-scale)
     hue: float = 0.04  # hue shift: +-hue of the colour circle
     saturation: float = 0.3  # saturation factor: exp(+-saturation)
     brightness: float = 0.15
