@@ -411,13 +411,13 @@ def distributed_worker(job: dict) -> dict | None:
         val = frozen_features(model, converter_batches(job["conv_val"], size), precision)
         test = frozen_features(model, converter_batches(job["conv_test"], size, rows),
                                precision)
-    views = cached_views(job["views"], job["n_train"] / world,
-                         frozen_bytes(model, size), job["cache_gib"])
+    view_bytes = frozen_bytes(model, size)
+    views = cached_views(job["views"], job["n_train"] / world, view_bytes, job["cache_gib"])
     if views < job["views"]:
         log.warning("train.views=%d would cache %.1f GiB per process; caching %d views "
                     "(train.cache_gib=%.1f; more processes or a larger budget give more)",
-                    job["views"], job["views"] * job["n_train"] / world
-                    * frozen_bytes(model, size) / 2**30, views, job["cache_gib"])
+                    job["views"], job["views"] * job["n_train"] / world * view_bytes / 2**30,
+                    views, job["cache_gib"])
     start = time.perf_counter()
     with job["conv_train"].make_torch_dataloader(
             batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
