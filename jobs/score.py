@@ -14,14 +14,24 @@ from wbc_spark.session import run_job
 def score(spark, config):
     result = run_scoring(spark, config)
     lines = [f"score: model {result['model_id']}, scored {result['scored']} new images "
-             f"({result['errors']} with errors), run {result['run_id']}"]
+             f"({result['errors']} with errors), run {result['run_id']}",
+             f"review: {result['flagged']} of them flagged for review (needs_review)"]
+    score_, alarm = result["run_shift"]
+    if alarm:
+        lines.append(f"SHIFT ALARM: this run's images: {score_:.0%} lie beyond the range of the "
+                     "labs the model was trained on; check the results before use")
+    for a in result["alarms"]:
+        lines.append(f"SHIFT ALARM: slide {a['slide'] or '(every image)'}: "
+                     f"{a['shift_score']:.0%} of {a['shift_cells']} cells beyond the "
+                     "training labs' range")
     summary = result["summary"]
     overall = summary[summary["slide"].isna()]
     if len(overall):
         lines.append("per-class results over every image this model scored:")
         for r in overall.to_dict("records"):
             lines.append(f"  {r['class']:<11} {r['count']:>6}  {r['fraction']:6.1%}  "
-                         f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]  ({r['errors']} unreadable)")
+                         f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]  ({r['flagged']} flagged, "
+                         f"{r['errors']} unreadable)")
     lines.append(f"tables: {result['results']} (per image), {result['per_class']} (per class)")
     return lines
 

@@ -78,11 +78,29 @@ def tiny_artifact(tmp_path_factory, fake_weights) -> Path:
 
     pm = load_bvlc(fake_weights)
     model = build_classifier(pm, len(CLASSES))
+    model.eval()
     path = tmp_path_factory.mktemp("model") / "model.pt"
     artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
                   preprocessing={"crop_size": 224, "context": 1.5}, config={},
-                  provenance=pm.provenance, metrics={}, temperature=1.0)
+                  provenance=pm.provenance, metrics={}, temperature=1.0,
+                  review=smear_review(model).to_state())
     return path
+
+
+def smear_review(model, n: int = 40):
+    """Review detectors fitted on synthetic smears (random labels): smears are 'known'."""
+    import torch
+
+    from wbc_spark import review
+    from wbc_spark.config import ReviewConfig
+    from wbc_spark.transforms import cell_crop
+
+    crops = np.stack([cell_crop(smear(seed=100 + i, radius=24 + i % 12), 224)[0]
+                      for i in range(n)])
+    frozen = model.embed_frozen(torch.from_numpy(crops))
+    labels = np.arange(n) % len(CLASSES)
+    return review.fit(model, frozen[: n // 2], labels[: n // 2], frozen[n // 2:],
+                      labels[n // 2:], 1.0, len(CLASSES), ReviewConfig())
 
 
 def krd_root() -> Path | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import shutil
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import jpeg_bytes, smear, spark_submit
@@ -121,19 +123,29 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
         for i in range(3):
             smear(seed=hash((slide, i)) % 1000).save(lake / slide / f"c{i}.jpg")
     (lake / "s2" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(lake / "s2" / "noise.png")
     out = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
-    assert "scored 7 new images (1 with errors)" in out
+    assert "scored 8 new images (1 with errors)" in out
+    assert re.search(r"review: \d+ of them flagged for review", out)
     res = pd.read_parquet(tmp_path / "res")
-    assert len(res) == 7 and res.path.is_unique
+    assert len(res) == 8 and res.path.is_unique
     assert {f"p_{c}" for c in ["Neutrophil", "Basophil"]} <= set(res.columns)
     broken = res[res.path.str.endswith("broken.jpg")].iloc[0]
     assert broken.error and broken.predicted_class is None
+    assert broken.needs_review and broken.review_reason == "unreadable"
+    flagged_noise = res[res.path.str.endswith("noise.png")].iloc[0]
+    assert flagged_noise.needs_review and flagged_noise.predicted_class is not None
+    assert "not_a_known_cell" in flagged_noise.review_reason
     good = res[res.error.isna()]
     assert good.predicted_class.notna().all() and set(good.slide) == {"s1", "s2"}
+    assert good.lab_distance.notna().all() and good.beyond_lab_range.notna().all()
     per = pd.read_parquet(tmp_path / "res_per_class")
     overall = per[per.slide.isna()]
-    assert overall["count"].sum() == 6 and (overall.classified == 6).all()
-    assert (overall.errors == 1).all()
+    assert overall["count"].sum() == 7 and (overall.classified == 7).all()
+    assert (overall.errors == 1).all() and overall.flagged.sum() == good.needs_review.sum()
+    assert (overall.shift_cells == 7).all() and overall.shift_score.between(0, 1).all()
+    assert not overall.shift_alarm.any()  # 7 cells: under alarm_min_cells
     assert set(per.slide.dropna()) == {"s1", "s2"}
     assert ((per.ci_low <= per.fraction) & (per.fraction <= per.ci_high)).all()
 
@@ -146,11 +158,11 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     second = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
     assert "scored 1 new images (0 with errors)" in second
     res2 = pd.read_parquet(tmp_path / "res")
-    assert len(res2) == 8 and res2.path.is_unique
+    assert len(res2) == 9 and res2.path.is_unique
     assert not debris.exists()
     third = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
     assert "scored 0 new images" in third
-    assert len(pd.read_parquet(tmp_path / "res")) == 8
+    assert len(pd.read_parquet(tmp_path / "res")) == 9
 
 
 def test_scoring_refuses_a_model_for_other_classes(tmp_path, tiny_artifact):

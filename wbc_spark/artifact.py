@@ -48,14 +48,12 @@ def versions() -> dict:
 
 def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: str,
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
-         metrics: dict, temperature: float = 1.0, trained_on: dict | None = None) -> str:
-    """Atomically write the artifact; return its model ID (a digest of the weights)."""
+         metrics: dict, temperature: float = 1.0, trained_on: dict | None = None,
+         review: dict | None = None) -> str:
+    """Atomically write the artifact; return its model ID (see ``model_digest``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    digest = hashlib.sha256()
-    for k in sorted(state):
-        digest.update(k.encode())
-        digest.update(state[k].numpy().tobytes())
-    model_id = digest.hexdigest()[:16]
+    review = review or {}
+    model_id = model_digest(state, temperature, review, preprocessing)
     payload = {
         "format": FORMAT,
         "model_id": model_id,
@@ -72,6 +70,8 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         "metrics": metrics,
         # Lab -> class -> images the model was trained on (the test fold not included).
         "trained_on": trained_on or {},
+        # Review detectors and thresholds (wbc_spark.review.ReviewModel.to_state).
+        "review": review,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -88,6 +88,31 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         Path(tmp).unlink(missing_ok=True)
         raise
     return model_id
+
+
+def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict) -> str:
+    """The model ID: a digest of everything that changes a prediction or a flag (weights,
+    temperature, review detectors and thresholds, preprocessing), so a recalibrated model is a
+    new model whose results do not mix with the old one's."""
+    digest = hashlib.sha256()
+    for k in sorted(state):
+        digest.update(k.encode())
+        digest.update(state[k].numpy().tobytes())
+    digest.update(repr(float(temperature)).encode())
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k in sorted(value):
+                walk(f"{prefix}/{k}", value[k])
+        elif isinstance(value, torch.Tensor):
+            digest.update(prefix.encode())
+            digest.update(value.contiguous().numpy().tobytes())
+        else:
+            digest.update(f"{prefix}={value!r}".encode())
+
+    walk("review", review)
+    walk("preprocessing", preprocessing)
+    return digest.hexdigest()[:16]
 
 
 def load(path: str | os.PathLike, *, expected_classes: list[str] | None = None

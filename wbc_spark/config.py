@@ -157,6 +157,29 @@ class ScoreConfig:
     precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
 
 
+@dataclass
+class ReviewConfig:
+    """Review flags and the shift alarm (wbc_spark/review.py). Training fits the detectors and
+    sets the thresholds on the validation split; they are stored in the model artifact."""
+
+    # Training: the confidence threshold is the lowest at which this share of the validation
+    # cells at or above it are classified right (accuracy of the unflagged cells).
+    target_accuracy: float = 0.995
+    # Training: not_a_known_cell flags cells farther from the five classes than this quantile
+    # of validation cells (so about 1 - cell_quantile of a trained lab's cells).
+    cell_quantile: float = 0.95
+    # Training: the lab threshold, this quantile of validation cells' lab distance.
+    lab_quantile: float = 0.95
+    # Scoring: the shift alarm fires for a run or slide whose share of cells beyond the lab
+    # threshold lies, with 95% confidence (Wilson), above this.
+    alarm_share: float = 0.25
+    alarm_min_cells: int = 10  # smaller slides get a shift_score but never an alarm
+    # Scoring: override the model's thresholds (0: use the model's).
+    confidence_threshold: float = 0.0
+    cell_threshold: float = 0.0
+    lab_threshold: float = 0.0
+
+
 #: Cell types that labelled lakes may carry but that are not one of the classes (PBC's
 #: immature granulocytes, nucleated red cells and platelets): ingested with their label, never
 #: trained as one of the classes. Any other label is an error.
@@ -173,6 +196,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -279,6 +303,13 @@ def validate(config: Config) -> None:
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     if not 0 <= config.train.test_fold < config.train.folds:
         raise ConfigError(f"train.test_fold must be in 0..{config.train.folds - 1}")
+    r = config.review
+    for name in ("target_accuracy", "cell_quantile", "lab_quantile", "alarm_share"):
+        if not 0 < getattr(r, name) < 1:
+            raise ConfigError(f"review.{name}={getattr(r, name)}: a share, strictly 0..1")
+    for name in ("confidence_threshold", "cell_threshold", "lab_threshold"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"review.{name}={getattr(r, name)}: 0 (the model's) or more")
     if len(set(config.classes)) != len(config.classes) or len(config.classes) < 2:
         raise ConfigError("classes must be at least two distinct names")
     both = {c.lower() for c in config.classes} & {c.lower() for c in config.other_labels}

@@ -42,7 +42,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from wbc_spark import artifact, images, tables
+from wbc_spark import artifact, images, review, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.metrics import wilson
@@ -64,6 +64,11 @@ def prediction_schema(classes: list[str]) -> T.StructType:
         T.StructField("confidence", T.DoubleType()),
         *[T.StructField(f"p_{c}", T.DoubleType()) for c in classes],
         T.StructField("cell_found", T.BooleanType()),
+        T.StructField("cell_distance", T.DoubleType()),
+        T.StructField("lab_distance", T.DoubleType()),
+        T.StructField("beyond_lab_range", T.BooleanType()),
+        T.StructField("needs_review", T.BooleanType()),
+        T.StructField("review_reason", T.StringType()),
         T.StructField("error", T.StringType()),
     ])
 
@@ -93,6 +98,10 @@ PER_CLASS_SCHEMA = T.StructType([
     T.StructField("ci_low", T.DoubleType()),
     T.StructField("ci_high", T.DoubleType()),
     T.StructField("errors", T.LongType()),
+    T.StructField("flagged", T.LongType()),
+    T.StructField("shift_cells", T.LongType()),
+    T.StructField("shift_score", T.DoubleType()),
+    T.StructField("shift_alarm", T.BooleanType()),
     T.StructField("updated_at", T.TimestampType()),
 ])
 
@@ -122,19 +131,42 @@ def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, boo
     return crop, box.found
 
 
-def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32"
-                   ) -> pd.DataFrame:
-    """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
-    the frozen layers in ``precision`` (see ``inference_precision``).
+def review_model(meta: dict, thresholds: dict | None = None) -> review.ReviewModel:
+    """The artifact's review detectors, with ``thresholds`` (from ``thresholds_of``) applied."""
+    detectors = review.ReviewModel.from_state(meta["review"])
+    if thresholds:
+        detectors.confidence_threshold = thresholds["confidence_threshold"]
+        detectors.cell_threshold = thresholds["cell_threshold"]
+        detectors.lab_threshold = thresholds["lab_threshold"]
+    return detectors
 
-    A file that cannot be read gets an ``error`` and no prediction; the batch goes on.
+
+def thresholds_of(meta: dict, settings) -> dict:
+    """The thresholds scoring uses: the model's, each replaced where ``review.*`` sets it."""
+    d = review.ReviewModel.from_state(meta["review"]).with_overrides(settings)
+    return {"confidence_threshold": d.confidence_threshold, "cell_threshold": d.cell_threshold,
+            "lab_threshold": d.lab_threshold}
+
+
+def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32",
+                   thresholds: dict | None = None) -> pd.DataFrame:
+    """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
+    the frozen layers in ``precision`` (see ``inference_precision``), and flag the cells that
+    need review (``wbc_spark.review``; ``thresholds`` replace the model's).
+
+    A file that cannot be read gets an ``error``, no prediction and the review reason
+    ``unreadable``; the batch goes on.
     """
     classes = list(meta["classes"])
+    detectors = review_model(meta, thresholds)
     n = len(data)
     out = pd.DataFrame({"sha256": [None] * n, "predicted_class": [None] * n,
                         "confidence": np.full(n, np.nan),
                         **{f"p_{c}": np.full(n, np.nan) for c in classes},
-                        "cell_found": [None] * n, "error": [None] * n})
+                        "cell_found": [None] * n, "cell_distance": np.full(n, np.nan),
+                        "lab_distance": np.full(n, np.nan), "beyond_lab_range": [None] * n,
+                        "needs_review": [True] * n,
+                        "review_reason": ["unreadable"] * n, "error": [None] * n})
     crops, ok = [], []
     for i, blob in enumerate(data):
         if blob is not None and kind == "image":
@@ -156,26 +188,37 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
             # arithmetic as training and calibration (cached features, fp32 head).
             with inference_precision(precision):
                 frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
-            logits = model.head(frozen.float()).numpy()
+        logits, cell_features, lab_features = review.embed(model, frozen)
         probs = softmax(logits, float(meta["temperature"]))
+        cell_d, lab_d = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
         for j, c in enumerate(classes):
             out.loc[idx, f"p_{c}"] = probs[:, j]
         out.loc[idx, "confidence"] = probs.max(1)
         out.loc[idx, "predicted_class"] = [classes[k] for k in probs.argmax(1)]
+        out.loc[idx, "cell_distance"] = cell_d
+        out.loc[idx, "lab_distance"] = lab_d
+        out.loc[idx, "beyond_lab_range"] = pd.Series(lab_d > detectors.lab_threshold, index=idx,
+                                                     dtype=object)
+        reasons = review.flags(probs.max(1), cell_d,
+                               out.loc[idx, "cell_found"].to_numpy(bool), detectors)
+        out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
+        out.loc[idx, "needs_review"] = [r is not None for r in reasons]
     return out
 
 
 def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
-                     threads: int = 1, precision: str = "fp32") -> Iterator[pd.DataFrame]:
+                     threads: int = 1, precision: str = "fp32",
+                     thresholds: dict | None = None) -> Iterator[pd.DataFrame]:
     """Body of the iterator pandas UDF: the model is loaded once, then each batch scored."""
     model, meta = load_model_once(model_path, threads)
     for data in batches:
-        yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision)
+        yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision,
+                             thresholds)
 
 
 def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
-             precision: str = "fp32"):
+             precision: str = "fp32", thresholds: dict | None = None):
     """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
     from pyspark import SparkFiles
     from pyspark.sql.functions import pandas_udf
@@ -183,7 +226,7 @@ def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
     @pandas_udf(prediction_schema(classes))
     def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads,
-                                    precision)
+                                    precision, thresholds)
 
     return classify
 
@@ -232,8 +275,11 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
                         F.col("content").alias("data")), "image"
 
 
-def per_class_table(results: DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Counts and fractions per class with 95% Wilson intervals, per slide and overall.
+def per_class_table(results: DataFrame, classes: list[str], alarm_share: float,
+                    min_cells: int = 10) -> pd.DataFrame:
+    """Counts and fractions per class with 95% Wilson intervals, per slide and overall; the
+    cells flagged for review per class; the shift score and alarm per scope
+    (``wbc_spark.review.shift_alarm``).
 
     Only aggregates reach the driver (a few rows per model, slide and class).
     """
@@ -242,12 +288,19 @@ def per_class_table(results: DataFrame, classes: list[str]) -> pd.DataFrame:
     counts = (scoped.groupBy("model_id", "scope")
               .agg(*[F.sum((F.col("predicted_class") == c).cast("long")).alias(c)
                      for c in classes],
+                   *[F.sum(((F.col("predicted_class") == c) & F.col("needs_review"))
+                           .cast("long")).alias(f"flagged_{c}") for c in classes],
+                   F.sum(F.col("beyond_lab_range").isNotNull().cast("long")).alias("n_shift"),
+                   F.sum(F.col("beyond_lab_range").cast("long")).alias("n_beyond"),
                    F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors"))
               .toPandas())
     now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
     rows = []
     for d in counts.to_dict("records"):
         classified = int(sum(d[c] or 0 for c in classes))
+        cells = int(d["n_shift"] or 0)
+        score, alarm = review.shift_alarm(int(d["n_beyond"] or 0), cells, alarm_share,
+                                          min_cells)
         for c in classes:
             k = int(d[c] or 0)
             lo, hi = wilson(k, classified)
@@ -255,7 +308,8 @@ def per_class_table(results: DataFrame, classes: list[str]) -> pd.DataFrame:
                          "count": k, "classified": classified,
                          "fraction": k / classified if classified else float("nan"),
                          "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
-                         "updated_at": now})
+                         "flagged": int(d[f"flagged_{c}"] or 0), "shift_cells": cells,
+                         "shift_score": score, "shift_alarm": alarm, "updated_at": now})
     return pd.DataFrame(rows, columns=PER_CLASS_SCHEMA.fieldNames())
 
 
@@ -265,6 +319,12 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     model_path = str(Path(s.model).resolve())
     _, meta = artifact.load(model_path, expected_classes=list(config.classes))
     classes, model_id = list(meta["classes"]), meta["model_id"]
+    if not meta.get("review"):
+        raise artifact.ArtifactError(f"{model_path}: model has no review detectors (trained "
+                                     "before review flags existed); train it again")
+    thresholds = thresholds_of(meta, config.review)
+    log.info("review thresholds: %s; shift alarm above %.0f%% of cells beyond the lab range",
+             thresholds, 100 * config.review.alarm_share)
     spark.sparkContext.addFile(model_path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.batch_size))
     table = s.results
@@ -277,7 +337,8 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     todo = frame.join(done, KEY, "left_anti")
     log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
              s.precision)
-    udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision)
+    udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
+                   thresholds)
     scored = (todo.withColumn("_p", udf("data")).drop("data")
               .select(*KEY, "image_id", "slide", "_p.*")
               .withColumn("model_id", F.lit(model_id))
@@ -286,11 +347,30 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     run_id = tables.new_run_id()
     scored_count = tables.append(scored, table, run_id)
     all_results = tables.read(spark, table, schema)
-    summary_pd = per_class_table(all_results, classes)
+    summary_pd = per_class_table(all_results, classes, config.review.alarm_share,
+                                 config.review.alarm_min_cells)
     tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA),
                    f"{table}_per_class", run_id)
-    errors = (spark.read.schema(schema).parquet(f"{table}/run={run_id}")
-              .where(F.col("error").isNotNull()).count()) if scored_count else 0
+    errors = flagged = 0
+    run_shift = (float("nan"), False)
+    if scored_count:
+        this_run = spark.read.schema(schema).parquet(f"{table}/run={run_id}")
+        counts = this_run.agg(
+            F.sum(F.col("error").isNotNull().cast("long")).alias("errors"),
+            F.sum(F.col("needs_review").cast("long")).alias("flagged"),
+            F.sum(F.col("beyond_lab_range").isNotNull().cast("long")).alias("cells"),
+            F.sum(F.col("beyond_lab_range").cast("long")).alias("beyond")).first()
+        errors, flagged = int(counts.errors or 0), int(counts.flagged or 0)
+        run_shift = review.shift_alarm(int(counts.beyond or 0), int(counts.cells or 0),
+                                       config.review.alarm_share,
+                                       config.review.alarm_min_cells)
+    mine = summary_pd[summary_pd["model_id"] == model_id]
+    alarms = (mine[mine["shift_alarm"]].drop_duplicates("slide")
+              [["slide", "shift_cells", "shift_score"]].to_dict("records"))
+    for a in alarms:
+        log.warning("SHIFT ALARM (%s): %.0f%% of %d cells lie beyond the training labs' range",
+                    a["slide"] or "every image", 100 * a["shift_score"], a["shift_cells"])
     return {"model_id": model_id, "scored": scored_count, "errors": errors, "run_id": run_id,
+            "flagged": flagged, "run_shift": run_shift, "alarms": alarms,
             "results": table, "per_class": f"{table}_per_class",
-            "summary": summary_pd[summary_pd["model_id"] == model_id]}
+            "summary": mine}

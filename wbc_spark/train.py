@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wbc_spark import metrics
+from wbc_spark import metrics, review
 from wbc_spark.augment import AugmentSettings, augment
+from wbc_spark.config import ReviewConfig as ReviewSettings
 from wbc_spark.model.transfer import inference_precision
 
 log = logging.getLogger(__name__)
@@ -444,10 +445,14 @@ def distributed_worker(job: dict) -> dict | None:
 
     summary = None
     if main:
+        # The review detectors: fitted on this rank's training views, thresholds on the
+        # validation split (the test fold is only evaluated).
+        detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
+                               result.temperature, len(classes),
+                               ReviewSettings(**job["review"]), seed=recipe.seed)
         test_feats, labels = test
-        probs = predict_probs(model, test_feats, result.temperature)
-        summary = write_evaluation(job, model, pretrained, result, probs, labels, rows,
-                                   parameter_summary(model))
+        summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
+                                   parameter_summary(model), detectors)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -458,16 +463,21 @@ def distributed_worker(job: dict) -> dict | None:
     return summary
 
 
-def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.ndarray,
-                     labels: np.ndarray, rows: list[int], params: dict) -> dict:
+def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats: torch.Tensor,
+                     labels: np.ndarray, rows: list[int], params: dict,
+                     detectors: review.ReviewModel) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
     from wbc_spark import artifact
 
     classes = job["classes"]
     out = Path(job["output"])
     out.mkdir(parents=True, exist_ok=True)
+    logits, cell_f, lab_f = review.embed(model, test_feats)
+    probs = softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job["sources"][r] for r in rows])
+    cell_d, lab_d = detectors.distances(cell_f, lab_f)
+    reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
     per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
                                                        probs.argmax(1)[labs == lab], classes,
                                                        probs[labs == lab])
@@ -478,12 +488,15 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
         "temperature": result.temperature, "history": result.history,
         "parameters": params, "test": report, "test_per_lab": per_lab,
         "trained_on": job["trained_on"],
+        "review": review_report(reasons, probs.argmax(1) == labels, lab_d,
+                                detectors.lab_threshold, detectors.validation),
     }
     ids = [job["image_ids"][r] for r in rows]
     preds = pd.DataFrame({"image_id": ids, "source": labs, "label": [classes[i] for i in labels],
                           "predicted": [classes[i] for i in probs.argmax(1)]})
     for i, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, i]
+    preds["review_reason"] = reasons
     _atomic_write(out / "test_predictions.csv", preds.to_csv(index=False).encode())
     _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
     metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
@@ -502,6 +515,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
                                                   "macro_f1", "ece")},
                  "best_val_macro_f1": result.best_val_macro_f1},
         temperature=result.temperature, trained_on=job["trained_on"],
+        review=detectors.to_state(),
     )
     evaluation["model_id"] = model_id
     log.info("saved %s (model_id %s)", out / "model.pt", model_id)
@@ -509,6 +523,22 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, probs: np.
         "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",
         "macro_f1", "macro_f1_ci", "ece")}, "best_epoch": result.best_epoch,
         "temperature": result.temperature, "report_text": text}
+
+
+def review_report(reasons: list, correct: np.ndarray, lab_distance: np.ndarray,
+                  lab_threshold: float, validation: dict) -> dict:
+    """The review flags on the test fold: coverage, accuracy of the unflagged cells, share per
+    reason, share beyond the lab threshold; beside what the validation split gave."""
+    flagged = np.asarray([r is not None for r in reasons])
+    kept = ~flagged
+    per_reason = {r: float(np.mean([r in (x or "").split(";") for x in reasons]))
+                  for r in review.REASONS[1:]}
+    return {"coverage": float(kept.mean()),
+            "unflagged_accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
+            "unflagged_accuracy_ci": metrics.wilson(int(correct[kept].sum()), int(kept.sum())),
+            "flagged_share_by_reason": per_reason,
+            "beyond_lab_threshold_share": float((lab_distance > lab_threshold).mean()),
+            "validation": validation}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

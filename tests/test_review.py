@@ -1,0 +1,107 @@
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import CLASSES, jpeg_bytes, smear
+from PIL import Image
+
+from wbc_spark import artifact, review
+from wbc_spark.config import ConfigError, ReviewConfig, load_config
+from wbc_spark.score import classify_frame
+
+
+def test_gaussian_distance_is_small_inside_and_large_outside():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 3, (3, 20))
+    y = rng.integers(0, 3, 600)
+    x = means[y] + rng.normal(0, 1, (600, 20))
+    g = review.Gaussian.fit(x, y, 3)
+    inside = g.distance(means[y[:100]] + rng.normal(0, 1, (100, 20)))
+    outside = g.distance(rng.normal(0, 1, (100, 20)) + 10)
+    assert 0.5 < np.median(inside) < 1.5  # a squared distance per dimension of unit noise
+    assert inside.max() < outside.min()
+
+
+def test_gaussian_survives_a_missing_class_and_a_state_round_trip():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(0, 1, (50, 8)), np.repeat([0, 2], 25)
+    g = review.Gaussian.fit(x, y, 3)
+    assert g.means.shape == (2, 8)
+    again = review.Gaussian.from_state(g.to_state())
+    assert np.allclose(again.distance(x), g.distance(x))
+
+
+def test_confidence_threshold_reaches_the_target_on_what_it_keeps():
+    conf = np.array([0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6])
+    correct = np.array([1, 1, 1, 0, 1, 0, 0], bool)
+    t, coverage = review.confidence_threshold(conf, correct, 0.75)
+    kept = conf >= t
+    assert correct[kept].mean() >= 0.75 and t == 0.8 and coverage == pytest.approx(5 / 7)
+    assert review.confidence_threshold(conf, correct, 1.0) == (0.95, pytest.approx(3 / 7))
+    assert review.confidence_threshold(conf, ~correct & False, 0.5) == (1.0, 0.0)
+
+
+def test_flags_add_every_reason_that_holds():
+    d = review.ReviewModel(None, None, confidence_threshold=0.8, cell_threshold=2.0,
+                           lab_threshold=1.0, validation={})
+    reasons = review.flags(np.array([0.9, 0.5, 0.9, 0.5]), np.array([1.0, 1.0, 3.0, 3.0]),
+                           np.array([True, True, True, False]), d)
+    assert reasons == [None, "low_confidence", "not_a_known_cell",
+                       "no_cell_found;not_a_known_cell;low_confidence"]
+
+
+def test_shift_alarm_needs_a_share_clearly_above_the_bar():
+    assert review.shift_alarm(3, 60, 0.25) == (0.05, False)  # a trained lab's 5%
+    assert review.shift_alarm(40, 60, 0.25)[1]  # most cells beyond the range
+    assert not review.shift_alarm(9, 9, 0.25)[1] and review.shift_alarm(10, 10, 0.25)[1]
+    assert review.shift_alarm(5, 5, 0.25, min_cells=5)[1]
+    assert np.isnan(review.shift_alarm(0, 0, 0.25)[0])
+
+
+def test_review_thresholds_are_overridable_and_checked():
+    c = load_config(None, ["review.confidence_threshold=0.9", "review.alarm_share=0.4"])
+    assert c.review.confidence_threshold == 0.9 and c.review.alarm_share == 0.4
+    with pytest.raises(ConfigError, match="review.target_accuracy"):
+        load_config(None, ["review.target_accuracy=1.5"])
+    with pytest.raises(ConfigError, match="review.cell_threshold"):
+        load_config(None, ["review.cell_threshold=-1"])
+
+
+def test_scoring_flags_what_is_not_a_smear_and_keeps_its_prediction(tiny_artifact):
+    model, meta = artifact.load(tiny_artifact)
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    blank = Image.new("RGB", (256, 256), (205, 200, 180))
+    data = pd.Series([jpeg_bytes(smear(seed=7, radius=30)), jpeg_bytes(noise),
+                      jpeg_bytes(blank), b"junk"])
+    out = classify_frame(data, model, meta, "image")
+    assert not out.loc[0, "needs_review"] or out.loc[0, "review_reason"] == "low_confidence"
+    assert "not_a_known_cell" in out.loc[1, "review_reason"]
+    assert "no_cell_found" in out.loc[2, "review_reason"]
+    assert out.loc[3, "review_reason"] == "unreadable" and out.loc[3, "needs_review"]
+    flagged = out.iloc[:3]
+    assert flagged.predicted_class.notna().all()  # the flag adds, it does not hide
+    assert (out.loc[1, "cell_distance"] > out.loc[0, "cell_distance"])
+    # An override replaces the model's threshold: everything becomes low-confidence.
+    strict = classify_frame(data[:1], model, meta, "image",
+                            thresholds={"confidence_threshold": 1.01, "cell_threshold": 1e9,
+                                        "lab_threshold": 1e9})
+    assert strict.loc[0, "review_reason"] == "low_confidence"
+    assert strict.loc[0, "beyond_lab_range"] == False  # noqa: E712
+
+
+def test_model_id_changes_with_the_calibration(tiny_artifact, tmp_path):
+    model, meta = artifact.load(tiny_artifact)
+    ids = set()
+    for t in (1.0, 1.5):
+        ids.add(artifact.save(tmp_path / f"m{t}.pt", model, classes=CLASSES, source="bvlc",
+                              convention=model.normalize.convention if hasattr(
+                                  model.normalize, "convention") else _convention(meta),
+                              preprocessing={"crop_size": 224, "context": 1.5}, config={},
+                              provenance={}, metrics={}, temperature=t, review=meta["review"]))
+    assert len(ids) == 2
+
+
+def _convention(meta):
+    from wbc_spark.model.weights import InputConvention
+
+    return InputConvention.from_dict(meta["preprocessing"]["input_convention"])

@@ -1,0 +1,190 @@
+"""Knowing when not to trust a prediction: review flags per cell, a shift alarm per scope.
+
+Two feature-space distances, each the smallest squared Mahalanobis distance to a class mean
+under one shared (Ledoit-Wolf shrunk) covariance, divided by the number of dimensions:
+
+- ``cell_distance``, in the space the head classifies from (the trained blocks' pooled
+  output): how unlike every one of the five classes a cell looks. Far: ``not_a_known_cell``
+  (another cell type, debris, no blood at all).
+- ``lab_distance``, in the frozen layers' pooled output: how unlike the training images'
+  colours, textures and scale the crop is. A lab the model never saw moves most of its cells
+  beyond the threshold, so the share of cells beyond it (``shift_score``) is the alarm.
+
+Everything is fitted by ``fit`` at training time: the class means and covariance on the
+training images, the thresholds on the validation split (never the test fold), and stored in
+the model artifact (``to_state``). ``conf/``'s ``review`` section overrides the thresholds at
+scoring time.
+
+Reasons a cell needs review (``review_reason`` joins them with ``;``):
+
+==================  ===================================================================
+unreadable          the file could not be decoded (no prediction)
+no_cell_found       the stain locator found no white cell; the centre crop was classified
+not_a_known_cell    ``cell_distance`` above the threshold
+low_confidence      the calibrated probability of the predicted class under the threshold
+==================  ===================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+
+from wbc_spark.metrics import wilson
+
+REASONS = ("unreadable", "no_cell_found", "not_a_known_cell", "low_confidence")
+
+
+@dataclass
+class Gaussian:
+    """Class means with one shared precision matrix (Lee et al. 2018's Mahalanobis score)."""
+
+    means: np.ndarray  # classes x dims
+    precision: np.ndarray  # dims x dims
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int) -> Gaussian:
+        x = np.asarray(x, np.float64)
+        present = [c for c in range(num_classes) if (y == c).any()]
+        means = np.stack([x[y == c].mean(0) for c in present])
+        centred = x - means[np.searchsorted(present, y)]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        return cls(means.astype(np.float32), precision.astype(np.float32))
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        """Smallest squared Mahalanobis distance to a class mean, per dimension."""
+        x = np.asarray(x, np.float32)
+        xp = x @ self.precision
+        d = ((xp * x).sum(1)[:, None] - 2 * xp @ self.means.T
+             + ((self.means @ self.precision) * self.means).sum(1)[None, :])
+        return np.maximum(d.min(1), 0.0) / x.shape[1]
+
+    def to_state(self) -> dict:
+        return {"means": torch.from_numpy(self.means), "precision": torch.from_numpy(
+            self.precision)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Gaussian:
+        return cls(state["means"].numpy(), state["precision"].numpy())
+
+
+def embed(model, frozen: torch.Tensor, batch: int = 256
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, head-space features, frozen pooled features) of frozen-layer outputs."""
+    logits, cell, lab = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(frozen), batch):
+            f = frozen[i:i + batch].float()
+            pen = model.trainable(f)
+            logits.append(model.fc(pen))  # dropout is the identity in eval mode
+            cell.append(pen)
+            lab.append(f.mean((2, 3)))
+    return tuple(torch.cat(t).numpy() for t in (logits, cell, lab))
+
+
+def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target: float
+                         ) -> tuple[float, float]:
+    """The lowest threshold at which the cells at or above it are right in a share >= target
+    (``target`` accuracy of the unflagged cells), and the share of cells it keeps. Where no
+    threshold reaches the target, 1.0 (flag everything) and coverage 0."""
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(correct[order])
+    accuracy = hits / np.arange(1, len(order) + 1)
+    ok = np.flatnonzero(accuracy >= target)
+    if not len(ok):
+        return 1.0, 0.0
+    k = ok[-1]
+    return float(confidence[order][k]), float((k + 1) / len(order))
+
+
+@dataclass
+class ReviewModel:
+    cell: Gaussian
+    lab: Gaussian
+    confidence_threshold: float
+    cell_threshold: float
+    lab_threshold: float
+    validation: dict  # what the thresholds gave on the validation split
+
+    def to_state(self) -> dict:
+        return {"cell": self.cell.to_state(), "lab": self.lab.to_state(),
+                "confidence_threshold": self.confidence_threshold,
+                "cell_threshold": self.cell_threshold, "lab_threshold": self.lab_threshold,
+                "validation": self.validation}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ReviewModel:
+        return cls(Gaussian.from_state(state["cell"]), Gaussian.from_state(state["lab"]),
+                   float(state["confidence_threshold"]), float(state["cell_threshold"]),
+                   float(state["lab_threshold"]), dict(state.get("validation", {})))
+
+    def with_overrides(self, settings) -> ReviewModel:
+        """Thresholds from ``conf/``'s ``review`` section where set (> 0)."""
+        return ReviewModel(
+            self.cell, self.lab,
+            settings.confidence_threshold or self.confidence_threshold,
+            settings.cell_threshold or self.cell_threshold,
+            settings.lab_threshold or self.lab_threshold, self.validation)
+
+    def distances(self, cell_features: np.ndarray, lab_features: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        return self.cell.distance(cell_features), self.lab.distance(lab_features)
+
+
+def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
+        val_labels: np.ndarray, temperature: float, num_classes: int, settings,
+        max_train: int = 20_000, seed: int = 0) -> ReviewModel:
+    """Fit the detectors on training views (at most ``max_train``, drawn at random) and set the
+    thresholds on the validation split: the confidence threshold for
+    ``settings.target_accuracy`` of the unflagged, the distance thresholds at the
+    ``settings.cell_quantile`` / ``settings.lab_quantile`` of validation cells."""
+    model.eval()
+    pick = np.arange(len(train_frozen))
+    if len(pick) > max_train:
+        pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_train, replace=False))
+    _, cell_tr, lab_tr = embed(model, train_frozen[torch.as_tensor(pick)])
+    y = np.asarray(train_labels)[pick]
+    cell = Gaussian.fit(cell_tr, y, num_classes)
+    lab = Gaussian.fit(lab_tr, y, num_classes)
+    logits, cell_va, lab_va = embed(model, val_frozen)
+    z = logits / temperature
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    conf_t, coverage = confidence_threshold(probs.max(1), probs.argmax(1) == val_labels,
+                                            settings.target_accuracy)
+    cell_d, lab_d = cell.distance(cell_va), lab.distance(lab_va)
+    cell_t = float(np.quantile(cell_d, settings.cell_quantile))
+    lab_t = float(np.quantile(lab_d, settings.lab_quantile))
+    validation = {"images": int(len(val_labels)), "target_accuracy": settings.target_accuracy,
+                  "confident_coverage": coverage,
+                  "not_a_known_cell_share": float((cell_d > cell_t).mean()),
+                  "beyond_lab_threshold_share": float((lab_d > lab_t).mean())}
+    return ReviewModel(cell, lab, conf_t, cell_t, lab_t, validation)
+
+
+def flags(confidence: np.ndarray, cell_distance: np.ndarray, cell_found: np.ndarray,
+          review: ReviewModel) -> list[str | None]:
+    """``review_reason`` of each classified cell (None: no review needed)."""
+    out = []
+    for conf, dist, found in zip(confidence, cell_distance, cell_found):
+        reasons = [r for r, hit in (("no_cell_found", not found),
+                                    ("not_a_known_cell", dist > review.cell_threshold),
+                                    ("low_confidence", conf < review.confidence_threshold))
+                   if hit]
+        out.append(";".join(reasons) or None)
+    return out
+
+
+def shift_alarm(beyond: int, cells: int, alarm_share: float, min_cells: int = 10
+                ) -> tuple[float, bool]:
+    """``shift_score``: the share of a scope's cells beyond the lab threshold (about
+    1 - lab_quantile for images like the training labs'); the alarm fires for a scope of at
+    least ``min_cells`` cells when the 95% Wilson interval of that share lies wholly above
+    ``alarm_share``."""
+    if cells == 0:
+        return float("nan"), False
+    low, _ = wilson(beyond, cells)
+    return beyond / cells, bool(cells >= min_cells and low > alarm_share)
