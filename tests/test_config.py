@@ -37,10 +37,22 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.sampling=oversample", "choose shuffle or balanced"),
     ("augment.frame_edge_sides=5", "1..4"),
     ("augment.frame_edge_width=0.6", "under 0.5"),
+    ("train.epochs=3.7", "a whole one"),
+    ("classes=Neutrophil", "must be a list"),
+    ("data.lake=[a, b]", "must be a string"),
+    ("spark.conf=2g", "must be a mapping"),
 ])
 def test_bad_values_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_a_spark_setting_merges_into_spark_conf(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("spark:\n  conf:\n    spark.driver.memory: 4g\n")
+    c = load_config(conf, ["spark.conf.spark.executor.memory=2g", "train.epochs=3.0"])
+    assert c.spark.conf == {"spark.driver.memory": "4g", "spark.executor.memory": "2g"}
+    assert c.train.epochs == 3 and isinstance(c.train.epochs, int)
 
 
 def test_override_values_are_typed():

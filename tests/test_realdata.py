@@ -111,6 +111,13 @@ def test_distributed_training_beats_the_bar_on_held_out_data(krd_run):
     assert raw["classes"] == CLASSES and raw["architecture"]["freeze_until"] == "inception4e"
     assert raw["weights_provenance"]["source"] == "bvlc"
     assert 0.05 < raw["temperature"] < 20
+    # Review detectors fitted, thresholds set on validation, applied to the test fold.
+    rv = ev["review"]
+    assert 0 < raw["review"]["confidence_threshold"] <= 1
+    assert 0.02 < rv["validation"]["not_a_known_cell_share"] < 0.08
+    assert rv["flagged_share_by_reason"]["not_a_known_cell"] < 0.25
+    assert rv["beyond_lab_threshold_share"] < 0.25  # held-out cells of the trained lab
+    assert rv["unflagged_accuracy"] >= test["accuracy"]
     preds = pd.read_csv(root / "model" / "test_predictions.csv")
     # No duplicate group straddles the test fold and the rest.
     data = pd.read_parquet(root / "ds", columns=["image_id", "group"]).set_index("image_id")
@@ -134,6 +141,39 @@ def test_scoring_the_ingested_dataset(krd_run):
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     second = spark_submit("score", *args)
     assert "scored 0 new images" in second.stdout
+    # The lab the model was trained on: no shift alarm, a minority flagged.
+    assert "SHIFT ALARM" not in first.stdout
+    per = pd.read_parquet(root / "res_per_class")
+    assert not per[per.slide.isna()].shift_alarm.any()
+    # Few cells look unlike the five classes; low_confidence may flag many more here (a
+    # KRD-WBC-only model's validation split has ~100 cells, so 99.5% unflagged accuracy there
+    # means no error above the threshold).
+    assert res.review_reason.str.contains("not_a_known_cell").fillna(False).mean() < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.spark
+def test_a_lab_the_model_never_saw_sounds_the_shift_alarm(krd_run, tmp_path):
+    """A KRD-WBC-only model scoring 60 of PBC-dev's cells (another lab) through the job."""
+    if pbc_root() is None:
+        pytest.skip("PBC-dev not found")
+    import shutil
+
+    lake = tmp_path / "pbc_slide"
+    lake.mkdir()
+    labels = pd.read_csv(pbc_root() / "labels.csv")
+    pick = labels[labels.label.isin(CLASSES)].groupby("label").head(12)
+    for p in pick.path:
+        shutil.copy(pbc_root() / p, lake / p.replace("/", "_"))
+    root, _, _ = krd_run
+    out = spark_submit("score", f"score.input={lake}",
+                       f"score.model={root / 'model' / 'model.pt'}",
+                       f"score.results={tmp_path / 'res'}")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "SHIFT ALARM" in out.stdout
+    per = pd.read_parquet(tmp_path / "res_per_class")
+    assert per[per.slide.isna()].shift_alarm.all()
+    assert per.shift_score.min() > 0.5
 
 
 @pytest.fixture(scope="module")

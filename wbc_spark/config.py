@@ -214,37 +214,83 @@ def _apply(target: Any, values: dict, where: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a mapping, got {value!r}")
             _apply(current, value, f"{where}{key}.")
+        elif isinstance(current, dict):
+            # A free mapping (spark.conf): entries merge into it, they do not replace it.
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a mapping, got {value!r}")
+            current.update({str(k): v for k, v in value.items()})
         else:
             setattr(target, key, _coerce(value, current, f"{where}{key}"))
 
 
 def _coerce(value: Any, current: Any, name: str) -> Any:
+    """``value`` as the type of the default ``current``; anything that would change meaning on
+    the way (3.7 for a count, a bare string for a list) is refused."""
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:
-            return type(current)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(current, (int, float)):
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(current, float):
+            return number
+        if not number.is_integer():
+            raise ConfigError(f"{name} must be a number, a whole one; got {value!r}")
+        return int(number)
     if isinstance(current, str):
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
         return "" if value is None else str(value)
+    if isinstance(current, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of names like [A, B], got {value!r}")
+        return list(value)
     return value
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a number or a string of one (YAML 1.1 reads ``1e-3`` as a
+    string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def parse_override(text: str) -> dict:
-    """``train.epochs=3`` -> ``{"train": {"epochs": 3}}`` (the value parsed as YAML)."""
+    """``train.epochs=3`` -> ``{"train": {"epochs": 3}}`` (the value parsed as YAML).
+
+    Keys of a free mapping keep their dots: ``spark.conf.spark.executor.memory=2g`` ->
+    ``{"spark": {"conf": {"spark.executor.memory": "2g"}}}``.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw else ""
-    out: dict = {}
-    node = out
     parts = dotted.lstrip("-").split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    node: Any = Config()
+    keys: list[str] = []
+    while parts:
+        part = parts.pop(0)
+        keys.append(part)
+        field_value = getattr(node, part, None) if dataclasses.is_dataclass(node) else None
+        if isinstance(field_value, dict) and parts:
+            keys.append(".".join(parts))
+            break
+        node = field_value
+    out: dict = {}
+    cursor = out
+    for k in keys[:-1]:
+        cursor = cursor.setdefault(k, {})
+    cursor[keys[-1]] = value
     return out
 
 

@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.
     with ``stain``, refuse a dataset whose crops were made with another standardisation."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
         columns=["image_id", "path", "source", "label", "group", "sha256", "crop", "crop_size",
-                 "stain",
+                 "stain", "cell_found",
                  "image", "mask", "crop_box", "width", "height", "ingested_at"])
     df = table.to_pandas()
     # As wbc_spark.ingest.read_dataset: each path's latest ingest supersedes earlier ones.
@@ -167,12 +168,13 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
 
 def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                    tr: np.ndarray, va: np.ndarray, te: np.ndarray, recipe: Recipe,
-                   num_classes: int, run: int = 0, labs: np.ndarray | None = None
-                   ) -> tuple[dict, object, np.ndarray]:
+                   num_classes: int, run: int = 0, labs: np.ndarray | None = None,
+                   inspect: Callable | None = None) -> tuple[dict, object, np.ndarray]:
     """Train from the pretrained weights on rows ``tr`` (all their cached views), choose the
     epoch and temperature on ``va``, and return the calibrated probabilities of ``te`` for
     every evaluation variant, the fit result and the test images' activation maps. The model
-    is reset to the pretrained weights afterwards."""
+    is reset to the pretrained weights afterwards; ``inspect(model, result, train_feats,
+    train_labels)`` is called on the trained model before that."""
     torch.manual_seed(recipe.seed * 100 + run)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     train_feats = view_feats[:, tr].reshape(-1, *view_feats.shape[2:])
@@ -193,6 +195,8 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
         else:
             probs[name] = predict_probs(model, f[te], result.temperature)
     maps, _ = class_activation_maps(model, eval_feats["original"][te])
+    if inspect is not None:
+        inspect(model, result, train_feats, train_labels)
     model.load_state_dict(fresh)  # the next run starts from the pretrained weights again
     return probs, result, maps
 
