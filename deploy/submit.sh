@@ -25,11 +25,14 @@ if [ ${#master[@]} -eq 0 ] && [ -n "${SPARK_MASTER:-}" ]; then master=(--master 
 mkdir -p "$repo/runs"
 zip_path="$repo/runs/wbc_spark.zip"
 (cd "$repo" && "$PYSPARK_PYTHON" - "$zip_path" <<'PY'
-import sys, zipfile, pathlib
-with zipfile.ZipFile(sys.argv[1] + ".tmp", "w") as z:
-    for p in pathlib.Path("wbc_spark").rglob("*.py"):
+import os, sys, zipfile, pathlib
+# A temporary name of this process's own: jobs submitted at once each build their zip and
+# rename it into place (same code, same zip; the rename is atomic).
+tmp = pathlib.Path(f"{sys.argv[1]}.{os.getpid()}.tmp")
+with zipfile.ZipFile(tmp, "w") as z:
+    for p in sorted(pathlib.Path("wbc_spark").rglob("*.py")):
         z.write(p)
-pathlib.Path(sys.argv[1] + ".tmp").replace(sys.argv[1])
+tmp.replace(sys.argv[1])
 PY
 )
 cd "$repo"

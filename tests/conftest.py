@@ -129,14 +129,27 @@ def bvlc_dir() -> Path | None:
         return None
 
 
-def spark_submit(job: str, *args: str, cwd: Path = REPO, master: str | None = None,
-                 timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a job through deploy/submit.sh (spark-submit) as a user would."""
+def _submit_command(job: str, args, master: str | None) -> tuple[list[str], dict]:
     cmd = ["bash", str(REPO / "deploy" / "submit.sh"), job]
     if master:
         cmd += ["--master", master]
     cmd += list(args)
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                WBC_SPARK_VENV=str(Path(sys.executable).parents[1]))
+    return cmd, env
+
+
+def spark_submit(job: str, *args: str, cwd: Path = REPO, master: str | None = None,
+                 timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a job through deploy/submit.sh (spark-submit) as a user would."""
+    cmd, env = _submit_command(job, args, master)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def spark_submit_background(job: str, *args: str, log: Path) -> subprocess.Popen:
+    """Start a job in its own process group (so a test can kill -9 all of it), output to
+    ``log``."""
+    cmd, env = _submit_command(job, args, None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)

@@ -294,8 +294,14 @@ def check_duplicate_labels(report: pd.DataFrame) -> None:
 
 def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
     """Ingest the configured lake; idempotent (files already ingested or quarantined skip)."""
-    settings = IngestSettings.from_config(config)
     run_id = tables.new_run_id()
+    # One ingest per dataset at a time (its lock covers the quarantine table too).
+    with tables.writer_lock(spark, config.data.dataset, run_id, "ingest"):
+        return _ingest_locked(spark, config, run_id)
+
+
+def _ingest_locked(spark: SparkSession, config: Config, run_id: str) -> IngestSummary:
+    settings = IngestSettings.from_config(config)
     dataset, quarantine = config.data.dataset, config.data.quarantine
     for table in (dataset, quarantine):
         tables.clear_staging(spark, table)

@@ -8,8 +8,8 @@ column             type       meaning
 path               string     the file (``file:/...``)
 image_id           string     from the dataset, or the file name for a raw lake
 slide              string     slide (folder relative to the lake, or from the dataset)
-sha256             string     of the file's bytes (null when unreadable)
-file_length        long       as listed, with file_mtime: what incremental runs compare
+sha256             string     of the file's bytes: the image's identity (see ``latest``)
+file_length        long       as listed
 file_mtime         timestamp
 predicted_class    string     null when ``error`` is set
 confidence         double     calibrated probability of ``predicted_class``
@@ -21,9 +21,11 @@ error              string     why the file could not be classified, else null
 run                string     partition: the scoring run that wrote the row
 =================  =========  ==========================================================
 
-Per-class table (``<score.results>_per_class``), rebuilt from the per-image table each run:
-model_id, slide (null: every image that model scored), class, count, classified (images with
-a prediction in that scope), fraction, ci_low, ci_high (95% Wilson), errors, updated_at.
+Per-class table (``<score.results>_per_class``), rebuilt each run from the latest result of
+each image (``latest``): model_id, slide (null: every image that model scored), class, count,
+classified (images with a prediction in that scope), fraction, ci_low, ci_high (95% Wilson),
+errors, flagged (cells of the class needing review), shift_cells, shift_score, shift_alarm,
+updated_at.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -54,6 +56,9 @@ from wbc_spark.transforms import cell_crop
 log = logging.getLogger(__name__)
 
 KEY = ["path", "file_length", "file_mtime"]
+# An image is its bytes: one result per (model, sha256). A file touched, copied or moved is
+# not scored again; a changed file is a new image whose result supersedes its path's old one.
+IDENTITY = ["model_id", "sha256"]
 
 
 def prediction_schema(classes: list[str]) -> T.StructType:
@@ -242,14 +247,14 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     if not src:
         raise ValueError("score.input is empty: give an image folder, a glob or a dataset")
     if _is_dataset(spark, src):
-        df = read_dataset(spark, src)
+        df = read_dataset(spark, src).where(F.col("sha256").isNotNull())
         pre = meta["preprocessing"]
         made = {(r.crop_size, r.stain or "none")
                 for r in df.select("crop_size", "stain").distinct().collect()}
         same = made == {(int(pre["crop_size"]), pre.get("stain", "none"))} and abs(
             config.data.context - float(pre["context"])) < 1e-9
         column, kind = ("crop", "crop") if same else ("image", "image")
-        return df.select(*KEY, "image_id", "slide", F.col(column).alias("data")), kind
+        return df.select(*KEY, "sha256", "image_id", "slide", F.col(column).alias("data")), kind
     is_glob = any(ch in src for ch in "*?[")
     if not is_glob and not Path(src).exists() and "://" not in src:
         raise FileNotFoundError(f"{src}: score.input not found")
@@ -271,8 +276,27 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     files = files.withColumn("_i", info("path"))
     return files.select("path", F.col("length").alias("file_length"),
                         F.col("modificationTime").alias("file_mtime"),
+                        F.sha2(F.col("content"), 256).alias("sha256"),
                         F.col("_i.image_id").alias("image_id"), F.col("_i.slide").alias("slide"),
                         F.col("content").alias("data")), "image"
+
+
+def retryable(results: DataFrame):
+    """Rows to score again: errors that the same bytes may not repeat (the file could not be
+    read at all, or an unexpected failure); a decoding error of the same bytes stands."""
+    return F.col("error").isNotNull() & (F.col("sha256").isNull()
+                                         | F.col("error").startswith("unexpected"))
+
+
+def latest(results: DataFrame) -> DataFrame:
+    """The results that count: per model, each path's newest row, then each image (sha256)
+    once, under its newest path. Every reader of the per-image table should go through it."""
+    newest = F.row_number().over(Window.partitionBy("model_id", "path")
+                                 .orderBy(F.col("scored_at").desc(), F.col("run").desc()))
+    by_path = results.withColumn("_n", newest).where(F.col("_n") == 1).drop("_n")
+    once = F.row_number().over(Window.partitionBy("model_id", F.coalesce("sha256", "path"))
+                               .orderBy(F.col("scored_at").desc(), F.col("path")))
+    return by_path.withColumn("_n", once).where(F.col("_n") == 1).drop("_n")
 
 
 def per_class_table(results: DataFrame, classes: list[str], alarm_share: float,
@@ -283,6 +307,7 @@ def per_class_table(results: DataFrame, classes: list[str], alarm_share: float,
 
     Only aggregates reach the driver (a few rows per model, slide and class).
     """
+    results = latest(results)
     scoped = (results.where(F.col("slide").isNotNull()).withColumn("scope", F.col("slide"))
               .unionByName(results.withColumn("scope", F.lit(None).cast("string"))))
     counts = (scoped.groupBy("model_id", "scope")
@@ -318,7 +343,6 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     s = config.score
     model_path = str(Path(s.model).resolve())
     _, meta = artifact.load(model_path, expected_classes=list(config.classes))
-    classes, model_id = list(meta["classes"]), meta["model_id"]
     if not meta.get("review"):
         raise artifact.ArtifactError(f"{model_path}: model has no review detectors (trained "
                                      "before review flags existed); train it again")
@@ -328,25 +352,41 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     spark.sparkContext.addFile(model_path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.batch_size))
     table = s.results
+    run_id = tables.new_run_id()
+    with tables.writer_lock(spark, table, run_id, "scoring run"):
+        return _score_locked(spark, config, model_path, meta, thresholds, run_id)
+
+
+def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: dict,
+                  thresholds: dict, run_id: str) -> dict:
+    s, table = config.score, config.score.results
+    classes, model_id = list(meta["classes"]), meta["model_id"]
     tables.clear_staging(spark, table)
     schema = results_schema(classes)
-
     frame, kind = _input_frame(spark, config, meta)
-    done = (tables.read(spark, table, schema).where(F.col("model_id") == model_id)
-            .select(*KEY))
-    todo = frame.join(done, KEY, "left_anti")
+    # The "run" column (the partition) is read too: ``latest`` orders by it.
+    stored = tables.read(spark, table, T.StructType(
+        schema.fields + [T.StructField("run", T.StringType())]))
+    done = (stored.where((F.col("model_id") == model_id) & F.col("sha256").isNotNull()
+                         & ~retryable(stored))
+            .select("sha256").distinct())
+    # Copies within this lake are one image: the first path (sorted) is scored.
+    first = F.row_number().over(Window.partitionBy("sha256").orderBy("path"))
+    todo = (frame.join(done, "sha256", "left_anti")
+            .withColumn("_n", first).where(F.col("_n") == 1).drop("_n"))
     log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
              s.precision)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
                    thresholds)
+    predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
     scored = (todo.withColumn("_p", udf("data")).drop("data")
-              .select(*KEY, "image_id", "slide", "_p.*")
+              .select(*KEY, "sha256", "image_id", "slide",
+                      *[F.col(f"_p.{n}").alias(n) for n in predicted])
               .withColumn("model_id", F.lit(model_id))
               .withColumn("scored_at", F.current_timestamp())
               .select(*schema.fieldNames()))
-    run_id = tables.new_run_id()
     scored_count = tables.append(scored, table, run_id)
-    all_results = tables.read(spark, table, schema)
+    all_results = tables.read(spark, table, stored.schema)
     summary_pd = per_class_table(all_results, classes, config.review.alarm_share,
                                  config.review.alarm_min_cells)
     tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA),

@@ -1,0 +1,119 @@
+"""Faults, overlapping runs and re-delivered files, through spark-submit on synthetic lakes.
+
+Each test counts images in and rows out: every image scored exactly once per model, none lost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pandas as pd
+import pytest
+from conftest import smear, spark_submit, spark_submit_background
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+def make_lake(root, n=8):
+    for slide in ("s1", "s2"):
+        (root / slide).mkdir(parents=True)
+        for i in range(n // 2):
+            smear(seed=1000 + 10 * len(slide) + i + (50 if slide == "s2" else 0),
+                  radius=20 + i).save(root / slide / f"c{i}.jpg")
+    return root
+
+
+def args(tmp_path, lake, model):
+    return [f"score.input={lake}", f"score.model={model}", f"score.results={tmp_path / 'res'}"]
+
+
+def exactly_once(tmp_path, n):
+    """The per-image table holds each image (content) once; the per-class table counts n."""
+    res = pd.read_parquet(tmp_path / "res")
+    assert res.sha256.notna().all()
+    assert len(res) == n and res.sha256.is_unique, res[["path", "sha256", "run"]]
+    per = pd.read_parquet(tmp_path / "res_per_class")
+    assert per[per.slide.isna()]["count"].sum() == n
+    return res
+
+
+def test_touched_copied_and_changed_files(tmp_path, tiny_artifact):
+    lake = make_lake(tmp_path / "lake")
+    first = spark_submit("score", *args(tmp_path, lake, tiny_artifact))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "scored 8 new images" in first.stdout
+    # Touch every file and copy the lake inside itself: the same bytes, new times and paths.
+    later = time.time() + 60
+    for p in lake.rglob("*.jpg"):
+        os.utime(p, (later, later))
+    shutil.copytree(lake / "s1", lake / "s1_copy")
+    again = spark_submit("score", *args(tmp_path, lake, tiny_artifact))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "scored 0 new images" in again.stdout
+    exactly_once(tmp_path, 8)
+    # A changed file is a new image under the same path: it supersedes the old result.
+    smear(seed=4242, radius=33).save(lake / "s2" / "c0.jpg")
+    changed = spark_submit("score", *args(tmp_path, lake, tiny_artifact))
+    assert "scored 1 new images" in changed.stdout
+    res = pd.read_parquet(tmp_path / "res")
+    assert len(res) == 9  # the old row stays as history ...
+    per = pd.read_parquet(tmp_path / "res_per_class")
+    assert per[per.slide.isna()]["count"].sum() == 8  # ... and is no longer counted
+    assert per[per.slide == "s2"]["count"].sum() == 4
+
+
+def test_two_scoring_runs_at_once(tmp_path, tiny_artifact):
+    lake = make_lake(tmp_path / "lake")
+    procs = [spark_submit_background("score", *args(tmp_path, lake, tiny_artifact),
+                                     log=tmp_path / f"run{i}.log") for i in range(2)]
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"run{i}.log").read_text() for i in range(2)]
+    for code, text in zip(codes, logs):
+        assert code == 0 or "is writing it; run again when it has finished" in text, text[-2000:]
+    assert 0 in codes
+    exactly_once(tmp_path, 8)
+    # Whatever the first pair did, one more run completes the lake, exactly once.
+    assert spark_submit("score", *args(tmp_path, lake, tiny_artifact)).returncode == 0
+    exactly_once(tmp_path, 8)
+
+
+def test_two_ingests_at_once(tmp_path):
+    lake = make_lake(tmp_path / "lake")
+    common = ["data.source=folder", f"data.lake={lake}", f"data.dataset={tmp_path / 'ds'}",
+              f"data.quarantine={tmp_path / 'q'}", "data.crop_size=64"]
+    procs = [spark_submit_background("ingest", *common, log=tmp_path / f"in{i}.log")
+             for i in range(2)]
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"in{i}.log").read_text() for i in range(2)]
+    for code, text in zip(codes, logs):
+        assert code == 0 or "is writing it" in text, text[-2000:]
+    assert 0 in codes
+    ds = pd.read_parquet(tmp_path / "ds")
+    assert len(ds) == 8 and ds.sha256.is_unique
+
+
+@pytest.mark.parametrize("after", [6.0, 14.0, 22.0])
+def test_killed_scoring_leaves_all_or_nothing_and_a_rerun_completes(tmp_path, tiny_artifact,
+                                                                    after):
+    """kill -9 of the whole job (driver and its Python workers) at a few moments of a run:
+    before the Spark session, while scoring, around the commit."""
+    lake = make_lake(tmp_path / "lake", n=16)
+    proc = spark_submit_background("score", *args(tmp_path, lake, tiny_artifact),
+                                   log=tmp_path / "killed.log")
+    try:
+        proc.wait(timeout=after)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    res_dir = tmp_path / "res"
+    if res_dir.exists() and any(res_dir.glob("run=*")):
+        # Whatever was committed is a whole run: each image at most once.
+        res = pd.read_parquet(res_dir)
+        assert res.sha256.is_unique
+    rerun = spark_submit("score", *args(tmp_path, lake, tiny_artifact))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    exactly_once(tmp_path, 16)
+    assert not (res_dir / "_lock").exists()
