@@ -127,8 +127,10 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     (lake / "s2" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     Image.fromarray(noise).save(lake / "s2" / "noise.png")
-    out = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
+    proc = run_ok("score", *score_args(tmp_path, lake, tiny_artifact))
+    out = proc.stdout
     assert "scored 8 new images (1 with errors)" in out
+    assert "pyarrow_hotfix active: True" in proc.stdout + proc.stderr
     assert re.search(r"review: \d+ of them flagged for review", out)
     res = pd.read_parquet(tmp_path / "res")
     assert len(res) == 8 and res.path.is_unique

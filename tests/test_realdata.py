@@ -111,6 +111,7 @@ def test_distributed_training_beats_the_bar_on_held_out_data(krd_run):
     assert raw["classes"] == CLASSES and raw["architecture"]["freeze_until"] == "inception4e"
     assert raw["weights_provenance"]["source"] == "bvlc"
     assert 0.05 < raw["temperature"] < 20
+    assert ev["model_id"] == raw["model_id"]  # the evaluation describes this artifact
     # Review detectors fitted, thresholds set on validation, applied to the test fold.
     rv = ev["review"]
     assert 0 < raw["review"]["confidence_threshold"] <= 1

@@ -1,0 +1,18 @@
+"""wbc_spark: white blood cell classification at hospital scale.
+
+Importing the package installs ``pyarrow_hotfix`` first: pyarrow 14 (which petastorm pins) is
+in the range of PYSEC-2024-161 / CVE-2023-47248 (arbitrary code execution when reading an
+untrusted Arrow IPC or Parquet file with a ``PyExtensionType`` column), and the hotfix is the
+published mitigation for versions that cannot upgrade. Every process that runs our code (the
+jobs' drivers, the Python workers of the scoring UDF and ingest, the training processes and
+their petastorm readers) imports this package before it reads a table.
+"""
+
+import pyarrow_hotfix  # noqa: F401  (installs itself on import)
+
+
+def hotfix_active() -> bool:
+    """Whether pyarrow refuses to unpickle ``arrow.py_extension_type`` in this process."""
+    import pyarrow
+
+    return bool(getattr(pyarrow, "_hotfix_installed", False))

@@ -15,7 +15,16 @@ from typing import Any
 
 import yaml
 
+from wbc_spark.model.googlenet import BLOCKS  # the architecture's block names (a leaf module)
+
 CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
+
+# The choices each stage offers; the stages import them from here, so that configuration
+# sits at the bottom of the package and validating it imports no stage.
+STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround")  # wbc_spark/stain.py
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # frozen layers' arithmetic (model/transfer.py)
+MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
+SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class")  # wbc_spark/train.py
 
 
 def shared_dir() -> Path | None:
@@ -311,18 +320,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(config: Config) -> None:
     """Refuse settings that cannot work, naming the valid choices."""
-    from wbc_spark.model.googlenet import BLOCKS
-    from wbc_spark.model.transfer import PRECISIONS
-    from wbc_spark.model.weights import SOURCES
-    from wbc_spark.stain import MODES as STAIN_MODES
-    from wbc_spark.train import SAMPLINGS
-
     if config.data.source not in ("krd_wbc", "folder", "manifest"):
         raise ConfigError(f"data.source={config.data.source!r}; choose krd_wbc, folder or "
                           "manifest")
-    if config.model.source not in SOURCES:
+    if config.model.source not in MODEL_SOURCES:
         raise ConfigError(f"model.source={config.model.source!r}; choose one of "
-                          f"{', '.join(SOURCES)}")
+                          f"{', '.join(MODEL_SOURCES)}")
     if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")

@@ -7,7 +7,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class BadImage(ValueError):
@@ -47,7 +47,24 @@ def decode(data: bytes | None, *, min_side: int = 32, max_pixels: int = 40_000_0
     except (OSError, SyntaxError, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
         raise BadImage(f"corrupt or truncated: {reason}") from None
-    return image
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as the camera saw it: EXIF orientation applied, 16-bit and float greyscale
+    scaled by their range (not clipped), transparency laid on white, CMYK and palettes
+    converted. A multi-frame file (TIFF pages, GIF animation) gives its first frame."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if image.mode.startswith("I;16") or a.max() > 255 else (0, 255)
+        image = Image.fromarray(np.clip((a - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 def decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:

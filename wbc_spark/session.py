@@ -8,7 +8,8 @@ import os
 import sys
 import time
 
-from wbc_spark.config import Config
+import wbc_spark
+from wbc_spark.config import Config, load_config
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -20,6 +21,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 def log_config(config: Config) -> None:
     logging.getLogger("wbc_spark").info("resolved config: %s", json.dumps(config.to_dict()))
+    logging.getLogger("wbc_spark").info("pyarrow_hotfix active: %s", wbc_spark.hotfix_active())
 
 
 def submitted_master() -> str | None:
@@ -67,8 +69,6 @@ def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
     line naming the problem (the traceback goes to the log at DEBUG) and exits 1.
     """
     import argparse
-
-    from wbc_spark.config import load_config
 
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=doc.splitlines()[0])
     parser.add_argument("--config", default="conf/local.yaml")

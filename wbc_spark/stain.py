@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from wbc_spark.augment import hsv_to_rgb, rgb_to_hsv
+from wbc_spark.config import STAIN_MODES as MODES
 
-MODES = ("none", "field", "white", "surround")
 #: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
 #: that asks for more (a cell filling the field, KRD-WBC's purple-tinted basophil session)
 #: is measuring something else than the stain, and fully "correcting" it would turn a purple
@@ -136,30 +136,3 @@ def surround_balance(crop: np.ndarray) -> np.ndarray:
     """
     gain = SURROUND / surround_mean(crop)
     return np.clip(crop.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
-
-
-def _reference_from_krd_wbc() -> FieldStain:
-    """Median field stain over KRD-WBC (how ``REFERENCE`` was set)."""
-    from PIL import Image
-
-    from wbc_spark.sources.krd_wbc import default_root
-    from wbc_spark.transforms import LOCATE_SIZE, cell_mask, field_stain_around
-
-    stains = []
-    for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg")):
-        small = Image.open(path).convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE),
-                                                       Image.BILINEAR)
-        small = np.asarray(small)
-        stains.append(field_stain_around(small, cell_mask(small)))
-    hues = np.array([s.hue for s in stains])
-    # Circular median is overkill here: KRD-WBC's field hues sit in one narrow arc.
-    centre = np.angle(np.exp(2j * np.pi * hues).mean()) / (2 * np.pi) % 1.0
-    offset = (hues - centre + 0.5) % 1.0 - 0.5
-    return FieldStain(float((centre + np.median(offset)) % 1.0),
-                      float(np.median([s.saturation for s in stains])),
-                      float(np.median([s.v_low for s in stains])),
-                      float(np.median([s.v_high for s in stains])))
-
-
-if __name__ == "__main__":
-    print(_reference_from_krd_wbc())

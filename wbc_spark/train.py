@@ -26,9 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wbc_spark import metrics, review
+from wbc_spark import artifact, metrics, review
 from wbc_spark.augment import AugmentSettings, augment
+from wbc_spark.config import SAMPLINGS
 from wbc_spark.config import ReviewConfig as ReviewSettings
+from wbc_spark.model.transfer import build_classifier, parameter_summary
+from wbc_spark.model.weights import load_pretrained
+from wbc_spark.sources.folder import local_path
 from wbc_spark.model.transfer import inference_precision
 
 log = logging.getLogger(__name__)
@@ -201,7 +205,6 @@ class FitResult:
     history: list[dict]
 
 
-SAMPLINGS = ("shuffle", "balanced", "lab_class")
 
 
 def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
@@ -354,8 +357,6 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
     pyarrow (for the small validation and test sets)."""
     import pyarrow.dataset as pads
 
-    from wbc_spark.sources.folder import local_path
-
     data = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet")
     # Streamed in record batches: the test fold of a large dataset never sits in memory whole.
     for record_batch in data.to_batches(columns=["crop", "label_index", "row"],
@@ -378,8 +379,6 @@ def distributed_worker(job: dict) -> dict | None:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from wbc_spark.model.transfer import build_classifier, parameter_summary
-    from wbc_spark.model.weights import load_pretrained
 
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s")
@@ -467,8 +466,6 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
                      labels: np.ndarray, rows: list[int], params: dict,
                      detectors: review.ReviewModel) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
-    from wbc_spark import artifact
-
     classes = job["classes"]
     out = Path(job["output"])
     out.mkdir(parents=True, exist_ok=True)
@@ -491,19 +488,9 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         "review": review_report(reasons, probs.argmax(1) == labels, lab_d,
                                 detectors.lab_threshold, detectors.validation),
     }
-    ids = [job["image_ids"][r] for r in rows]
-    preds = pd.DataFrame({"image_id": ids, "source": labs, "label": [classes[i] for i in labels],
-                          "predicted": [classes[i] for i in probs.argmax(1)]})
-    for i, c in enumerate(classes):
-        preds[f"p_{c}"] = probs[:, i]
-    preds["review_reason"] = reasons
-    _atomic_write(out / "test_predictions.csv", preds.to_csv(index=False).encode())
-    _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
-    metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
-                          f"test fold {job['test_fold']}: rows true, columns predicted")
-    text = metrics.format_report(report) + "".join(
-        f"\n\n== test fold, lab {lab} ==\n{metrics.format_report(r)}" for lab, r in per_lab.items())
-    _atomic_write(out / "confusion.txt", text.encode())
+    # The artifact first, then the files that describe it (each naming its model_id): a
+    # training killed in between leaves a model whose evaluation.json names another model_id,
+    # never an evaluation of a model that does not exist.
     model_id = artifact.save(
         out / "model.pt", model, classes=classes, source=pretrained.source,
         convention=pretrained.convention,
@@ -518,6 +505,19 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         review=detectors.to_state(),
     )
     evaluation["model_id"] = model_id
+    ids = [job["image_ids"][r] for r in rows]
+    preds = pd.DataFrame({"image_id": ids, "source": labs, "label": [classes[i] for i in labels],
+                          "predicted": [classes[i] for i in probs.argmax(1)]})
+    for i, c in enumerate(classes):
+        preds[f"p_{c}"] = probs[:, i]
+    preds["review_reason"] = reasons
+    _atomic_write(out / "test_predictions.csv", preds.to_csv(index=False).encode())
+    _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
+    metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
+                          f"test fold {job['test_fold']}: rows true, columns predicted")
+    text = metrics.format_report(report) + "".join(
+        f"\n\n== test fold, lab {lab} ==\n{metrics.format_report(r)}" for lab, r in per_lab.items())
+    _atomic_write(out / "confusion.txt", text.encode())
     log.info("saved %s (model_id %s)", out / "model.pt", model_id)
     return {"model_id": model_id, "test": {k: report[k] for k in (
         "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from wbc_spark.stain import MODES as STAIN_MODES
+from wbc_spark.config import STAIN_MODES
+from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import (
     FieldStain,
     background_white,
@@ -193,3 +194,25 @@ def dihedral(images: np.ndarray, k: int) -> np.ndarray:
     if k >= 4:
         out = out[:, :, ::-1]
     return np.ascontiguousarray(out)
+
+
+def reference_from_krd_wbc() -> FieldStain:
+    """Median field stain over KRD-WBC (how ``REFERENCE`` was set)."""
+    stains = []
+    for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg")):
+        small = Image.open(path).convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE),
+                                                       Image.BILINEAR)
+        small = np.asarray(small)
+        stains.append(field_stain_around(small, cell_mask(small)))
+    hues = np.array([s.hue for s in stains])
+    # Circular median is overkill here: KRD-WBC's field hues sit in one narrow arc.
+    centre = np.angle(np.exp(2j * np.pi * hues).mean()) / (2 * np.pi) % 1.0
+    offset = (hues - centre + 0.5) % 1.0 - 0.5
+    return FieldStain(float((centre + np.median(offset)) % 1.0),
+                      float(np.median([s.saturation for s in stains])),
+                      float(np.median([s.v_low for s in stains])),
+                      float(np.median([s.v_high for s in stains])))
+
+
+if __name__ == "__main__":
+    print(reference_from_krd_wbc())

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
-from wbc_spark.model.weights import InputConvention, PretrainedModel, build_architecture
+from wbc_spark.config import PRECISIONS
+from wbc_spark.model.weights import (InputConvention, Normalize, PretrainedModel,
+                                     build_architecture)
 
 log = logging.getLogger(__name__)
 
 #: Arithmetic for forward passes that train nothing (the frozen-feature cache, scoring).
-PRECISIONS = ("fp32", "bf16")
 
 
 def inference_precision(precision: str) -> contextlib.AbstractContextManager:
@@ -32,25 +33,6 @@ def inference_precision(precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
-
-
-class Normalize(nn.Module):
-    """uint8 RGB N x H x W x 3 -> the network's float N x 3 x H x W input."""
-
-    def __init__(self, convention: InputConvention) -> None:
-        super().__init__()
-        self.bgr = convention.channel_order == "BGR"
-        self.scale = convention.scale
-        self.register_buffer("mean", torch.tensor(convention.mean).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(convention.std).view(1, 3, 1, 1),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).float()
-        if self.bgr:
-            x = x.flip(1)
-        return (x * self.scale - self.mean) / self.std
 
 
 class _TorchvisionInput(nn.Module):

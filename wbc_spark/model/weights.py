@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from wbc_spark.config import MODEL_SOURCES as SOURCES
+from wbc_spark.config import shared_dir
 from wbc_spark.model.googlenet import BVLCGoogLeNet, caffe_blob_names
 
 log = logging.getLogger(__name__)
 
 ENV_WEIGHTS_DIR = "WBC_SPARK_WEIGHTS_DIR"
-SOURCES = ("bvlc", "torchvision")
 
 
 class WeightsError(RuntimeError):
@@ -95,7 +96,6 @@ def default_weight_dirs() -> list[Path]:
         dirs.append(Path(os.environ[ENV_WEIGHTS_DIR]))
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     dirs.append(cache / "wbc_spark" / "bvlc_googlenet")
-    from wbc_spark.config import shared_dir
 
     shared = shared_dir()
     if shared is not None:
@@ -251,8 +251,25 @@ def load_pretrained(source: str = "bvlc", weights_dir: str | os.PathLike | None 
     raise ValueError(f"unknown weight source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
+class Normalize(nn.Module):
+    """uint8 RGB N x H x W x 3 -> the network's float N x 3 x H x W input."""
+
+    def __init__(self, convention: InputConvention) -> None:
+        super().__init__()
+        self.bgr = convention.channel_order == "BGR"
+        self.scale = convention.scale
+        self.register_buffer("mean", torch.tensor(convention.mean).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(convention.std).view(1, 3, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        if self.bgr:
+            x = x.flip(1)
+        return (x * self.scale - self.mean) / self.std
+
+
 def to_input(images: torch.Tensor, convention: InputConvention) -> torch.Tensor:
     """uint8 RGB images (N x H x W x 3) -> the network's float input (N x 3 x H x W)."""
-    from wbc_spark.model.transfer import Normalize  # transfer imports this module
-
     return Normalize(convention)(images)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wbc_spark.config import shared_dir
 from wbc_spark.sources import CATALOG_COLUMNS
 
 ENV_KRD_WBC = "WBC_SPARK_KRD_WBC"
@@ -35,7 +36,6 @@ class LabelFileError(ValueError):
 
 def default_root() -> Path:
     """KRD-WBC's folder: $WBC_SPARK_KRD_WBC, else ../shared/data/KRD-WBC beside the repo."""
-    from wbc_spark.config import shared_dir
 
     if os.environ.get(ENV_KRD_WBC):
         return Path(os.environ[ENV_KRD_WBC])

@@ -1,0 +1,32 @@
+"""The package's layering: configuration at the bottom, stages above, no import cycle."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import check_imports  # noqa: E402
+
+
+def test_no_import_cycle_and_no_hidden_imports():
+    graph, inner = check_imports.imports()
+    assert inner == []
+    from graphlib import TopologicalSorter
+
+    list(TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+
+
+def test_configuration_imports_no_stage():
+    graph, _ = check_imports.imports()
+    assert graph["wbc_spark.config"] <= {"wbc_spark.model.googlenet"}
+
+
+def test_the_checker_finds_a_cycle(tmp_path):
+    pkg = tmp_path / "wbc_spark"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from wbc_spark import b\n")
+    (pkg / "b.py").write_text("def f():\n    from wbc_spark import a\n")
+    graph, inner = check_imports.imports(tmp_path)
+    assert graph["wbc_spark.a"] == {"wbc_spark.b"} and graph["wbc_spark.b"] == {"wbc_spark.a"}
+    assert inner == ["wbc_spark.b:2 imports wbc_spark.a"]
