@@ -30,6 +30,7 @@ import torch
 from wbc_spark import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.explain import overlay_png
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
@@ -68,7 +69,7 @@ def main() -> int:
                         args.config, f"data.dataset={dataset}"], check=True, cwd=REPO)
     start = time.perf_counter()
     classes = list(config.classes)
-    df = crossval.load_dataset(dataset, classes, config.data.stain)
+    df = crossval.load_dataset(dataset, classes, Preprocessing.from_config(config))
     labels = df.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
     meta = df[["image_id", "label", "group", "sha256"]]
     pretrained = load_pretrained(config.model.source, config.model.weights_dir or None)

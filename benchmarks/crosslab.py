@@ -38,6 +38,7 @@ from PIL import Image
 from wbc_spark import crossval, metrics
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, train_val_test
@@ -174,7 +175,7 @@ def main() -> int:
     dataset = args.dataset or config.data.dataset
     classes = list(config.classes)
     start = time.perf_counter()
-    df = crossval.load_dataset(dataset, classes, config.data.stain)
+    df = crossval.load_dataset(dataset, classes, Preprocessing.from_config(config))
     labs = sorted(df.source.unique())
     if len(labs) != 2:
         raise SystemExit(f"{dataset}: holds labs {labs}; the protocol needs two (ingest "

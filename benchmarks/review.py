@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 from wbc_spark import crossval, metrics, review
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, train_val_test
@@ -194,7 +195,7 @@ def main() -> int:
     classes, others = list(config.classes), list(config.other_labels)
     dataset = args.dataset or config.data.dataset
     start = time.perf_counter()
-    everything = crossval.load_dataset(dataset, classes + others, config.data.stain)
+    everything = crossval.load_dataset(dataset, classes + others, Preprocessing.from_config(config))
     if args.sample:
         everything = (everything.groupby(["source", "label"], group_keys=False)
                       .apply(lambda g: g.sample(min(len(g), args.sample), random_state=0))

@@ -3,6 +3,7 @@ import pytest
 from conftest import smear
 
 from wbc_spark.crossval import cut_at_cell, load_dataset
+from wbc_spark.preprocessing import ContractError, Preprocessing, of_dataset
 from wbc_spark.transforms import locate_cell
 
 
@@ -10,16 +11,27 @@ def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
     rows = pd.DataFrame({"image_id": ["a", "b"], "label": ["Neutrophil", "Lymphocyte"],
                          "group": ["a", "b"], "sha256": ["1", "2"], "crop": [b"x", b"y"],
                          "source": ["lab", "lab"],
-                         "crop_size": [1, 1], "stain": ["none", "none"], "image": [b"", b""],
+                         "crop_size": [1, 1], "context": [1.5, 1.5], "stain": ["none", "none"],
+                         "image": [b"", b""], "cell_found": [True, True],
                          "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]],
                          "width": [1, 1], "height": [1, 1], "path": ["a.jpg", "b.jpg"],
                          "ingested_at": pd.to_datetime(["2026-01-01", "2026-01-01"])})
     (tmp_path / "batch=1").mkdir()
     rows.to_parquet(tmp_path / "batch=1" / "part.parquet")
     classes = ["Neutrophil", "Lymphocyte"]
-    assert len(load_dataset(str(tmp_path), classes, "none")) == 2
-    with pytest.raises(ValueError, match="crops were made with stain \\['none'\\].*'field'"):
-        load_dataset(str(tmp_path), classes, "field")
+    assert len(load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "none"))) == 2
+    with pytest.raises(ContractError, match="crops were made as .*'none'.*'field'"):
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "field"))
+    with pytest.raises(ContractError, match="'context': 1.5.*'context': 2.0"):
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 2.0, "none"))
+
+
+def test_a_dataset_mixing_contracts_or_without_context_is_refused():
+    with pytest.raises(ContractError, match="made in 2 ways"):
+        of_dataset([(224, 1.5, "none"), (224, 1.5, "surround")], "ds")
+    with pytest.raises(ContractError, match="before the crop context was stored"):
+        of_dataset([(224, None, "none")], "ds")
+    assert of_dataset([(224, 1.5, None)] * 3, "ds") == Preprocessing(224, 1.5, "none")
 
 
 @pytest.mark.parametrize("side", range(4))

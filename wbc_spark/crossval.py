@@ -21,9 +21,10 @@ import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
-from wbc_spark import metrics
+from wbc_spark import metrics, preprocessing
 from wbc_spark.augment import AugmentSettings, augment, stain_shift
 from wbc_spark.explain import area_on_cell, class_activation_maps, crop_mask, mass_on_cell
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
 from wbc_spark.transforms import cell_crop, locate_cell
@@ -31,21 +32,23 @@ from wbc_spark.transforms import cell_crop, locate_cell
 log = logging.getLogger(__name__)
 
 
-def load_dataset(path: str, classes: list[str], stain: str | None = None) -> pd.DataFrame:
+def load_dataset(path: str, classes: list[str], wanted: Preprocessing | None = None
+                 ) -> pd.DataFrame:
     """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
-    with ``stain``, refuse a dataset whose crops were made with another standardisation."""
+    with ``wanted``, refuse a dataset whose crops were made another way
+    (``wbc_spark.preprocessing.check``)."""
     table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
         columns=["image_id", "path", "source", "label", "group", "sha256", "crop", "crop_size",
-                 "stain", "cell_found",
+                 "context", "stain", "cell_found",
                  "image", "mask", "crop_box", "width", "height", "ingested_at"])
     df = table.to_pandas()
     # As wbc_spark.ingest.read_dataset: each path's latest ingest supersedes earlier ones.
     df = df.sort_values("ingested_at").drop_duplicates("path", keep="last")
     df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
-    made = set(df.stain.fillna("none"))
-    if stain is not None and made != {stain}:
-        raise ValueError(f"{path}: crops were made with stain {sorted(made)}, the config "
-                         f"wants {stain!r}; ingest again into a new data.dataset")
+    if wanted is not None:
+        made = preprocessing.of_dataset(
+            df[["crop_size", "context", "stain"]].itertuples(index=False), path)
+        preprocessing.check(made, wanted, path, "ingest again into a new data.dataset")
     return df
 
 

@@ -21,6 +21,7 @@ mask            binary     ground-truth cell mask as PNG (thresholded > 127), or
 image           binary     the original file's bytes
 crop            binary     cell crop, crop_size x crop_size x 3 uint8 RGB, row-major
 crop_size       int        side of ``crop``
+context         double     crop side / located cell's larger side (wbc_spark.preprocessing)
 stain           string     stain standardisation applied to ``crop`` ("none" or "field")
 crop_box        array<int> left, top, side of the crop in the original image
 cell_found      boolean    false when no stained cell stood out (centre crop used)
@@ -71,6 +72,7 @@ DATASET_SCHEMA = T.StructType([
     T.StructField("image", T.BinaryType()),
     T.StructField("crop", T.BinaryType()),
     T.StructField("crop_size", T.IntegerType()),
+    T.StructField("context", T.DoubleType()),
     T.StructField("stain", T.StringType()),
     T.StructField("crop_box", T.ArrayType(T.IntegerType())),
     T.StructField("cell_found", T.BooleanType()),
@@ -116,7 +118,7 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     out = {name: row.get(name) for name in PROCESSED_SCHEMA.fieldNames()}
     content = row.get("content")
     out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size,
-               stain=settings.stain, reason=None)
+               context=settings.context, stain=settings.stain, reason=None)
     if content is None:
         local = folder.local_path(row.get("path") or "")
         exists = os.path.isfile(local)

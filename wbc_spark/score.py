@@ -44,10 +44,11 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from wbc_spark import artifact, images, review, tables
+from wbc_spark import artifact, images, preprocessing, review, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.metrics import wilson
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import inference_precision
 from wbc_spark.sources.folder import path_metadata
 from wbc_spark.train import softmax
@@ -124,15 +125,14 @@ def load_model_once(path: str, threads: int = 1):
 
 
 def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, bool]:
-    pre = meta["preprocessing"]
-    size = int(pre["crop_size"])
+    pre = Preprocessing.from_artifact(meta)
+    size = pre.crop_size
     if kind == "crop":
         if data is None or len(data) != size * size * 3:
             raise images.BadImage(f"stored crop is not {size}x{size}x3")
         return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3), True
     img = images.decode(data)
-    crop, box, _ = cell_crop(img, size, context=float(pre["context"]),
-                             stain=pre.get("stain", "none"))
+    crop, box, _ = cell_crop(img, size, context=pre.context, stain=pre.stain)
     return crop, box.found
 
 
@@ -248,11 +248,15 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
         raise ValueError("score.input is empty: give an image folder, a glob or a dataset")
     if _is_dataset(spark, src):
         df = read_dataset(spark, src).where(F.col("sha256").isNotNull())
-        pre = meta["preprocessing"]
-        made = {(r.crop_size, r.stain or "none")
-                for r in df.select("crop_size", "stain").distinct().collect()}
-        same = made == {(int(pre["crop_size"]), pre.get("stain", "none"))} and abs(
-            config.data.context - float(pre["context"])) < 1e-9
+        # Stored crops made as the model's were are used as they are; otherwise every image
+        # is located and cropped again, as the model's preprocessing says.
+        try:
+            made = preprocessing.of_dataset(
+                df.select("crop_size", "context", "stain").distinct().collect(), src)
+            same = made.same_as(Preprocessing.from_artifact(meta))
+        except preprocessing.ContractError as exc:
+            log.info("%s; cropping the original images again", exc)
+            same = False
         column, kind = ("crop", "crop") if same else ("image", "image")
         return df.select(*KEY, "sha256", "image_id", "slide", F.col(column).alias("data")), kind
     is_glob = any(ch in src for ch in "*?[")

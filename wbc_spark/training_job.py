@@ -9,10 +9,11 @@ import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from wbc_spark import tables
+from wbc_spark import preprocessing, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.model.weights import resolve_bvlc_dir
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import Recipe, distributed_worker
 
@@ -50,12 +51,12 @@ def run_training(spark: SparkSession, config: Config) -> dict:
                          "silently (set 'classes' or 'other_labels', or fix the labels)")
     if outside:
         log.info("not trained on (other_labels, not one of the classes): %s", outside)
-    made = sorted((r.crop_size, r.stain or "none")
-                  for r in labelled.select("crop_size", "stain").distinct().collect())
-    wanted = (config.data.crop_size, config.data.stain)
-    if made != [wanted]:
-        raise ValueError(f"{config.data.dataset}: crops were made as (crop_size, stain) {made}, "
-                         f"the config wants {wanted}; ingest again into a new data.dataset")
+    contract = preprocessing.of_dataset(
+        labelled.select("crop_size", "context", "stain").distinct().collect(),
+        config.data.dataset)
+    preprocessing.check(contract, Preprocessing.from_config(config), config.data.dataset,
+                        "ingest again into a new data.dataset, or set data.crop_size, "
+                        "data.context and data.stain to how it was made")
     # Metadata only (no pixels) comes to the driver to compute the grouped split.
     meta = (labelled.select("image_id", "sha256", "label", "group", "source")
             .orderBy("image_id").toPandas())
@@ -90,8 +91,7 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             "classes": classes, "recipe": Recipe.from_config(t).__dict__,
             "model_source": config.model.source, "weights_dir": weights_dir,
             "freeze_until": config.model.freeze_until, "dropout": config.model.dropout,
-            "crop_size": config.data.crop_size, "context": config.data.context,
-            "stain": config.data.stain,
+            "crop_size": contract.crop_size, "preprocessing": contract.to_dict(),
             "threads_per_process": t.threads_per_process, "views": t.views,
             "cache_gib": t.cache_gib,
             "frozen_precision": t.frozen_precision,

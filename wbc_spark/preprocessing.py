@@ -1,0 +1,66 @@
+"""The preprocessing contract: how a crop was made (side, context, stain standardisation).
+
+Ingest stores it with every dataset row, training reads it from the dataset and writes it into
+the model artifact, and scoring and cross-validation compare against it; ``check`` is the one
+rule they all apply. Crops made one way and a model trained on crops made another way do not
+mix: the job refuses (training, cross-validation) or re-crops from the original images
+(scoring a dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from wbc_spark.config import Config
+
+
+class ContractError(ValueError):
+    """Crops were made differently from what is asked of them."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    crop_size: int
+    context: float  # crop side / located cell's larger side
+    stain: str  # wbc_spark.stain mode
+
+    @classmethod
+    def from_config(cls, config: Config) -> Preprocessing:
+        d = config.data
+        return cls(int(d.crop_size), float(d.context), d.stain)
+
+    @classmethod
+    def from_artifact(cls, meta: dict) -> Preprocessing:
+        pre = meta["preprocessing"]
+        return cls(int(pre["crop_size"]), float(pre["context"]), pre.get("stain", "none"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def same_as(self, other: Preprocessing) -> bool:
+        return (self.crop_size == other.crop_size and abs(self.context - other.context) < 1e-9
+                and self.stain == other.stain)
+
+
+def of_dataset(rows: Iterable[tuple], where: str) -> Preprocessing:
+    """The one contract of a dataset's rows, from its distinct (crop_size, context, stain);
+    refuse a dataset that mixes several, or was made before the context was stored."""
+    made = sorted({(int(s), c if c is None else float(c), st or "none") for s, c, st in rows},
+                  key=str)
+    if not made:
+        raise ContractError(f"{where}: no rows")
+    if any(c is None for _, c, _ in made):
+        raise ContractError(f"{where}: made before the crop context was stored with each row; "
+                            "ingest the lake again into a new data.dataset")
+    if len(made) > 1:
+        raise ContractError(f"{where}: crops made in {len(made)} ways (crop_size, context, "
+                            f"stain) {made}; ingest again into a new data.dataset")
+    return Preprocessing(*made[0])
+
+
+def check(made: Preprocessing, wanted: Preprocessing, where: str, remedy: str) -> None:
+    """Refuse when crops ``made`` one way are asked for as ``wanted``."""
+    if not made.same_as(wanted):
+        raise ContractError(f"{where}: crops were made as {made.to_dict()}, {wanted.to_dict()} "
+                            f"is wanted; {remedy}")
