@@ -119,6 +119,9 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     content = row.get("content")
     out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size,
                context=settings.context, stain=settings.stain, reason=None)
+    if content is None and folder.name_problem(row.get("path") or ""):
+        out["reason"] = folder.name_problem(row["path"])
+        return out
     if content is None:
         local = folder.local_path(row.get("path") or "")
         exists = os.path.isfile(local)
@@ -195,6 +198,10 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
         if empties:
             files = files.unionByName(spark.createDataFrame(
                 [(p, t, 0, b"") for p, t in empties], files.schema))
+        unnamed = folder.unlistable(lake)  # names Spark cannot list: recorded, not lost
+        if unnamed:
+            files = files.unionByName(spark.createDataFrame(
+                [(p, None, 0, None) for p in unnamed], files.schema))
         meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
                                     ("image_id", "label", "group", "slide")])
 

@@ -48,8 +48,9 @@ from wbc_spark import artifact, images, preprocessing, review, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.metrics import wilson
-from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import inference_precision
+from wbc_spark.preprocessing import Preprocessing
+from wbc_spark.sources import folder
 from wbc_spark.sources.folder import path_metadata
 from wbc_spark.train import softmax
 from wbc_spark.transforms import cell_crop
@@ -267,6 +268,13 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     if not is_glob:
         reader = reader.option("recursiveFileLookup", "true")
     files = reader.load(root)
+    if not is_glob:
+        # What Spark's listing skips is recorded, not lost: empty files (an error row, "empty
+        # file") and, on a local lake, names it cannot represent (see ``folder.unlistable``).
+        extra = [(p, t, 0, b"") for p, t in tables.empty_files(spark, root)]
+        extra += [(p, None, 0, None) for p in folder.unlistable(root)]
+        if extra:
+            files = files.unionByName(spark.createDataFrame(extra, files.schema))
     base = root if not is_glob else os.path.dirname(root.split("*")[0])
     meta_schema = T.StructType([T.StructField("image_id", T.StringType()),
                                 T.StructField("slide", T.StringType())])
@@ -375,7 +383,8 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
                          & ~retryable(stored))
             .select("sha256").distinct())
     # Copies within this lake are one image: the first path (sorted) is scored.
-    first = F.row_number().over(Window.partitionBy("sha256").orderBy("path"))
+    first = F.row_number().over(Window.partitionBy(F.coalesce("sha256", "path"))
+                                .orderBy("path"))
     todo = (frame.join(done, "sha256", "left_anti")
             .withColumn("_n", first).where(F.col("_n") == 1).drop("_n"))
     log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
@@ -383,9 +392,13 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
                    thresholds)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
+    unnamed = folder.unlistable(s.input) if kind == "image" else []
     scored = (todo.withColumn("_p", udf("data")).drop("data")
               .select(*KEY, "sha256", "image_id", "slide",
                       *[F.col(f"_p.{n}").alias(n) for n in predicted])
+              .withColumn("error", F.when(F.col("path").isin(unnamed),
+                                          F.lit(folder.UNREADABLE_NAME))
+                          .otherwise(F.col("error")))
               .withColumn("model_id", F.lit(model_id))
               .withColumn("scored_at", F.current_timestamp())
               .select(*schema.fieldNames()))

@@ -7,8 +7,39 @@ relative to the lake). Spark lists and reads the files; this module only interpr
 
 from __future__ import annotations
 
+import os
 from pathlib import PurePosixPath
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote_from_bytes, unquote, unquote_to_bytes, urlparse
+
+UNREADABLE_NAME = ("file name is not valid UTF-8, so Spark cannot list or read it; rename the "
+                   "file")
+
+
+def unlistable(lake: str) -> list[str]:
+    """Files under a local ``lake`` whose names Spark's (Java's) file listing cannot represent
+    (not valid UTF-8), as ``file:`` URIs with the name's bytes percent-encoded, so they are
+    recorded instead of silently missing. Empty for lakes on other file systems."""
+    parsed = urlparse(lake)
+    if parsed.scheme not in ("", "file") or not os.path.isdir(parsed.path or lake):
+        return []
+    out = []
+    for folder, _, names in os.walk(os.fsencode(parsed.path or lake)):
+        for name in names:
+            full = os.path.join(folder, name)
+            try:
+                full.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append("file:" + quote_from_bytes(full, safe="/"))
+    return sorted(out)
+
+
+def name_problem(uri: str) -> str | None:
+    """``UNREADABLE_NAME`` for a path from ``unlistable``, else None."""
+    try:
+        unquote_to_bytes(urlparse(uri).path).decode("utf-8")
+    except UnicodeDecodeError:
+        return UNREADABLE_NAME
+    return None
 
 
 def local_path(uri: str) -> str:
