@@ -419,14 +419,24 @@ def distributed_worker(job: dict) -> dict | None:
                     job["views"], job["views"] * job["n_train"] / world * view_bytes / 2**30,
                     views, job["cache_gib"])
     start = time.perf_counter()
-    with job["conv_train"].make_torch_dataloader(
-            batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
-            shard_count=world, transform_spec=transform_spec(size, train=True, seed=recipe.seed,
-                                          settings=AugmentSettings(**job["augment"])),
-            shuffling_queue_capacity=0) as loader:
-        train_rows: list[int] = []
-        train_feats, train_labels = frozen_features(model, _loader_batches(loader, train_rows),
-                                                    precision)
+    for attempt in (1, 2):
+        # petastorm 0.13.1's reader was seen, rarely, to deliver nothing at all: read again
+        # once (loudly) before giving up; a partial shard is refused below.
+        with job["conv_train"].make_torch_dataloader(
+                batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
+                shard_count=world,
+                transform_spec=transform_spec(size, train=True, seed=recipe.seed,
+                                              settings=AugmentSettings(**job["augment"])),
+                shuffling_queue_capacity=0) as loader:
+            train_rows: list[int] = []
+            stream = _loader_batches(loader, train_rows)
+            first = next(stream, None)
+            if first is not None or attempt == 2:
+                head = [first] if first is not None else []
+                train_feats, train_labels = frozen_features(
+                    model, itertools.chain(head, stream), precision)
+                break
+        log.warning("petastorm delivered no training rows to rank %d; reading again", rank())
     train_labs = np.asarray([job["sources"][r] for r in train_rows])
     expected = views * job["n_train"] / world
     if len(train_feats) < 0.5 * expected:

@@ -1,0 +1,139 @@
+"""Where each scored image's time goes: the scoring path's stages, each timed alone.
+
+    .venv/bin/python benchmarks/stages.py [--images 300] [--threads 1] [--model runs/model/model.pt]
+
+On the same images (the first ``--images`` of KRD-WBC, or ``--lake``) and the same number of
+torch threads as one scoring worker (``score.threads_per_worker``, default 1), times each
+stage of ``wbc_spark.score.classify_frame`` on its own: file read, JPEG decode (with the
+conversion to RGB), cell location (downscale and stain mask), crop and resize, stain
+standardisation, the frozen layers (in fp32 and bf16), the trained layers and head, the review
+distances, and turning the result into Arrow and Parquet. Prints each stage's seconds per
+image and its share of the sum, the whole ``classify_frame`` for comparison, the network alone
+at the scoring batch size in each precision, and the instruction set oneDNN reports
+(``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from wbc_spark import artifact, images, review
+from wbc_spark.model.transfer import inference_precision
+from wbc_spark.preprocessing import Preprocessing
+from wbc_spark.score import classify_frame, review_model
+from wbc_spark.sources.krd_wbc import default_root
+from wbc_spark.stain import surround_balance
+from wbc_spark.transforms import crop_box, locate_cell
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, *args, repeat: int = 1):
+    start = time.perf_counter()
+    for _ in range(repeat):
+        out = fn(*args)
+    return out, (time.perf_counter() - start) / repeat
+
+
+def onednn_isa(precision: str) -> str:
+    """The ISA oneDNN reports for a convolution in ``precision`` (a fresh process)."""
+    code = ("import torch\n"
+            "from wbc_spark.model.transfer import inference_precision\n"
+            "conv = torch.nn.Conv2d(64, 64, 3).eval()\n"
+            "x = torch.randn(8, 64, 56, 56)\n"
+            f"with torch.no_grad(), inference_precision({precision!r}):\n"
+            "    conv(x)\n")
+    env = dict(os.environ, ONEDNN_VERBOSE="1", DNNL_VERBOSE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    isa = re.findall(r"isa:([^\n,]+)", out.stdout + out.stderr)
+    impl = re.findall(r"exec,cpu,convolution,([^,]+),", out.stdout + out.stderr)
+    return f"{isa[0].strip() if isa else 'not reported'}; convolution kernel " \
+           f"{impl[0] if impl else 'not reported (not a oneDNN convolution)'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
+    parser.add_argument("--lake", default="", help="image folder (default: KRD-WBC's images)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, meta = artifact.load(args.model)
+    pre = Preprocessing.from_artifact(meta)
+    detectors = review_model(meta)
+    folder = Path(args.lake) if args.lake else default_root() / "Dataset" / "image"
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    files = files[:args.images]
+    n = len(files)
+    t: dict[str, float] = {}
+
+    data, t["file read"] = timed(lambda: [f.read_bytes() for f in files])
+    decoded, t["decode (+ to RGB)"] = timed(lambda: [images.decode(d) for d in data])
+    located, t["locate (downscale + stain mask)"] = timed(
+        lambda: [locate_cell(im, context=pre.context, stain=pre.stain)[0] for im in decoded])
+    crops, t["crop and resize"] = timed(
+        lambda: [crop_box(im, box, pre.crop_size) for im, box in zip(decoded, located)])
+    if pre.stain == "surround":
+        crops, t["stain standardisation (surround)"] = timed(
+            lambda: [surround_balance(c) for c in crops])
+    batch = torch.from_numpy(np.stack(crops))
+    frozen = {}
+    for precision in ("fp32", "bf16"):
+        def run(p=precision):
+            with torch.inference_mode(), inference_precision(p):
+                return torch.cat([model.embed_frozen(batch[i:i + args.batch])
+                                  for i in range(0, n, args.batch)])
+        run()  # warm-up (oneDNN primitive creation)
+        frozen[precision], t[f"frozen layers ({precision})"] = timed(run)
+    (logits, cell_f, lab_f), t["trained layers + head"] = timed(
+        lambda: review.embed(model, frozen["bf16"]))
+    _, t["review distances"] = timed(lambda: detectors.distances(cell_f, lab_f))
+    out = classify_frame(pd.Series(data[:args.batch]), model, meta, "image", "bf16")
+
+    def arrow_and_write():
+        frame = pd.concat([out] * (n // len(out) + 1)).iloc[:n]
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table, io.BytesIO())
+    _, t["Arrow + Parquet write"] = timed(arrow_and_write)
+
+    whole_stages = {k: v for k, v in t.items() if "fp32" not in k}
+    total = sum(whole_stages.values())
+    _, whole = timed(lambda: [classify_frame(pd.Series(data[i:i + args.batch]), model, meta,
+                                             "image", "bf16")
+                              for i in range(0, n, args.batch)])
+    print(f"{n} images from {folder}, torch threads {args.threads}, batch {args.batch}, "
+          f"model {meta['model_id']} (crop {pre.crop_size}, stain {pre.stain})")
+    print(f"{'stage':<36} {'ms/image':>9} {'share':>7}")
+    for k, v in t.items():
+        share = f"{v / total:6.1%}" if k in whole_stages else "   (alt)"
+        print(f"{k:<36} {1000 * v / n:9.2f} {share}")
+    print(f"{'sum of the stages (bf16 path)':<36} {1000 * total / n:9.2f}   -> "
+          f"{n / total:.1f} images/s")
+    print(f"{'classify_frame, bf16, as the UDF runs':<36} {1000 * whole / n:9.2f}   -> "
+          f"{n / whole:.1f} images/s")
+    for precision in ("fp32", "bf16"):
+        rate = n / t[f"frozen layers ({precision})"]
+        print(f"network alone, frozen layers {precision}: {rate:.1f} images/s; oneDNN: "
+              f"{onednn_isa(precision)}")
+    print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
+          f"{torch.backends.mkldnn.is_available()}; int8: not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
