@@ -117,3 +117,22 @@ def test_killed_scoring_leaves_all_or_nothing_and_a_rerun_completes(tmp_path, ti
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     exactly_once(tmp_path, 16)
     assert not (res_dir / "_lock").exists()
+
+
+def test_a_corrupt_parquet_part_is_named_in_one_line_and_nothing_is_committed(tmp_path,
+                                                                            tiny_artifact):
+    lake = make_lake(tmp_path / "lake")
+    assert spark_submit("score", *args(tmp_path, lake, tiny_artifact)).returncode == 0
+    part = sorted((tmp_path / "res").glob("run=*/*.parquet"))[0]
+    part.write_bytes(b"PAR1 this is not a parquet file any more")
+    runs_before = sorted(p.name for p in (tmp_path / "res").glob("run=*"))
+    per_before = pd.read_parquet(tmp_path / "res_per_class")
+    smear(seed=999).save(lake / "s1" / "new.jpg")
+    proc = spark_submit("score", *args(tmp_path, lake, tiny_artifact))
+    assert proc.returncode == 1
+    failed = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+              if ln.startswith("score failed:")]
+    assert len(failed) == 1 and part.name in failed[0], failed  # one line naming the file
+    assert sorted(p.name for p in (tmp_path / "res").glob("run=*")) == runs_before
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "res_per_class"), per_before)
+    assert not (tmp_path / "res" / "_lock").exists()

@@ -62,6 +62,23 @@ def spark_builder(config: Config):
     return builder
 
 
+def one_line(exc: BaseException) -> str:
+    """The failure in one line. An error from the JVM (Py4J) is reported by its root cause,
+    which is where Spark names the file (``file:/.../part-0.parquet is not a Parquet file``)."""
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            while java.getCause() is not None:
+                java = java.getCause()
+            text = str(java.toString())
+        except Exception:  # the gateway is gone: fall back to Python's message
+            text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
     """The shared shape of every job: flags, config, Spark session, body, one-line errors.
 
@@ -89,7 +106,7 @@ def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
             spark.stop()
     except Exception as exc:
         logging.getLogger("wbc_spark").debug("failed", exc_info=True)
-        print(f"{name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{name} failed: {one_line(exc)}", file=sys.stderr)
         return 1
     for line in lines:
         print(line)
