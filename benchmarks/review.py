@@ -132,9 +132,9 @@ def scored(model, detectors: review.ReviewModel, feats: torch.Tensor, temperatur
            found: np.ndarray) -> dict:
     logits, cell_f, lab_f = review.embed(model, feats)
     probs = softmax(logits, temperature)
-    cell_d, lab_d = detectors.distances(cell_f, lab_f)
+    cell_d, _, beyond = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, found, detectors)
-    return {"probs": probs, "cell_d": cell_d, "beyond": lab_d > detectors.lab_threshold,
+    return {"probs": probs, "cell_d": cell_d, "beyond": beyond,
             "reasons": reasons}
 
 
@@ -253,7 +253,9 @@ def main() -> int:
 
         def inspect(model, result, train_feats, train_labels):
             det = review.fit(model, train_feats, train_labels, eval_feats["original"][va],
-                             labels[va], result.temperature, len(classes), r)
+                             labels[va], result.temperature, len(classes), r,
+                             plain_frozen=eval_feats["original"][tr], plain_labels=labels[tr],
+                             plain_labs=source[tr], val_labs=source[va])
             rec["detectors"] = det
             rec["test_scored"] = scored(model, det, eval_feats["original"][te],
                                         result.temperature, found[te])
@@ -299,7 +301,8 @@ def main() -> int:
         d = rec["detectors"]
         out["thresholds"][rec["name"]] = {
             "confidence": d.confidence_threshold, "cell": d.cell_threshold,
-            "lab": d.lab_threshold, "validation": d.validation}
+            "lab": dict(zip(d.lab.labs, map(float, d.lab.thresholds))),
+            "validation": d.validation}
 
     def subset(s: dict, mask: np.ndarray) -> dict:
         return {k: [q for q, m in zip(v, mask) if m] if k == "reasons" else v[mask]

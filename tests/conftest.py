@@ -99,8 +99,11 @@ def smear_review(model, n: int = 40):
                       for i in range(n)])
     frozen = model.embed_frozen(torch.from_numpy(crops))
     labels = np.arange(n) % len(CLASSES)
-    return review.fit(model, frozen[: n // 2], labels[: n // 2], frozen[n // 2:],
-                      labels[n // 2:], 1.0, len(CLASSES), ReviewConfig())
+    labs = np.array(["synthetic"] * n)
+    half = n // 2
+    return review.fit(model, frozen[:half], labels[:half], frozen[half:], labels[half:], 1.0,
+                      len(CLASSES), ReviewConfig(), plain_frozen=frozen[:half],
+                      plain_labels=labels[:half], plain_labs=labs[:half], val_labs=labs[half:])
 
 
 def krd_root() -> Path | None:

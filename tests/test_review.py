@@ -30,6 +30,31 @@ def test_gaussian_survives_a_missing_class_and_a_state_round_trip():
     assert np.allclose(again.distance(x), g.distance(x))
 
 
+def test_lab_detector_keeps_a_threshold_per_lab_and_flags_a_new_lab():
+    rng = np.random.default_rng(2)
+    # Lab A: tight; lab B: spread three times wider; both two classes.
+    def lab(center, spread, n):
+        y = rng.integers(0, 2, n)
+        return center + 3 * y[:, None] + rng.normal(0, spread, (n, 10)), y
+    xa, ya = lab(0.0, 1.0, 400)
+    xb, yb = lab(20.0, 3.0, 400)
+    det = review.LabDetector.fit(np.r_[xa, xb], np.r_[["A"] * 400, ["B"] * 400], np.r_[ya, yb])
+    assert det.labs == ["A", "B"] and len(det.component_lab) == 4
+    va, vya = lab(0.0, 1.0, 200)
+    vb, vyb = lab(20.0, 3.0, 200)
+    da, la = det.nearest(va)
+    db, lb = det.nearest(vb)
+    assert (la == 0).all() and (lb == 1).all()
+    det.thresholds = np.array([np.quantile(da, 0.95), np.quantile(db, 0.95)])
+    assert det.thresholds[1] > det.thresholds[0]  # lab B's own cells set its bar
+    assert 0.02 < det.beyond(vb)[1].mean() < 0.1 and 0.02 < det.beyond(va)[1].mean() < 0.1
+    new, _ = lab(10.0, 1.0, 200)  # a lab between them, looking like neither
+    assert det.beyond(new)[1].mean() > 0.9
+    assert not det.beyond(new, override=1e9)[1].any()
+    again = review.LabDetector.from_state(det.to_state())
+    assert np.array_equal(again.beyond(new)[1], det.beyond(new)[1])
+
+
 def test_confidence_threshold_reaches_the_target_on_what_it_keeps():
     conf = np.array([0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6])
     correct = np.array([1, 1, 1, 0, 1, 0, 0], bool)

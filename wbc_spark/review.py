@@ -6,14 +6,18 @@ under one shared (Ledoit-Wolf shrunk) covariance, divided by the number of dimen
 - ``cell_distance``, in the space the head classifies from (the trained blocks' pooled
   output): how unlike every one of the five classes a cell looks. Far: ``not_a_known_cell``
   (another cell type, debris, no blood at all).
-- ``lab_distance``, in the frozen layers' pooled output: how unlike the training images'
-  colours, textures and scale the crop is. A lab the model never saw moves most of its cells
-  beyond the threshold, so the share of cells beyond it (``shift_score``) is the alarm.
+- ``lab_distance``, in the frozen layers' pooled output, to the nearest mean of one training
+  lab's class: how unlike the training labs' colours, textures and scale the crop is. Fitted
+  on *unaugmented* training crops (augmentation is there to make the classifier ignore a lab's
+  look; here the look is what is measured), with a threshold per training lab (a small, varied
+  lab's cells lie farther from its means than a large, uniform lab's). A lab the model never
+  saw moves most of its cells beyond it, so the share of cells beyond (``shift_score``) is the
+  alarm.
 
-Everything is fitted by ``fit`` at training time: the class means and covariance on the
-training images, the thresholds on the validation split (never the test fold), and stored in
-the model artifact (``to_state``). ``conf/``'s ``review`` section overrides the thresholds at
-scoring time.
+Everything is fitted by ``fit`` at training time: the means and covariances on the training
+images, the thresholds on the validation split (never the test fold), and stored in the model
+artifact (``to_state``). ``conf/``'s ``review`` section overrides the thresholds at scoring
+time.
 
 Reasons a cell needs review (``review_reason`` joins them with ``;``):
 
@@ -54,13 +58,17 @@ class Gaussian:
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         return cls(means.astype(np.float32), precision.astype(np.float32))
 
-    def distance(self, x: np.ndarray) -> np.ndarray:
-        """Smallest squared Mahalanobis distance to a class mean, per dimension."""
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to every mean, per dimension (cells x means)."""
         x = np.asarray(x, np.float32)
         xp = x @ self.precision
         d = ((xp * x).sum(1)[:, None] - 2 * xp @ self.means.T
              + ((self.means @ self.precision) * self.means).sum(1)[None, :])
-        return np.maximum(d.min(1), 0.0) / x.shape[1]
+        return np.maximum(d, 0.0) / x.shape[1]
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        """Smallest squared Mahalanobis distance to a mean, per dimension."""
+        return self.distances(x).min(1)
 
     def to_state(self) -> dict:
         return {"means": torch.from_numpy(self.means), "precision": torch.from_numpy(
@@ -69,6 +77,50 @@ class Gaussian:
     @classmethod
     def from_state(cls, state: dict) -> Gaussian:
         return cls(state["means"].numpy(), state["precision"].numpy())
+
+
+@dataclass
+class LabDetector:
+    """Means per (training lab, class) of unaugmented frozen features, one shared precision,
+    and a distance threshold per lab; a cell is beyond the training labs' range when its
+    distance to the nearest mean exceeds that mean's lab's threshold."""
+
+    gaussian: Gaussian  # one component per (lab, class) present
+    component_lab: np.ndarray  # lab index of each component
+    labs: list[str]
+    thresholds: np.ndarray  # per lab
+
+    @classmethod
+    def fit(cls, x: np.ndarray, labs: np.ndarray, labels: np.ndarray) -> LabDetector:
+        names = sorted(set(map(str, labs)))
+        lab_idx = np.searchsorted(names, np.asarray(labs, str))
+        keys = lab_idx * 1000 + np.asarray(labels)
+        present = np.unique(keys)
+        gaussian = Gaussian.fit(x, np.searchsorted(present, keys), len(present))
+        return cls(gaussian, (present // 1000).astype(np.int64), names,
+                   np.full(len(names), np.inf))
+
+    def nearest(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distance to the nearest component, that component's lab index)."""
+        d = self.gaussian.distances(x)
+        k = d.argmin(1)
+        return d[np.arange(len(d)), k], self.component_lab[k]
+
+    def beyond(self, x: np.ndarray, override: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(lab_distance, beyond the range); ``override`` > 0 replaces every lab's threshold."""
+        d, lab = self.nearest(x)
+        limit = np.full(len(d), override) if override > 0 else self.thresholds[lab]
+        return d, d > limit
+
+    def to_state(self) -> dict:
+        return {**self.gaussian.to_state(), "component_lab": torch.from_numpy(
+            self.component_lab), "labs": list(self.labs),
+            "thresholds": [float(t) for t in self.thresholds]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LabDetector:
+        return cls(Gaussian.from_state(state), state["component_lab"].numpy(),
+                   list(state["labs"]), np.asarray(state["thresholds"], float))
 
 
 def embed(model, frozen: torch.Tensor, batch: int = 256
@@ -103,10 +155,10 @@ def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target: fl
 @dataclass
 class ReviewModel:
     cell: Gaussian
-    lab: Gaussian
+    lab: LabDetector
     confidence_threshold: float
     cell_threshold: float
-    lab_threshold: float
+    lab_threshold: float  # > 0: replaces the lab detector's per-lab thresholds (an override)
     validation: dict  # what the thresholds gave on the validation split
 
     def to_state(self) -> dict:
@@ -117,9 +169,9 @@ class ReviewModel:
 
     @classmethod
     def from_state(cls, state: dict) -> ReviewModel:
-        return cls(Gaussian.from_state(state["cell"]), Gaussian.from_state(state["lab"]),
+        return cls(Gaussian.from_state(state["cell"]), LabDetector.from_state(state["lab"]),
                    float(state["confidence_threshold"]), float(state["cell_threshold"]),
-                   float(state["lab_threshold"]), dict(state.get("validation", {})))
+                   float(state.get("lab_threshold", 0.0)), dict(state.get("validation", {})))
 
     def with_overrides(self, settings) -> ReviewModel:
         """Thresholds from ``conf/``'s ``review`` section where set (> 0)."""
@@ -130,39 +182,56 @@ class ReviewModel:
             settings.lab_threshold or self.lab_threshold, self.validation)
 
     def distances(self, cell_features: np.ndarray, lab_features: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        return self.cell.distance(cell_features), self.lab.distance(lab_features)
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cell_distance, lab_distance, beyond the training labs' range) per cell."""
+        lab_d, beyond = self.lab.beyond(lab_features, self.lab_threshold)
+        return self.cell.distance(cell_features), lab_d, beyond
 
 
 def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
-        val_labels: np.ndarray, temperature: float, num_classes: int, settings,
-        max_train: int = 20_000, seed: int = 0) -> ReviewModel:
-    """Fit the detectors on training views (at most ``max_train``, drawn at random) and set the
-    thresholds on the validation split: the confidence threshold for
-    ``settings.target_accuracy`` of the unflagged, the distance thresholds at the
-    ``settings.cell_quantile`` / ``settings.lab_quantile`` of validation cells."""
+        val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,
+        plain_frozen: torch.Tensor, plain_labels: np.ndarray, plain_labs: np.ndarray,
+        val_labs: np.ndarray, max_train: int = 20_000, seed: int = 0) -> ReviewModel:
+    """Fit the detectors and set the thresholds on the validation split.
+
+    The cell detector is fitted on training views (``train_frozen``, at most ``max_train``,
+    drawn at random; the head learnt from augmented views), the lab detector on unaugmented
+    training crops (``plain_frozen`` with their labels and labs). Thresholds: the confidence
+    threshold for ``settings.target_accuracy`` of the unflagged; the cell threshold at the
+    ``settings.cell_quantile`` of validation cells; each lab's threshold at the
+    ``settings.lab_quantile`` of its own validation cells (``val_labs``).
+    """
     model.eval()
     pick = np.arange(len(train_frozen))
     if len(pick) > max_train:
         pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_train, replace=False))
-    _, cell_tr, lab_tr = embed(model, train_frozen[torch.as_tensor(pick)])
-    y = np.asarray(train_labels)[pick]
-    cell = Gaussian.fit(cell_tr, y, num_classes)
-    lab = Gaussian.fit(lab_tr, y, num_classes)
+    _, cell_tr, _ = embed(model, train_frozen[torch.as_tensor(pick)])
+    cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
+    _, _, lab_plain = embed(model, plain_frozen)
+    lab = LabDetector.fit(lab_plain, plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen)
     z = logits / temperature
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     conf_t, coverage = confidence_threshold(probs.max(1), probs.argmax(1) == val_labels,
                                             settings.target_accuracy)
-    cell_d, lab_d = cell.distance(cell_va), lab.distance(lab_va)
+    cell_d = cell.distance(cell_va)
     cell_t = float(np.quantile(cell_d, settings.cell_quantile))
-    lab_t = float(np.quantile(lab_d, settings.lab_quantile))
+    lab_d, _ = lab.nearest(lab_va)
+    val_labs = np.asarray(val_labs, str)
+    pooled = float(np.quantile(lab_d, settings.lab_quantile))
+    # A training lab without validation cells (possible only for tiny labs) gets the
+    # threshold of all validation cells.
+    lab.thresholds = np.asarray([
+        float(np.quantile(lab_d[val_labs == name], settings.lab_quantile))
+        if (val_labs == name).sum() >= 5 else pooled for name in lab.labs])
+    _, beyond = lab.beyond(lab_va)
     validation = {"images": int(len(val_labels)), "target_accuracy": settings.target_accuracy,
                   "confident_coverage": coverage,
                   "not_a_known_cell_share": float((cell_d > cell_t).mean()),
-                  "beyond_lab_threshold_share": float((lab_d > lab_t).mean())}
-    return ReviewModel(cell, lab, conf_t, cell_t, lab_t, validation)
+                  "beyond_lab_threshold_share": float(beyond.mean()),
+                  "lab_thresholds": dict(zip(lab.labs, map(float, lab.thresholds)))}
+    return ReviewModel(cell, lab, conf_t, cell_t, 0.0, validation)
 
 
 def flags(confidence: np.ndarray, cell_distance: np.ndarray, cell_found: np.ndarray,

@@ -196,7 +196,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                 frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
         logits, cell_features, lab_features = review.embed(model, frozen)
         probs = softmax(logits, float(meta["temperature"]))
-        cell_d, lab_d = detectors.distances(cell_features, lab_features)
+        cell_d, lab_d, beyond = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
         for j, c in enumerate(classes):
             out.loc[idx, f"p_{c}"] = probs[:, j]
@@ -204,8 +204,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         out.loc[idx, "predicted_class"] = [classes[k] for k in probs.argmax(1)]
         out.loc[idx, "cell_distance"] = cell_d
         out.loc[idx, "lab_distance"] = lab_d
-        out.loc[idx, "beyond_lab_range"] = pd.Series(lab_d > detectors.lab_threshold, index=idx,
-                                                     dtype=object)
+        out.loc[idx, "beyond_lab_range"] = pd.Series(beyond, index=idx, dtype=object)
         reasons = review.flags(probs.max(1), cell_d,
                                out.loc[idx, "cell_found"].to_numpy(bool), detectors)
         out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
@@ -359,8 +358,10 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
         raise artifact.ArtifactError(f"{model_path}: model has no review detectors (trained "
                                      "before review flags existed); train it again")
     thresholds = thresholds_of(meta, config.review)
-    log.info("review thresholds: %s; shift alarm above %.0f%% of cells beyond the lab range",
-             thresholds, 100 * config.review.alarm_share)
+    lab = review.LabDetector.from_state(meta["review"]["lab"])
+    log.info("review thresholds: %s (lab_threshold 0: per training lab %s); shift alarm above "
+             "%.0f%% of cells beyond the labs' range", thresholds,
+             dict(zip(lab.labs, lab.thresholds.round(3))), 100 * config.review.alarm_share)
     spark.sparkContext.addFile(model_path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.batch_size))
     table = s.results

@@ -368,6 +368,11 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
                torch.from_numpy(part["label_index"].to_numpy(np.int64)))
 
 
+# Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
+# batches of 64 (the frozen layers run once more on them, on rank 0 only).
+PLAIN_BATCHES = 16
+
+
 def distributed_worker(job: dict) -> dict | None:
     """Runs in every TorchDistributor process: DDP training; rank 0 evaluates and saves.
 
@@ -407,8 +412,10 @@ def distributed_worker(job: dict) -> dict | None:
     # in one process was seen to come back empty now and then.
     val = test = None
     rows: list[int] = []
+    val_rows: list[int] = []
     if main:
-        val = frozen_features(model, converter_batches(job["conv_val"], size), precision)
+        val = frozen_features(model, converter_batches(job["conv_val"], size, val_rows),
+                              precision)
         test = frozen_features(model, converter_batches(job["conv_test"], size, rows),
                                precision)
     view_bytes = frozen_bytes(model, size)
@@ -456,9 +463,16 @@ def distributed_worker(job: dict) -> dict | None:
     if main:
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
+        plain_rows: list[int] = []
+        plain = frozen_features(model, itertools.islice(converter_batches(
+            job["conv_train"], size, plain_rows), PLAIN_BATCHES), precision)
         detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
                                result.temperature, len(classes),
-                               ReviewSettings(**job["review"]), seed=recipe.seed)
+                               ReviewSettings(**job["review"]), plain_frozen=plain[0],
+                               plain_labels=plain[1],
+                               plain_labs=np.asarray([job["sources"][r] for r in plain_rows]),
+                               val_labs=np.asarray([job["sources"][r] for r in val_rows]),
+                               seed=recipe.seed)
         test_feats, labels = test
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
                                    parameter_summary(model), detectors)
@@ -483,7 +497,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
     probs = softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job["sources"][r] for r in rows])
-    cell_d, lab_d = detectors.distances(cell_f, lab_f)
+    cell_d, _, beyond = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
     per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
                                                        probs.argmax(1)[labs == lab], classes,
@@ -495,8 +509,8 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         "temperature": result.temperature, "history": result.history,
         "parameters": params, "test": report, "test_per_lab": per_lab,
         "trained_on": job["trained_on"],
-        "review": review_report(reasons, probs.argmax(1) == labels, lab_d,
-                                detectors.lab_threshold, detectors.validation),
+        "review": review_report(reasons, probs.argmax(1) == labels, beyond,
+                                detectors.validation),
     }
     # The artifact first, then the files that describe it (each naming its model_id): a
     # training killed in between leaves a model whose evaluation.json names another model_id,
@@ -534,8 +548,8 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         "temperature": result.temperature, "report_text": text}
 
 
-def review_report(reasons: list, correct: np.ndarray, lab_distance: np.ndarray,
-                  lab_threshold: float, validation: dict) -> dict:
+def review_report(reasons: list, correct: np.ndarray, beyond: np.ndarray, validation: dict
+                  ) -> dict:
     """The review flags on the test fold: coverage, accuracy of the unflagged cells, share per
     reason, share beyond the lab threshold; beside what the validation split gave."""
     flagged = np.asarray([r is not None for r in reasons])
@@ -546,7 +560,7 @@ def review_report(reasons: list, correct: np.ndarray, lab_distance: np.ndarray,
             "unflagged_accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
             "unflagged_accuracy_ci": metrics.wilson(int(correct[kept].sum()), int(kept.sum())),
             "flagged_share_by_reason": per_reason,
-            "beyond_lab_threshold_share": float((lab_distance > lab_threshold).mean()),
+            "beyond_lab_threshold_share": float(np.mean(beyond)),
             "validation": validation}
 
 
