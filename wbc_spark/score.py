@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 KEY = ["path", "file_length", "file_mtime"]
 # An image is its bytes: one result per (model, sha256). A file touched, copied or moved is
 # not scored again; a changed file is a new image whose result supersedes its path's old one.
-IDENTITY = ["model_id", "sha256"]
 
 
 def prediction_schema(classes: list[str]) -> T.StructType:
@@ -292,7 +291,7 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
                         F.col("content").alias("data")), "image"
 
 
-def retryable(results: DataFrame):
+def retryable():
     """Rows to score again: errors that the same bytes may not repeat (the file could not be
     read at all, or an unexpected failure); a decoding error of the same bytes stands."""
     return F.col("error").isNotNull() & (F.col("sha256").isNull()
@@ -381,7 +380,7 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     stored = tables.read(spark, table, T.StructType(
         schema.fields + [T.StructField("run", T.StringType())]))
     done = (stored.where((F.col("model_id") == model_id) & F.col("sha256").isNotNull()
-                         & ~retryable(stored))
+                         & ~retryable())
             .select("sha256").distinct())
     # Copies within this lake are one image: the first path (sorted) is scored.
     first = F.row_number().over(Window.partitionBy(F.coalesce("sha256", "path"))
