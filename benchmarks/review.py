@@ -25,7 +25,10 @@ Prints:
    alarm, for held-out cells of the trained labs (also rescaled and stain-shifted as
    ``benchmarks/accuracy.py`` shifts them) and for the lab held out, and the alarm on each
    held-out lab as one run.
-Writes ``runs/review.json``.
+Writes ``runs/review.json``, and every model's held-out predictions (calibrated probabilities,
+flag reasons) to ``runs/review_predictions.npz`` for ``benchmarks/differential.py``. The
+lab-held-out models keep a grouped fifth of their own lab as an in-lab test part (the
+confusion matrix a trained model carries), beside the validation fifth.
 """
 
 from __future__ import annotations
@@ -172,6 +175,26 @@ def alarm_rates(beyond: np.ndarray, slides: int, sizes: tuple[int, ...], alarm_s
     return out
 
 
+def save_predictions(path: str, runs: list[dict], df: pd.DataFrame, labels: np.ndarray,
+                     classes: list[str]) -> None:
+    """Every model's held-out rows, probabilities and flag reasons, for the differential
+    benchmark (``run<i>_test_*``: its test rows; ``run<i>_own_*``: a lab-held-out model's
+    in-lab test part)."""
+    out = {"classes": np.asarray(classes), "labels": labels,
+           "source": df.source.to_numpy().astype(str), "group": df.group.to_numpy().astype(str)}
+    for i, rec in enumerate(runs):
+        out[f"run{i}_name"] = np.asarray(rec["name"])
+        for part, rows, s in (("test", rec["test"], rec["test_scored"]),
+                              ("own", rec["own"], rec.get("own_scored"))):
+            if rows is None:
+                continue
+            out[f"run{i}_{part}_rows"] = rows
+            out[f"run{i}_{part}_probs"] = s["probs"]
+            out[f"run{i}_{part}_reasons"] = np.asarray([r or "" for r in s["reasons"]])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
@@ -185,6 +208,7 @@ def main() -> int:
                         help="at most this many images per lab and class (a quick check)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=str(REPO / "runs" / "review.json"))
+    parser.add_argument("--predictions", default=str(REPO / "runs" / "review_predictions.npz"))
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -248,8 +272,9 @@ def main() -> int:
     base = Recipe.from_config(t)
     runs: list[dict] = []  # one per trained model
 
-    def train(name: str, tr, va, te, run_id: int, shifted_ok: bool = False) -> dict:
-        rec: dict = {"name": name, "test": te}
+    def train(name: str, tr, va, te, run_id: int, shifted_ok: bool = False,
+              own: np.ndarray | None = None) -> dict:
+        rec: dict = {"name": name, "test": te, "own": own}
 
         def inspect(model, result, train_feats, train_labels):
             det = review.fit(model, train_feats, train_labels, eval_feats["original"][va],
@@ -259,6 +284,9 @@ def main() -> int:
             rec["detectors"] = det
             rec["test_scored"] = scored(model, det, eval_feats["original"][te],
                                         result.temperature, found[te])
+            if own is not None:
+                rec["own_scored"] = scored(model, det, eval_feats["original"][own],
+                                           result.temperature, found[own])
             rec["extra"] = {k: scored(model, det, f, result.temperature, fd)
                             for k, (f, fd) in extra.items()}
             if shifted_ok:
@@ -285,7 +313,9 @@ def main() -> int:
                              max(2, int(round(1 / t.val_fraction))), 1)
         te = np.flatnonzero(source != lab)
         heldout.append(train(f"{lab} only -> {te.size} cells of the other lab",
-                             pool[inner != 0], pool[inner == 0], te, 50 + len(heldout)))
+                             pool[inner >= 2], pool[inner == 0], te, 50 + len(heldout),
+                             own=pool[inner == 1]))
+    save_predictions(args.predictions, runs, df, labels, classes)
 
     out: dict = {"cache_seconds": cache_seconds, "thresholds": {}}
     lines = []
