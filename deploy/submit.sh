@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # spark-submit wrapper: deploy/submit.sh JOB [--master URL] [--config FILE] [key=value ...]
-#   JOB is ingest, train_distributed or score. Uses the project's virtual environment for the
+#   JOB is ingest, train_distributed, score or report. Uses the project's virtual environment for the
 #   driver and the Python workers, ships the wbc_spark package to executors as a zip, and
 #   keeps Spark's own logging at WARN.
 # Environment: WBC_SPARK_VENV (default: .venv in the repo), SPARK_MASTER (default: from the
@@ -8,8 +8,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${WBC_SPARK_VENV:-$repo/.venv}"
-job="${1:?usage: deploy/submit.sh ingest|train_distributed|score [options]}"; shift
-[ -f "$repo/jobs/$job.py" ] || { echo "submit: no job '$job' (choose ingest, train_distributed, score)" >&2; exit 2; }
+job="${1:?usage: deploy/submit.sh ingest|train_distributed|score|report [options]}"; shift
+[ -f "$repo/jobs/$job.py" ] || { echo "submit: no job '$job' (choose ingest, train_distributed, score, report)" >&2; exit 2; }
 export PYSPARK_PYTHON="${PYSPARK_PYTHON:-$venv/bin/python}"
 export PYSPARK_DRIVER_PYTHON="${PYSPARK_DRIVER_PYTHON:-$venv/bin/python}"
 master=()

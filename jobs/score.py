@@ -27,11 +27,15 @@ def score(spark, config):
     summary = result["summary"]
     overall = summary[summary["slide"].isna()]
     if len(overall):
-        lines.append("per-class results over every image this model scored:")
+        first = overall.iloc[0]
+        lines.append(f"differential over every image this model scored ({first['counted_total']}"
+                     f" cells counted, {first['excluded']} not known white cells, "
+                     f"{first['errors']} unreadable): corrected share [95% interval] | raw "
+                     "top predictions")
         for r in overall.to_dict("records"):
-            lines.append(f"  {r['class']:<11} {r['count']:>6}  {r['fraction']:6.1%}  "
-                         f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]  ({r['flagged']} flagged, "
-                         f"{r['errors']} unreadable)")
+            lines.append(f"  {r['class']:<11} {r['corrected_fraction']:6.1%} "
+                         f"[{r['corrected_low']:.1%}, {r['corrected_high']:.1%}] | "
+                         f"{r['count']:>6}  {r['fraction']:6.1%}  ({r['flagged']} flagged)")
     lines.append(f"tables: {result['results']} (per image), {result['per_class']} (per class)")
     return lines
 

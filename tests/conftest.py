@@ -83,8 +83,20 @@ def tiny_artifact(tmp_path_factory, fake_weights) -> Path:
     artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
                   preprocessing={"crop_size": 224, "context": 1.5}, config={},
                   provenance=pm.provenance, metrics={}, temperature=1.0,
-                  review=smear_review(model).to_state())
+                  review=smear_review(model).to_state(), confusion=toy_confusion().to_state())
     return path
+
+
+def toy_confusion():
+    """A held-out confusion: 40 cells per class, 36 right, 2 called the next class, 2
+    excluded."""
+    from wbc_spark.differential import Confusion
+
+    k = len(CLASSES)
+    counts = np.zeros((k, k + 1), int)
+    for i in range(k):
+        counts[i, i], counts[i, (i + 1) % k], counts[i, k] = 36, 2, 2
+    return Confusion(tuple(CLASSES), counts)
 
 
 def smear_review(model, n: int = 40):

@@ -49,11 +49,12 @@ def versions() -> dict:
 def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: str,
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
          metrics: dict, temperature: float = 1.0, trained_on: dict | None = None,
-         review: dict | None = None) -> str:
+         review: dict | None = None, confusion: dict | None = None) -> str:
     """Atomically write the artifact; return its model ID (see ``model_digest``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     review = review or {}
-    model_id = model_digest(state, temperature, review, preprocessing)
+    confusion = confusion or {}
+    model_id = model_digest(state, temperature, review, preprocessing, confusion)
     payload = {
         "format": FORMAT,
         "model_id": model_id,
@@ -72,6 +73,9 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         "trained_on": trained_on or {},
         # Review detectors and thresholds (wbc_spark.review.ReviewModel.to_state).
         "review": review,
+        # Held-out test-fold confusion for the corrected differential
+        # (wbc_spark.differential.Confusion.to_state).
+        "confusion": confusion,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -90,10 +94,12 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
     return model_id
 
 
-def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict) -> str:
-    """The model ID: a digest of everything that changes a prediction or a flag (weights,
-    temperature, review detectors and thresholds, preprocessing), so a recalibrated model is a
-    new model whose results do not mix with the old one's."""
+def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict,
+                 confusion: dict | None = None) -> str:
+    """The model ID: a digest of everything that changes a prediction, a flag or a corrected
+    share (weights, temperature, review detectors and thresholds, preprocessing, held-out
+    confusion), so a recalibrated model is a new model whose results do not mix with the old
+    one's."""
     digest = hashlib.sha256()
     for k in sorted(state):
         digest.update(k.encode())
@@ -112,6 +118,8 @@ def model_digest(state: dict, temperature: float, review: dict, preprocessing: d
 
     walk("review", review)
     walk("preprocessing", preprocessing)
+    if confusion:
+        walk("confusion", confusion)
     return digest.hexdigest()[:16]
 
 

@@ -189,6 +189,18 @@ class ReviewConfig:
     lab_threshold: float = 0.0
 
 
+@dataclass
+class ReportConfig:
+    """Per-slide HTML reports (wbc_spark/report.py, jobs/report.py) of score.model's results
+    in score.results."""
+
+    output: str = "runs/report"  # index.html and one page per slide
+    per_class: int = 4  # unflagged cells shown per predicted class and slide
+    flagged: int = 24  # flagged cells shown per slide (least confident first)
+    errors: int = 50  # unreadable files listed per slide
+    thumbnail: int = 128  # side of each gallery image, pixels
+
+
 #: Cell types that labelled lakes may carry but that are not one of the classes (PBC's
 #: immature granulocytes, nucleated red cells and platelets): ingested with their label, never
 #: trained as one of the classes. Any other label is an error.
@@ -206,6 +218,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

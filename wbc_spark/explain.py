@@ -71,6 +71,17 @@ def area_on_cell(masks: np.ndarray) -> np.ndarray:
     return masks.mean((1, 2))
 
 
+def heat_overlay(crop: np.ndarray, upsampled_map: np.ndarray, strength: float = 0.6
+                 ) -> np.ndarray:
+    """The crop (float RGB) with a map of its size laid over it in red, scaled to its peak."""
+    m = upsampled_map
+    heat = m / m.max() if m.max() > 0 else m
+    rgb = crop.astype(np.float32)
+    rgb[..., 0] = rgb[..., 0] * (1 - strength * heat) + 255 * strength * heat
+    rgb[..., 1:] *= (1 - strength * heat)[..., None]
+    return rgb
+
+
 def overlay_png(crops: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: list[str],
                 path: str, columns: int = 6) -> None:
     """A grid of crops with their map in red and the true cell outline in green."""
@@ -80,10 +91,7 @@ def overlay_png(crops: np.ndarray, maps: np.ndarray, masks: np.ndarray, titles: 
     sheet = Image.new("RGB", (columns * (size + 4), rows * (size + 18)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (crop, m, mask, title) in enumerate(zip(crops, up, masks, titles)):
-        heat = m / m.max() if m.max() > 0 else m
-        rgb = crop.astype(np.float32)
-        rgb[..., 0] = rgb[..., 0] * (1 - 0.6 * heat) + 255 * 0.6 * heat
-        rgb[..., 1:] *= (1 - 0.6 * heat)[..., None]
+        rgb = heat_overlay(crop, m)
         edge = mask ^ np.pad(mask, 1)[2:, 1:-1] | mask ^ np.pad(mask, 1)[1:-1, 2:]
         rgb[edge] = (0, 220, 0)
         x, y = (i % columns) * (size + 4), (i // columns) * (size + 18)

@@ -21,11 +21,37 @@ error              string     why the file could not be classified, else null
 run                string     partition: the scoring run that wrote the row
 =================  =========  ==========================================================
 
-Per-class table (``<score.results>_per_class``), rebuilt each run from the latest result of
-each image (``latest``): model_id, slide (null: every image that model scored), class, count,
-classified (images with a prediction in that scope), fraction, ci_low, ci_high (95% Wilson),
-errors, flagged (cells of the class needing review), shift_cells, shift_score, shift_alarm,
-updated_at.
+Per-class table (``<score.results>_per_class``), one row per model, scope and class, rebuilt
+for the run's model from the latest result of each image (``latest``); rows of other models
+are kept as their own runs wrote them. ``slide`` is the scope (null: every image that model
+scored).
+
+=====================  ======  ============================================================
+column                 type    meaning
+=====================  ======  ============================================================
+model_id, slide,       string
+class
+corrected_fraction     double  **the share to read**: estimated share of the class among the
+                               scope's white cells, corrected for the model's held-out
+                               confusion (``wbc_spark.differential``)
+corrected_low/_high    double  its 95% interval (sampling of cells and uncertainty of the
+                               correction)
+counted                long    cells counted in the differential and predicted as the class
+counted_total          long    cells counted in the scope (classified, not flagged as not a
+                               known white cell)
+excluded               long    classified cells counted apart (no_cell_found,
+                               not_a_known_cell): not white cells as far as the model knows
+count                  long    top predictions of the class, flagged cells included
+classified             long    cells with a prediction in the scope
+fraction, ci_low,      double  raw share of top predictions (count / classified), 95% Wilson
+ci_high                        interval on the sampling of cells only
+errors                 long    files that could not be classified
+flagged                long    cells predicted as the class that need review (any reason)
+shift_cells,           long,   cells with a lab distance; share beyond the training labs'
+shift_score,           double, range; whether the shift alarm fires
+shift_alarm            bool
+updated_at             time
+=====================  ======  ============================================================
 """
 
 from __future__ import annotations
@@ -44,7 +70,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from wbc_spark import artifact, images, preprocessing, review, tables
+from wbc_spark import artifact, differential, images, preprocessing, review, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.metrics import wilson
@@ -98,6 +124,12 @@ PER_CLASS_SCHEMA = T.StructType([
     T.StructField("model_id", T.StringType()),
     T.StructField("slide", T.StringType()),
     T.StructField("class", T.StringType()),
+    T.StructField("corrected_fraction", T.DoubleType()),
+    T.StructField("corrected_low", T.DoubleType()),
+    T.StructField("corrected_high", T.DoubleType()),
+    T.StructField("counted", T.LongType()),
+    T.StructField("counted_total", T.LongType()),
+    T.StructField("excluded", T.LongType()),
     T.StructField("count", T.LongType()),
     T.StructField("classified", T.LongType()),
     T.StructField("fraction", T.DoubleType()),
@@ -309,20 +341,32 @@ def latest(results: DataFrame) -> DataFrame:
     return by_path.withColumn("_n", once).where(F.col("_n") == 1).drop("_n")
 
 
-def per_class_table(results: DataFrame, classes: list[str], alarm_share: float,
-                    min_cells: int = 10) -> pd.DataFrame:
-    """Counts and fractions per class with 95% Wilson intervals, per slide and overall; the
-    cells flagged for review per class; the shift score and alarm per scope
+def counted_column() -> F.Column:
+    """Whether a classified cell enters the differential (``differential.counts_as_cell``)."""
+    out = "|".join(differential.COUNTED_OUT)
+    return (F.col("predicted_class").isNotNull()
+            & ~F.coalesce(F.col("review_reason"), F.lit("")).rlike(f"(^|;)({out})(;|$)"))
+
+
+def per_class_table(results: DataFrame, classes: list[str], confusion: differential.Confusion,
+                    alarm_share: float, min_cells: int = 10) -> pd.DataFrame:
+    """One model's rows: per slide and overall, the corrected differential with its interval
+    (``wbc_spark.differential``), the raw counts and fractions with 95% Wilson intervals, the
+    cells flagged for review per class, the shift score and alarm
     (``wbc_spark.review.shift_alarm``).
 
-    Only aggregates reach the driver (a few rows per model, slide and class).
+    Only aggregates reach the driver (a few rows per slide and class).
     """
+    confusion.check(classes)
     results = latest(results)
     scoped = (results.where(F.col("slide").isNotNull()).withColumn("scope", F.col("slide"))
               .unionByName(results.withColumn("scope", F.lit(None).cast("string"))))
+    counted = counted_column()
     counts = (scoped.groupBy("model_id", "scope")
               .agg(*[F.sum((F.col("predicted_class") == c).cast("long")).alias(c)
                      for c in classes],
+                   *[F.sum(((F.col("predicted_class") == c) & counted).cast("long"))
+                     .alias(f"counted_{c}") for c in classes],
                    *[F.sum(((F.col("predicted_class") == c) & F.col("needs_review"))
                            .cast("long")).alias(f"flagged_{c}") for c in classes],
                    F.sum(F.col("beyond_lab_range").isNotNull().cast("long")).alias("n_shift"),
@@ -330,22 +374,33 @@ def per_class_table(results: DataFrame, classes: list[str], alarm_share: float,
                    F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors"))
               .toPandas())
     now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
+    columns = PER_CLASS_SCHEMA.fieldNames()
+    if counts.empty:
+        return pd.DataFrame([], columns=columns)
+    tallies = counts[[f"counted_{c}" for c in classes]].fillna(0).to_numpy(np.int64)
+    corrected = differential.estimate(tallies, confusion)
     rows = []
-    for d in counts.to_dict("records"):
+    for s, d in enumerate(counts.to_dict("records")):
         classified = int(sum(d[c] or 0 for c in classes))
+        total = int(tallies[s].sum())
         cells = int(d["n_shift"] or 0)
         score, alarm = review.shift_alarm(int(d["n_beyond"] or 0), cells, alarm_share,
                                           min_cells)
-        for c in classes:
+        for j, c in enumerate(classes):
             k = int(d[c] or 0)
             lo, hi = wilson(k, classified)
             rows.append({"model_id": d["model_id"], "slide": d["scope"], "class": c,
+                         "corrected_fraction": float(corrected.share[s, j]),
+                         "corrected_low": float(corrected.low[s, j]),
+                         "corrected_high": float(corrected.high[s, j]),
+                         "counted": int(tallies[s, j]), "counted_total": total,
+                         "excluded": classified - total,
                          "count": k, "classified": classified,
                          "fraction": k / classified if classified else float("nan"),
                          "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
                          "flagged": int(d[f"flagged_{c}"] or 0), "shift_cells": cells,
                          "shift_score": score, "shift_alarm": alarm, "updated_at": now})
-    return pd.DataFrame(rows, columns=PER_CLASS_SCHEMA.fieldNames())
+    return pd.DataFrame(rows, columns=columns)
 
 
 def run_scoring(spark: SparkSession, config: Config) -> dict:
@@ -356,6 +411,10 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     if not meta.get("review"):
         raise artifact.ArtifactError(f"{model_path}: model has no review detectors (trained "
                                      "before review flags existed); train it again")
+    if not meta.get("confusion"):
+        raise artifact.ArtifactError(f"{model_path}: model has no held-out confusion matrix "
+                                     "for the corrected differential (trained before it "
+                                     "existed); train it again")
     thresholds = thresholds_of(meta, config.review)
     lab = review.LabDetector.from_state(meta["review"]["lab"])
     log.info("review thresholds: %s (lab_threshold 0: per training lab %s); shift alarm above "
@@ -404,9 +463,15 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
               .select(*schema.fieldNames()))
     scored_count = tables.append(scored, table, run_id)
     all_results = tables.read(spark, table, stored.schema)
-    summary_pd = per_class_table(all_results, classes, config.review.alarm_share,
+    confusion = differential.Confusion.from_state(meta["confusion"])
+    summary_pd = per_class_table(all_results.where(F.col("model_id") == model_id), classes,
+                                 confusion, config.review.alarm_share,
                                  config.review.alarm_min_cells)
-    tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA),
+    # Other models' rows stay as the runs that scored with them wrote them (their results do
+    # not change); rows from before a column existed read it as null.
+    others = (tables.read(spark, f"{table}_per_class", PER_CLASS_SCHEMA)
+              .where(F.col("model_id") != model_id))
+    tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA).unionByName(others),
                    f"{table}_per_class", run_id)
     errors = flagged = 0
     run_shift = (float("nan"), False)

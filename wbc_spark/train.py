@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wbc_spark import artifact, metrics, review
+from wbc_spark import artifact, differential, metrics, review
 from wbc_spark.augment import AugmentSettings, augment
 from wbc_spark.config import SAMPLINGS
 from wbc_spark.config import ReviewConfig as ReviewSettings
@@ -499,6 +499,8 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
     labs = np.asarray([job["sources"][r] for r in rows])
     cell_d, _, beyond = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
+    confusion = differential.Confusion.from_predictions(classes, labels, probs.argmax(1),
+                                                        reasons)
     per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
                                                        probs.argmax(1)[labs == lab], classes,
                                                        probs[labs == lab])
@@ -511,6 +513,8 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         "trained_on": job["trained_on"],
         "review": review_report(reasons, probs.argmax(1) == labels, beyond,
                                 detectors.validation),
+        # What the corrected differential uses (wbc_spark.differential).
+        "differential_confusion": confusion.to_state(),
     }
     # The artifact first, then the files that describe it (each naming its model_id): a
     # training killed in between leaves a model whose evaluation.json names another model_id,
@@ -525,7 +529,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
                                                   "macro_f1", "ece")},
                  "best_val_macro_f1": result.best_val_macro_f1},
         temperature=result.temperature, trained_on=job["trained_on"],
-        review=detectors.to_state(),
+        review=detectors.to_state(), confusion=confusion.to_state(),
     )
     evaluation["model_id"] = model_id
     ids = [job["image_ids"][r] for r in rows]

@@ -1,0 +1,120 @@
+"""The corrected differential (wbc_spark.differential) on synthetic counts."""
+
+import numpy as np
+import pytest
+
+from wbc_spark.differential import Confusion, ConfusionError, counts_as_cell, estimate
+
+CLASSES = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
+K = len(CLASSES)
+
+
+def outcome_rates(monocyte_as_lymphocyte: float = 0.25, excluded: float = 0.02) -> np.ndarray:
+    """Rows: true class; columns: counted as each class, then excluded."""
+    a = np.zeros((K, K + 1))
+    for i in range(K):
+        a[i, i], a[i, K] = 1 - excluded, excluded
+    a[2, 1], a[2, 2] = monocyte_as_lymphocyte, 1 - excluded - monocyte_as_lymphocyte
+    return a
+
+
+def simulate(rates: np.ndarray, share: np.ndarray, cells: int, slides: int, seed: int):
+    """True counts per slide and the counted predictions the model would make."""
+    rng = np.random.default_rng(seed)
+    true = rng.multinomial(cells, share, slides)
+    counted = np.zeros((slides, K), np.int64)
+    for i in range(K):
+        counted += rng.multinomial(true[:, i], rates[i])[:, :K]
+    return true, counted
+
+
+def held_out(rates: np.ndarray, per_class: int = 400) -> Confusion:
+    return Confusion(CLASSES, np.round(rates * per_class).astype(int))
+
+
+def test_counts_as_cell():
+    assert counts_as_cell(None) and counts_as_cell("low_confidence")
+    for reason in ("not_a_known_cell", "no_cell_found;low_confidence", "unreadable"):
+        assert not counts_as_cell(reason)
+
+
+def test_confusion_from_predictions_and_state():
+    conf = Confusion.from_predictions(
+        CLASSES, true=np.array([0, 0, 2, 2, 4]), predicted=np.array([0, 1, 1, 2, 4]),
+        reasons=[None, "low_confidence", None, "not_a_known_cell", None])
+    assert conf.counts[0, 0] == 1 and conf.counts[0, 1] == 1  # low confidence still counts
+    assert conf.counts[2, 1] == 1 and conf.counts[2, K] == 1  # excluded: last column
+    assert conf.counts.sum() == 5
+    again = Confusion.from_state(conf.to_state())
+    assert again.classes == CLASSES and np.array_equal(again.counts, conf.counts)
+    with pytest.raises(ConfusionError, match="for classes"):
+        again.check(CLASSES[::-1])
+    with pytest.raises(ConfusionError, match="5 x 6"):
+        Confusion(CLASSES, np.ones((K, K), int))
+
+
+def test_no_confusion_keeps_the_counted_shares():
+    conf = held_out(outcome_rates(monocyte_as_lymphocyte=0.0, excluded=0.0))
+    e = estimate(np.array([120, 60, 12, 6, 2]), conf)
+    raw = np.array([120, 60, 12, 6, 2]) / 200
+    assert np.abs(e.share - raw).max() < 0.01
+    assert ((e.low <= raw) & (raw <= e.high)).all()
+    assert e.share.sum() == pytest.approx(1.0)
+
+
+def test_a_known_confusion_is_undone():
+    rates = outcome_rates(monocyte_as_lymphocyte=0.25)
+    share = np.array([0.55, 0.30, 0.10, 0.04, 0.01])
+    _, counted = simulate(rates, share, cells=20000, slides=1, seed=1)
+    e = estimate(counted[0], held_out(rates))
+    raw = counted[0] / counted[0].sum()
+    assert raw[2] < 0.08 and raw[1] > 0.32            # the raw count is biased...
+    assert abs(e.share[2] - 0.10) < 0.01 and abs(e.share[1] - 0.30) < 0.01  # ...this is not
+    assert e.low[2] <= 0.10 <= e.high[2]
+
+
+def test_a_class_excluded_more_often_is_not_undercounted():
+    rates = outcome_rates(monocyte_as_lymphocyte=0.0)
+    rates[3, 3], rates[3, K] = 0.5, 0.5               # half the eosinophils flagged away
+    share = np.array([0.5, 0.3, 0.1, 0.08, 0.02])
+    _, counted = simulate(rates, share, cells=20000, slides=1, seed=2)
+    e = estimate(counted[0], held_out(rates))
+    assert counted[0, 3] / counted[0].sum() < 0.05
+    assert abs(e.share[3] - 0.08) < 0.01
+
+
+def test_intervals_cover_the_true_share_and_the_correction_beats_raw_counts():
+    rates = outcome_rates(monocyte_as_lymphocyte=0.2)
+    share = np.array([0.55, 0.30, 0.10, 0.04, 0.01])
+    true, counted = simulate(rates, share, cells=200, slides=300, seed=3)
+    e = estimate(counted, held_out(rates))
+    covered = ((e.low <= share) & (share <= e.high)).mean(0)
+    assert (covered >= 0.88).all() and (covered <= 0.995).all(), covered
+    truth = true / 200
+    raw_err = np.abs(counted / counted.sum(1, keepdims=True) - truth).mean(0)
+    corrected_err = np.abs(e.share - truth).mean(0)
+    assert corrected_err[2] < raw_err[2] / 2 and corrected_err[1] < raw_err[1]
+
+
+def test_uncertain_confusion_widens_the_interval():
+    rates = outcome_rates(monocyte_as_lymphocyte=0.2)
+    counts = np.array([110, 62, 18, 8, 2])
+    sure = estimate(counts, held_out(rates, per_class=2000))
+    unsure = estimate(counts, held_out(rates, per_class=10))
+    assert (unsure.high - unsure.low)[2] > (sure.high - sure.low)[2]
+
+
+def test_empty_scope_and_bad_counts():
+    conf = held_out(outcome_rates())
+    e = estimate(np.array([[0, 0, 0, 0, 0], [10, 5, 1, 0, 0]]), conf)
+    assert np.isnan(e.share[0]).all() and not np.isnan(e.share[1]).any()
+    with pytest.raises(ConfusionError, match="4 counts for 5 classes"):
+        estimate(np.array([1, 2, 3, 4]), conf)
+    with pytest.raises(ConfusionError, match="negative"):
+        estimate(np.array([1, -2, 3, 4, 5]), conf)
+
+
+def test_same_counts_same_estimate():
+    conf = held_out(outcome_rates())
+    a, b = estimate(np.array([50, 30, 5, 3, 1]), conf), estimate(np.array([50, 30, 5, 3, 1]), conf)
+    assert np.array_equal(a.share, b.share) and np.array_equal(a.low, b.low)
