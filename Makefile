@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: setup demo test test-fast cluster-start cluster-stop clean
+.PHONY: setup browser demo test test-fast cluster-start cluster-stop clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,14 @@ $(STAMP): requirements/lock.txt requirements/petastorm.txt pyproject.toml
 demo: setup
 	bash deploy/demo.sh
 
-test: setup
+# The report's browser test needs Chromium (Debian's package; installed when run as root).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "make test needs Chromium for the report's browser test: sudo apt-get install chromium"; exit 1; fi; }
+
+test: setup browser
 	$(PY) -m pytest -ra
 
 test-fast: setup
