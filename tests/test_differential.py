@@ -118,3 +118,32 @@ def test_same_counts_same_estimate():
     conf = held_out(outcome_rates())
     a, b = estimate(np.array([50, 30, 5, 3, 1]), conf), estimate(np.array([50, 30, 5, 3, 1]), conf)
     assert np.array_equal(a.share, b.share) and np.array_equal(a.low, b.low)
+
+
+def test_per_class_rows_estimate_each_scope_on_its_own():
+    import pandas as pd
+
+    from wbc_spark.score import PER_CLASS_SCHEMA, per_class_rows
+
+    classes = list(CLASSES)
+
+    def scope(name, top, counted, flagged=0):
+        return {"model_id": "m", "scope": name, **dict(zip(classes, top)),
+                **{f"counted_{c}": v for c, v in zip(classes, counted)},
+                **{f"flagged_{c}": flagged for c in classes},
+                "n_shift": sum(top), "n_beyond": 0, "n_errors": 1}
+
+    a = scope("a", [60, 30, 6, 3, 1], [58, 30, 5, 3, 1], flagged=1)
+    empty = scope("b", [2, 0, 0, 0, 0], [0, 0, 0, 0, 0])
+    conf = held_out(outcome_rates())
+    now = pd.Timestamp("2026-01-01")
+    both = per_class_rows(pd.DataFrame([a, empty]), classes, conf, 0.25, 10, now)
+    alone = per_class_rows(pd.DataFrame([a]), classes, conf, 0.25, 10, now)
+    assert list(both.columns) == PER_CLASS_SCHEMA.fieldNames()
+    rows_a = both[both.slide == "a"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows_a, alone)  # the batch does not change a scope's numbers
+    assert rows_a.counted_total.iloc[0] == 97 and (rows_a.excluded == 3).all()
+    assert rows_a.corrected_fraction.sum() == pytest.approx(1.0)
+    assert rows_a["count"].tolist() == [60, 30, 6, 3, 1] and (rows_a.classified == 100).all()
+    rows_b = both[both.slide == "b"]
+    assert rows_b.corrected_fraction.isna().all() and (rows_b.excluded == 2).all()

@@ -349,13 +349,14 @@ def counted_column() -> F.Column:
 
 
 def per_class_table(results: DataFrame, classes: list[str], confusion: differential.Confusion,
-                    alarm_share: float, min_cells: int = 10) -> pd.DataFrame:
+                    alarm_share: float, min_cells: int = 10) -> DataFrame:
     """One model's rows: per slide and overall, the corrected differential with its interval
     (``wbc_spark.differential``), the raw counts and fractions with 95% Wilson intervals, the
     cells flagged for review per class, the shift score and alarm
     (``wbc_spark.review.shift_alarm``).
 
-    Only aggregates reach the driver (a few rows per slide and class).
+    Spark aggregates the counts per scope; the executors turn each scope's counts into its
+    rows (``per_class_rows``); nothing passes through the driver.
     """
     confusion.check(classes)
     results = latest(results)
@@ -371,36 +372,46 @@ def per_class_table(results: DataFrame, classes: list[str], confusion: different
                            .cast("long")).alias(f"flagged_{c}") for c in classes],
                    F.sum(F.col("beyond_lab_range").isNotNull().cast("long")).alias("n_shift"),
                    F.sum(F.col("beyond_lab_range").cast("long")).alias("n_beyond"),
-                   F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors"))
-              .toPandas())
+                   F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors")))
     now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
-    columns = PER_CLASS_SCHEMA.fieldNames()
-    if counts.empty:
-        return pd.DataFrame([], columns=columns)
-    tallies = counts[[f"counted_{c}" for c in classes]].fillna(0).to_numpy(np.int64)
-    corrected = differential.estimate(tallies, confusion)
-    rows = []
-    for s, d in enumerate(counts.to_dict("records")):
+
+    def rows(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            yield per_class_rows(batch, classes, confusion, alarm_share, min_cells, now)
+
+    return counts.mapInPandas(rows, PER_CLASS_SCHEMA)
+
+
+def per_class_rows(counts: pd.DataFrame, classes: list[str],
+                   confusion: differential.Confusion, alarm_share: float, min_cells: int,
+                   now: pd.Timestamp) -> pd.DataFrame:
+    """Per-class rows of scopes' counts (columns ``<class>``, ``counted_<class>``,
+    ``flagged_<class>``, ``n_shift``, ``n_beyond``, ``n_errors``). Each scope is estimated on
+    its own, so its numbers depend on its counts only, not on which scopes share a batch."""
+    out = []
+    for d in counts.to_dict("records"):
+        tally = np.asarray([int(d[f"counted_{c}"] or 0) for c in classes])
+        corrected = differential.estimate(tally, confusion)
         classified = int(sum(d[c] or 0 for c in classes))
-        total = int(tallies[s].sum())
+        total = int(tally.sum())
         cells = int(d["n_shift"] or 0)
         score, alarm = review.shift_alarm(int(d["n_beyond"] or 0), cells, alarm_share,
                                           min_cells)
         for j, c in enumerate(classes):
             k = int(d[c] or 0)
             lo, hi = wilson(k, classified)
-            rows.append({"model_id": d["model_id"], "slide": d["scope"], "class": c,
-                         "corrected_fraction": float(corrected.share[s, j]),
-                         "corrected_low": float(corrected.low[s, j]),
-                         "corrected_high": float(corrected.high[s, j]),
-                         "counted": int(tallies[s, j]), "counted_total": total,
-                         "excluded": classified - total,
-                         "count": k, "classified": classified,
-                         "fraction": k / classified if classified else float("nan"),
-                         "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
-                         "flagged": int(d[f"flagged_{c}"] or 0), "shift_cells": cells,
-                         "shift_score": score, "shift_alarm": alarm, "updated_at": now})
-    return pd.DataFrame(rows, columns=columns)
+            out.append({"model_id": d["model_id"], "slide": d["scope"], "class": c,
+                        "corrected_fraction": float(corrected.share[j]),
+                        "corrected_low": float(corrected.low[j]),
+                        "corrected_high": float(corrected.high[j]),
+                        "counted": int(tally[j]), "counted_total": total,
+                        "excluded": classified - total,
+                        "count": k, "classified": classified,
+                        "fraction": k / classified if classified else float("nan"),
+                        "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
+                        "flagged": int(d[f"flagged_{c}"] or 0), "shift_cells": cells,
+                        "shift_score": score, "shift_alarm": alarm, "updated_at": now})
+    return pd.DataFrame(out, columns=PER_CLASS_SCHEMA.fieldNames())
 
 
 def run_scoring(spark: SparkSession, config: Config) -> dict:
@@ -464,15 +475,20 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     scored_count = tables.append(scored, table, run_id)
     all_results = tables.read(spark, table, stored.schema)
     confusion = differential.Confusion.from_state(meta["confusion"])
-    summary_pd = per_class_table(all_results.where(F.col("model_id") == model_id), classes,
-                                 confusion, config.review.alarm_share,
-                                 config.review.alarm_min_cells)
+    mine = per_class_table(all_results.where(F.col("model_id") == model_id), classes,
+                           confusion, config.review.alarm_share, config.review.alarm_min_cells)
     # Other models' rows stay as the runs that scored with them wrote them (their results do
     # not change); rows from before a column existed read it as null.
     others = (tables.read(spark, f"{table}_per_class", PER_CLASS_SCHEMA)
               .where(F.col("model_id") != model_id))
-    tables.replace(spark.createDataFrame(summary_pd, PER_CLASS_SCHEMA).unionByName(others),
-                   f"{table}_per_class", run_id)
+    tables.replace(mine.unionByName(others), f"{table}_per_class", run_id)
+    per_class = tables.read(spark, f"{table}_per_class", PER_CLASS_SCHEMA).where(
+        F.col("model_id") == model_id)
+    # The driver takes only what it prints: the overall rows and the slides that alarm.
+    overall = per_class.where(F.col("slide").isNull()).toPandas()
+    overall = overall.iloc[overall["class"].map(classes.index).argsort()].reset_index(drop=True)
+    alarms = (per_class.where(F.col("shift_alarm")).select("slide", "shift_cells", "shift_score")
+              .distinct().orderBy("slide").toPandas().to_dict("records"))
     errors = flagged = 0
     run_shift = (float("nan"), False)
     if scored_count:
@@ -486,13 +502,10 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
         run_shift = review.shift_alarm(int(counts.beyond or 0), int(counts.cells or 0),
                                        config.review.alarm_share,
                                        config.review.alarm_min_cells)
-    mine = summary_pd[summary_pd["model_id"] == model_id]
-    alarms = (mine[mine["shift_alarm"]].drop_duplicates("slide")
-              [["slide", "shift_cells", "shift_score"]].to_dict("records"))
     for a in alarms:
         log.warning("SHIFT ALARM (%s): %.0f%% of %d cells lie beyond the training labs' range",
                     a["slide"] or "every image", 100 * a["shift_score"], a["shift_cells"])
     return {"model_id": model_id, "scored": scored_count, "errors": errors, "run_id": run_id,
             "flagged": flagged, "run_shift": run_shift, "alarms": alarms,
             "results": table, "per_class": f"{table}_per_class",
-            "summary": mine}
+            "summary": overall}
