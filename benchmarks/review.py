@@ -53,7 +53,7 @@ from wbc_spark.config import load_config
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
-from wbc_spark.splits import assign_folds, train_val_test
+from wbc_spark.splits import assign_folds, split_groups, train_val_test
 from wbc_spark.train import Recipe, softmax
 from wbc_spark.transforms import cell_crop
 
@@ -181,7 +181,9 @@ def save_predictions(path: str, runs: list[dict], df: pd.DataFrame, labels: np.n
     benchmark (``run<i>_test_*``: its test rows; ``run<i>_own_*``: a lab-held-out model's
     in-lab test part)."""
     out = {"classes": np.asarray(classes), "labels": labels,
-           "source": df.source.to_numpy().astype(str), "group": df.group.to_numpy().astype(str)}
+           "source": df.source.to_numpy().astype(str),
+           # The splits' groups (shared group or identical bytes): duplicates stay together.
+           "split_group": split_groups(df[["group", "sha256"]])}
     for i, rec in enumerate(runs):
         out[f"run{i}_name"] = np.asarray(rec["name"])
         for part, rows, s in (("test", rec["test"], rec["test_scored"]),

@@ -29,9 +29,10 @@ def score(spark, config):
     if len(overall):
         first = overall.iloc[0]
         lines.append(f"differential over every image this model scored ({first['counted_total']}"
-                     f" cells counted, {first['excluded']} not known white cells, "
-                     f"{first['errors']} unreadable): corrected share [95% interval] | raw "
-                     "top predictions")
+                     f" cells counted, {first['excluded']} without a cell found, "
+                     f"{first['errors']} unreadable; corrected with the confusion of "
+                     f"{first['confusion_lab']}): corrected share [95% interval] | raw top "
+                     "predictions")
         for r in overall.to_dict("records"):
             lines.append(f"  {r['class']:<11} {r['corrected_fraction']:6.1%} "
                          f"[{r['corrected_low']:.1%}, {r['corrected_high']:.1%}] | "

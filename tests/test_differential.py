@@ -34,19 +34,23 @@ def held_out(rates: np.ndarray, per_class: int = 400) -> Confusion:
 
 def test_counts_as_cell():
     assert counts_as_cell(None) and counts_as_cell("low_confidence")
-    for reason in ("not_a_known_cell", "no_cell_found;low_confidence", "unreadable"):
+    assert counts_as_cell("not_a_known_cell;low_confidence")  # flagged, and counted
+    for reason in ("no_cell_found", "no_cell_found;low_confidence", "unreadable"):
         assert not counts_as_cell(reason)
 
 
 def test_confusion_from_predictions_and_state():
     conf = Confusion.from_predictions(
         CLASSES, true=np.array([0, 0, 2, 2, 4]), predicted=np.array([0, 1, 1, 2, 4]),
-        reasons=[None, "low_confidence", None, "not_a_known_cell", None])
+        reasons=[None, "low_confidence", None, "no_cell_found", None],
+        labs=["A", "A", "B", "B", "B"])
     assert conf.counts[0, 0] == 1 and conf.counts[0, 1] == 1  # low confidence still counts
     assert conf.counts[2, 1] == 1 and conf.counts[2, K] == 1  # excluded: last column
     assert conf.counts.sum() == 5
+    assert conf.per_lab["A"].sum() == 2 and conf.per_lab["B"][2, K] == 1
     again = Confusion.from_state(conf.to_state())
     assert again.classes == CLASSES and np.array_equal(again.counts, conf.counts)
+    assert np.array_equal(again.per_lab["B"], conf.per_lab["B"])
     with pytest.raises(ConfusionError, match="for classes"):
         again.check(CLASSES[::-1])
     with pytest.raises(ConfusionError, match="5 x 6"):
@@ -133,17 +137,37 @@ def test_per_class_rows_estimate_each_scope_on_its_own():
                 **{f"flagged_{c}": flagged for c in classes},
                 "n_shift": sum(top), "n_beyond": 0, "n_errors": 1}
 
-    a = scope("a", [60, 30, 6, 3, 1], [58, 30, 5, 3, 1], flagged=1)
+    a = {**scope("a", [60, 30, 6, 3, 1], [58, 30, 5, 3, 1], flagged=1), "lab_0": 90,
+         "lab_1": 7}
     empty = scope("b", [2, 0, 0, 0, 0], [0, 0, 0, 0, 0])
-    conf = held_out(outcome_rates())
+    pooled = held_out(outcome_rates())
+    conf = Confusion(CLASSES, pooled.counts, {"L1": pooled.counts, "L2": pooled.counts})
     now = pd.Timestamp("2026-01-01")
-    both = per_class_rows(pd.DataFrame([a, empty]), classes, conf, 0.25, 10, now)
-    alone = per_class_rows(pd.DataFrame([a]), classes, conf, 0.25, 10, now)
+    labs = ["L1", "L2"]
+    both = per_class_rows(pd.DataFrame([a, empty]), classes, conf, 0.25, 10, now, labs)
+    alone = per_class_rows(pd.DataFrame([a]), classes, conf, 0.25, 10, now, labs)
     assert list(both.columns) == PER_CLASS_SCHEMA.fieldNames()
     rows_a = both[both.slide == "a"].reset_index(drop=True)
     pd.testing.assert_frame_equal(rows_a, alone)  # the batch does not change a scope's numbers
     assert rows_a.counted_total.iloc[0] == 97 and (rows_a.excluded == 3).all()
     assert rows_a.corrected_fraction.sum() == pytest.approx(1.0)
     assert rows_a["count"].tolist() == [60, 30, 6, 3, 1] and (rows_a.classified == 100).all()
+    assert (rows_a.confusion_lab == "L1").all()  # most cells lie nearest to L1
     rows_b = both[both.slide == "b"]
     assert rows_b.corrected_fraction.isna().all() and (rows_b.excluded == 2).all()
+    assert (rows_b.confusion_lab == "pooled").all()
+
+
+def test_a_lab_is_corrected_with_its_own_confusion_shrunk_to_the_pooled_one():
+    from wbc_spark.differential import PRIOR_CELLS
+
+    own = np.round(outcome_rates(monocyte_as_lymphocyte=0.4) * 100).astype(int)
+    other = np.round(outcome_rates(monocyte_as_lymphocyte=0.0) * 1000).astype(int)
+    conf = Confusion(CLASSES, own + other, {"A": own, "B": other})
+    a = conf.for_lab("A")
+    assert a.counts.sum(1) == pytest.approx(own.sum(1) + PRIOR_CELLS)
+    assert a.counts[2, 1] > 0.3 * a.counts[2].sum()  # lab A's own confusion dominates
+    assert np.array_equal(conf.for_lab(None).counts, conf.counts)
+    assert np.array_equal(conf.for_lab("unknown lab").counts, conf.counts)
+    counts = np.array([100, 70, 10, 8, 2])  # lab A's cells: many monocytes called lymphocytes
+    assert estimate(counts, a).share[2] > estimate(counts, conf.for_lab("B")).share[2] + 0.02

@@ -154,14 +154,17 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     assert set(per.slide.dropna()) == {"s1", "s2"}
     assert ((per.ci_low <= per.fraction) & (per.fraction <= per.ci_high)).all()
     # The corrected differential: counted cells plus those counted apart make the classified.
-    out_reasons = good.review_reason.fillna("").str.contains("not_a_known_cell|no_cell_found")
+    out_reasons = good.review_reason.fillna("").str.contains("no_cell_found")
     assert (overall.excluded == out_reasons.sum()).all()
     assert (overall.counted_total + overall.excluded == overall.classified).all()
     assert overall.counted.sum() == overall.counted_total.iloc[0]
-    # This untrained model calls every smear not a known cell: nothing is left to count,
-    # and the corrected share says so (NaN) instead of guessing (tests/test_report.py scores
-    # cells that count).
-    assert (overall.counted_total == 0).all() and per.corrected_fraction.isna().all()
+    # Cells flagged not_a_known_cell still count (and are flagged): the differential is a
+    # distribution with its intervals, corrected with the model's pooled confusion (the toy
+    # model's has no labs).
+    assert ((per.corrected_low <= per.corrected_fraction)
+            & (per.corrected_fraction <= per.corrected_high)).all()
+    assert np.allclose(per.groupby(per.slide.fillna("*")).corrected_fraction.sum(), 1.0)
+    assert (per.confusion_lab == "pooled").all()
     assert "corrected share [95% interval]" in out
 
     # A run killed before its commit leaves only staging debris: it is never read, and the

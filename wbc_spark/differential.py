@@ -5,13 +5,18 @@ differential (monocytes called lymphocytes raise the lymphocyte share), and a Wi
 on those counts covers only the sampling of cells. Here the shares are estimated with the
 model's confusion on its held-out test fold as a known measurement error:
 
-- a cell *counts* when it was classified and not flagged as not being a known white cell
-  (``review_reason`` without ``no_cell_found``, ``not_a_known_cell`` or ``unreadable``); the
-  others are counted apart. A cell flagged only ``low_confidence`` counts in its predicted
-  class: how often such cells are wrong is part of the measured confusion;
+- a cell *counts* when it was classified and the stain locator found a cell in it
+  (``review_reason`` without ``no_cell_found`` or ``unreadable``); the others are counted
+  apart. Cells flagged ``low_confidence`` or ``not_a_known_cell`` count in their predicted
+  class (and are counted apart as flagged too): how often such cells are wrong is part of
+  the measured confusion. Leaving them out of the differential was measured and is worse
+  (docs/RESULTS.md, "The differential"): the flags concentrate in some classes and, for
+  KRD-WBC, take a fifth of its true white cells;
 - ``Confusion``: held-out cells of each true class by outcome, the predicted class of a
-  counted cell or ``excluded`` (the last column). True white cells the flags exclude are
-  corrected for too (a class flagged more often is not under-counted);
+  counted cell or ``excluded`` (the last column), pooled and per training lab. A slide is
+  corrected with the confusion of the lab its cells lie nearest to (the lab detector of
+  ``wbc_spark.review``), each row shrunk toward the pooled rates by ``PRIOR_CELLS``
+  pseudo-cells (a lab's test fold may hold two eosinophils);
 - ``estimate``: the posterior of the slide's class shares ``p`` given its counted cells,
   where a cell of class ``i`` is counted as ``j`` with probability ``A[i, j]``. A Gibbs
   sampler allocates each predicted class's count to true classes (``p_i A[i, j]``), draws the
@@ -27,11 +32,13 @@ showed a confusion.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-COUNTED_OUT = ("unreadable", "no_cell_found", "not_a_known_cell")
+COUNTED_OUT = ("unreadable", "no_cell_found")
+# Pseudo-cells per true class pulling a lab's confusion row toward the pooled rates.
+PRIOR_CELLS = 5.0
 
 
 def counts_as_cell(reason: str | None) -> bool:
@@ -45,35 +52,56 @@ class ConfusionError(ValueError):
 
 @dataclass(frozen=True)
 class Confusion:
-    """Held-out cells: rows the true class, columns the counted prediction, then excluded."""
+    """Held-out cells: rows the true class, columns the counted prediction, then excluded;
+    pooled over the test fold (``counts``) and per lab (``per_lab``)."""
 
     classes: tuple[str, ...]
-    counts: np.ndarray  # (K, K + 1) non-negative integers
+    counts: np.ndarray  # (K, K + 1) non-negative (pseudo-)counts
+    per_lab: dict = field(default_factory=dict)  # lab -> (K, K + 1) counts
 
     def __post_init__(self) -> None:
         k = len(self.classes)
-        c = np.asarray(self.counts)
-        if c.shape != (k, k + 1) or (c < 0).any():
-            raise ConfusionError(f"confusion counts of shape {c.shape} for {k} classes (need "
-                                 f"{k} x {k + 1} non-negative counts)")
+        for c in (self.counts, *self.per_lab.values()):
+            c = np.asarray(c)
+            if c.shape != (k, k + 1) or (c < 0).any():
+                raise ConfusionError(f"confusion counts of shape {c.shape} for {k} classes "
+                                     f"(need {k} x {k + 1} non-negative counts)")
 
     @classmethod
     def from_predictions(cls, classes: Sequence[str], true: np.ndarray, predicted: np.ndarray,
-                         reasons: Sequence[str | None]) -> Confusion:
-        """From class indices of held-out cells and their review reasons."""
+                         reasons: Sequence[str | None], labs: Sequence[str] | None = None
+                         ) -> Confusion:
+        """From class indices of held-out cells, their review reasons and labs."""
         k = len(classes)
+        labs = list(labs) if labs is not None else [None] * len(reasons)
         counts = np.zeros((k, k + 1), np.int64)
-        for t, p, r in zip(np.asarray(true), np.asarray(predicted), reasons):
-            counts[int(t), int(p) if counts_as_cell(r) else k] += 1
-        return cls(tuple(classes), counts)
+        per_lab: dict = {}
+        for t, p, r, lab in zip(np.asarray(true), np.asarray(predicted), reasons, labs):
+            j = int(p) if counts_as_cell(r) else k
+            counts[int(t), j] += 1
+            if lab is not None:
+                per_lab.setdefault(str(lab), np.zeros((k, k + 1), np.int64))[int(t), j] += 1
+        return cls(tuple(classes), counts, per_lab)
+
+    def for_lab(self, lab: str | None) -> Confusion:
+        """The confusion to correct a slide of ``lab`` with: that lab's held-out counts plus
+        ``PRIOR_CELLS`` pseudo-cells per true class at the pooled rates; the pooled counts
+        for a lab without its own."""
+        if lab not in self.per_lab:
+            return Confusion(self.classes, self.counts)
+        pooled = np.asarray(self.counts, float) + 0.5
+        rates = pooled / pooled.sum(1, keepdims=True)
+        return Confusion(self.classes, np.asarray(self.per_lab[lab]) + PRIOR_CELLS * rates)
 
     def to_state(self) -> dict:
-        return {"classes": list(self.classes), "counts": self.counts.astype(int).tolist(),
+        return {"classes": list(self.classes), "counts": np.asarray(self.counts).tolist(),
+                "per_lab": {lab: np.asarray(c).tolist() for lab, c in self.per_lab.items()},
                 "columns": [*self.classes, "excluded"]}
 
     @classmethod
     def from_state(cls, state: dict) -> Confusion:
-        return cls(tuple(state["classes"]), np.asarray(state["counts"], np.int64))
+        return cls(tuple(state["classes"]), np.asarray(state["counts"]),
+                   {lab: np.asarray(c) for lab, c in state.get("per_lab", {}).items()})
 
     def check(self, classes: Sequence[str]) -> None:
         if tuple(classes) != self.classes:
@@ -106,7 +134,8 @@ def estimate(counts: np.ndarray, confusion: Confusion, *, chains: int = 200,
     rng = np.random.default_rng(seed)
     s = c.shape[0]
     # Each chain's confusion: Dirichlet posterior of each true class's held-out outcomes.
-    a = rng.gamma(confusion.counts[None] + confusion_prior, size=(chains, k, k + 1))
+    a = rng.gamma(np.asarray(confusion.counts, float)[None] + confusion_prior,
+                  size=(chains, k, k + 1))
     a /= a.sum(-1, keepdims=True)
     counted, kept_rate = a[:, :, :k], 1.0 - a[:, :, k]           # (C, K, K), (C, K)
     n = c.sum(-1, keepdims=True)

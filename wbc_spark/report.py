@@ -161,14 +161,16 @@ def alarm_block(first: dict, min_cells: int) -> str:
 
 
 READ_ME = ("<p class=\"note\">Read the <b>corrected share</b> (bars) and its 95% interval "
-           "(whiskers). It counts the cells the model took for white cells, corrects for the "
-           "confusions the model made on its held-out test images, and its interval holds "
-           "both the sampling of this slide's cells and the uncertainty of that correction. "
-           "The diamond is the raw share of top predictions: it carries every systematic "
-           "confusion, and its interval covers cell sampling only. Cells flagged "
-           "<i>not_a_known_cell</i> or <i>no_cell_found</i> are counted apart; cells flagged "
-           "<i>low_confidence</i> are counted, their errors are part of the correction. For "
-           "scale, a manual 100-cell count's own 95% interval for a 60% share is about "
+           "(whiskers). It counts every classified cell in which a cell was found, corrects "
+           "for the confusions the model made on its held-out test images of the lab these "
+           "cells lie nearest to, and its interval holds both the sampling of this slide's "
+           "cells and the uncertainty of that correction. The diamond is the raw share of top "
+           "predictions: it carries every systematic confusion, and its interval covers cell "
+           "sampling only. Flagged cells are counted apart (<i>flagged</i>) and shown below; "
+           "those flagged <i>no_cell_found</i> are left out of the differential, the others "
+           "stay in it, their errors being part of the correction. Under a shift alarm the "
+           "model's measured confusion is not this lab's: neither estimate is to be trusted. "
+           "For scale, a manual 100-cell count's own 95% interval for a 60% share is about "
            "&plusmn;10 points.</p>")
 
 
@@ -195,8 +197,10 @@ def slide_page(scope: str, summary: pd.DataFrame, tiles: list[dict], errors: lis
     flagged = [t for t in tiles if t["kind"] == "flagged"]
     sample = [t for t in tiles if t["kind"] == "sample"]
     counts = (f"{int(first['classified'])} cells classified: {int(first['counted_total'])} "
-              f"counted in the differential, {int(first['excluded'])} counted apart (not a "
-              f"known white cell), {int(summary['flagged'].sum())} flagged for review; "
+              f"counted in the differential (corrected with the held-out confusion of "
+              f"{html.escape(str(first.get('confusion_lab') or 'pooled'))}), "
+              f"{int(first['excluded'])} left out (no cell found), "
+              f"{int(summary['flagged'].sum())} flagged for review; "
               f"{int(first['errors'])} unreadable file(s).")
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<title>{title}: white-cell differential</title><style>{STYLE}</style></head>"

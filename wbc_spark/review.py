@@ -187,6 +187,11 @@ class ReviewModel:
         lab_d, beyond = self.lab.beyond(lab_features, self.lab_threshold)
         return self.cell.distance(cell_features), lab_d, beyond
 
+    def nearest_lab(self, lab_features: np.ndarray) -> list[str]:
+        """The training lab whose cells each cell lies nearest to."""
+        _, lab = self.lab.nearest(lab_features)
+        return [self.lab.labs[i] for i in lab]
+
 
 def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
         val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,

@@ -15,6 +15,7 @@ predicted_class    string     null when ``error`` is set
 confidence         double     calibrated probability of ``predicted_class``
 p_<Class>          double     calibrated probability of each class
 cell_found         boolean    whether the stain locator found a cell
+nearest_lab        string     the training lab whose cells this one lies nearest to
 model_id           string     the artifact's ID (digest of its weights)
 scored_at          timestamp
 error              string     why the file could not be classified, else null
@@ -37,10 +38,11 @@ corrected_fraction     double  **the share to read**: estimated share of the cla
 corrected_low/_high    double  its 95% interval (sampling of cells and uncertainty of the
                                correction)
 counted                long    cells counted in the differential and predicted as the class
-counted_total          long    cells counted in the scope (classified, not flagged as not a
-                               known white cell)
-excluded               long    classified cells counted apart (no_cell_found,
-                               not_a_known_cell): not white cells as far as the model knows
+counted_total          long    cells counted in the scope (classified, a cell found)
+excluded               long    classified cells left out of the differential
+                               (no_cell_found: the locator found no cell in the image)
+confusion_lab          string  the training lab whose held-out confusion corrected the
+                               scope (most of its cells lie nearest to it), or "pooled"
 count                  long    top predictions of the class, flagged cells included
 classified             long    cells with a prediction in the scope
 fraction, ci_low,      double  raw share of top predictions (count / classified), 95% Wilson
@@ -99,6 +101,7 @@ def prediction_schema(classes: list[str]) -> T.StructType:
         T.StructField("cell_distance", T.DoubleType()),
         T.StructField("lab_distance", T.DoubleType()),
         T.StructField("beyond_lab_range", T.BooleanType()),
+        T.StructField("nearest_lab", T.StringType()),
         T.StructField("needs_review", T.BooleanType()),
         T.StructField("review_reason", T.StringType()),
         T.StructField("error", T.StringType()),
@@ -124,6 +127,7 @@ PER_CLASS_SCHEMA = T.StructType([
     T.StructField("model_id", T.StringType()),
     T.StructField("slide", T.StringType()),
     T.StructField("class", T.StringType()),
+    T.StructField("confusion_lab", T.StringType()),
     T.StructField("corrected_fraction", T.DoubleType()),
     T.StructField("corrected_low", T.DoubleType()),
     T.StructField("corrected_high", T.DoubleType()),
@@ -202,6 +206,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                         **{f"p_{c}": np.full(n, np.nan) for c in classes},
                         "cell_found": [None] * n, "cell_distance": np.full(n, np.nan),
                         "lab_distance": np.full(n, np.nan), "beyond_lab_range": [None] * n,
+                        "nearest_lab": [None] * n,
                         "needs_review": [True] * n,
                         "review_reason": ["unreadable"] * n, "error": [None] * n})
     crops, ok = [], []
@@ -236,6 +241,8 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         out.loc[idx, "cell_distance"] = cell_d
         out.loc[idx, "lab_distance"] = lab_d
         out.loc[idx, "beyond_lab_range"] = pd.Series(beyond, index=idx, dtype=object)
+        out.loc[idx, "nearest_lab"] = pd.Series(detectors.nearest_lab(lab_features), index=idx,
+                                                dtype=object)
         reasons = review.flags(probs.max(1), cell_d,
                                out.loc[idx, "cell_found"].to_numpy(bool), detectors)
         out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
@@ -359,6 +366,7 @@ def per_class_table(results: DataFrame, classes: list[str], confusion: different
     rows (``per_class_rows``); nothing passes through the driver.
     """
     confusion.check(classes)
+    labs = sorted(confusion.per_lab)
     results = latest(results)
     scoped = (results.where(F.col("slide").isNotNull()).withColumn("scope", F.col("slide"))
               .unionByName(results.withColumn("scope", F.lit(None).cast("string"))))
@@ -372,35 +380,43 @@ def per_class_table(results: DataFrame, classes: list[str], confusion: different
                            .cast("long")).alias(f"flagged_{c}") for c in classes],
                    F.sum(F.col("beyond_lab_range").isNotNull().cast("long")).alias("n_shift"),
                    F.sum(F.col("beyond_lab_range").cast("long")).alias("n_beyond"),
-                   F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors")))
+                   F.sum(F.col("error").isNotNull().cast("long")).alias("n_errors"),
+                   *[F.sum((F.col("nearest_lab") == lab).cast("long")).alias(f"lab_{i}")
+                     for i, lab in enumerate(labs)]))
     now = pd.Timestamp(datetime.now(timezone.utc)).tz_localize(None)
 
     def rows(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for batch in batches:
-            yield per_class_rows(batch, classes, confusion, alarm_share, min_cells, now)
+            yield per_class_rows(batch, classes, confusion, alarm_share, min_cells, now, labs)
 
     return counts.mapInPandas(rows, PER_CLASS_SCHEMA)
 
 
 def per_class_rows(counts: pd.DataFrame, classes: list[str],
                    confusion: differential.Confusion, alarm_share: float, min_cells: int,
-                   now: pd.Timestamp) -> pd.DataFrame:
+                   now: pd.Timestamp, labs: list[str] = ()) -> pd.DataFrame:
     """Per-class rows of scopes' counts (columns ``<class>``, ``counted_<class>``,
-    ``flagged_<class>``, ``n_shift``, ``n_beyond``, ``n_errors``). Each scope is estimated on
-    its own, so its numbers depend on its counts only, not on which scopes share a batch."""
+    ``flagged_<class>``, ``n_shift``, ``n_beyond``, ``n_errors``, and ``lab_<i>``: cells
+    nearest to training lab ``labs[i]``). A scope is corrected with the confusion of the lab
+    most of its cells lie nearest to (``confusion_lab``; the pooled one without such counts).
+    Each scope is estimated on its own, so its numbers depend on its counts only, not on
+    which scopes share a batch."""
     out = []
     for d in counts.to_dict("records"):
-        tally = np.asarray([int(d[f"counted_{c}"] or 0) for c in classes])
-        corrected = differential.estimate(tally, confusion)
-        classified = int(sum(d[c] or 0 for c in classes))
+        tally = np.asarray([_count(d[f"counted_{c}"]) for c in classes])
+        near = [_count(d.get(f"lab_{i}")) for i in range(len(labs))]
+        lab = labs[int(np.argmax(near))] if near and max(near) > 0 else None
+        corrected = differential.estimate(tally, confusion.for_lab(lab))
+        classified = sum(_count(d[c]) for c in classes)
         total = int(tally.sum())
-        cells = int(d["n_shift"] or 0)
-        score, alarm = review.shift_alarm(int(d["n_beyond"] or 0), cells, alarm_share,
+        cells = _count(d["n_shift"])
+        score, alarm = review.shift_alarm(_count(d["n_beyond"]), cells, alarm_share,
                                           min_cells)
         for j, c in enumerate(classes):
-            k = int(d[c] or 0)
+            k = _count(d[c])
             lo, hi = wilson(k, classified)
             out.append({"model_id": d["model_id"], "slide": d["scope"], "class": c,
+                        "confusion_lab": lab or "pooled",
                         "corrected_fraction": float(corrected.share[j]),
                         "corrected_low": float(corrected.low[j]),
                         "corrected_high": float(corrected.high[j]),
@@ -408,10 +424,15 @@ def per_class_rows(counts: pd.DataFrame, classes: list[str],
                         "excluded": classified - total,
                         "count": k, "classified": classified,
                         "fraction": k / classified if classified else float("nan"),
-                        "ci_low": lo, "ci_high": hi, "errors": int(d["n_errors"] or 0),
-                        "flagged": int(d[f"flagged_{c}"] or 0), "shift_cells": cells,
+                        "ci_low": lo, "ci_high": hi, "errors": _count(d["n_errors"]),
+                        "flagged": _count(d[f"flagged_{c}"]), "shift_cells": cells,
                         "shift_score": score, "shift_alarm": alarm, "updated_at": now})
     return pd.DataFrame(out, columns=PER_CLASS_SCHEMA.fieldNames())
+
+
+def _count(value) -> int:
+    """A count from an aggregate: null (no rows, or a column the batch lacks) is 0."""
+    return 0 if value is None or value != value else int(value)
 
 
 def run_scoring(spark: SparkSession, config: Config) -> dict:

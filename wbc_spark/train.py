@@ -500,7 +500,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
     cell_d, _, beyond = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
     confusion = differential.Confusion.from_predictions(classes, labels, probs.argmax(1),
-                                                        reasons)
+                                                        reasons, labs)
     per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
                                                        probs.argmax(1)[labs == lab], classes,
                                                        probs[labs == lab])
