@@ -153,6 +153,14 @@ def test_scoring_the_ingested_dataset(krd_run):
     # KRD-WBC-only model's validation split has ~100 cells, so 99.5% unflagged accuracy there
     # means no error above the threshold).
     assert res.review_reason.str.contains("not_a_known_cell").fillna(False).mean() < 0.1
+    # The corrected differential of KRD-WBC's images, against its labels (most of them were
+    # trained on: a sanity check of the correction, not a measurement).
+    overall = per[per.slide.isna()].set_index("class")
+    assert (overall.confusion_lab == "KRD-WBC").all()
+    labels = pd.read_parquet(root / "ds", columns=["sha256", "label"]).drop_duplicates("sha256")
+    truth = labels.label.value_counts(normalize=True)
+    gap = (overall.corrected_fraction - truth.reindex(overall.index)).abs()
+    assert gap.max() < 0.08, gap
 
 
 @pytest.mark.slow
@@ -224,6 +232,11 @@ def test_two_labs_in_one_dataset_train_and_are_reported_per_lab(two_lab_run):
     # Stratified by lab and class: each lab's classes are in training in their shares.
     assert 0.5 < trained["PBC-dev"]["Basophil"] / (371 * 0.64) < 1.5
     assert trained["KRD-WBC"]["Eosinophil"] >= 5
+    # The held-out confusion the differential corrects with: the test fold, per lab.
+    conf = raw["confusion"]
+    assert conf == ev["differential_confusion"] and set(conf["per_lab"]) == set(trained)
+    assert np.asarray(conf["counts"]).sum() == ev["split"]["test"]
+    assert sum(np.asarray(c).sum() for c in conf["per_lab"].values()) == ev["split"]["test"]
     # A learnt model on the large lab, well above chance (0.2), even after three epochs.
     assert ev["test_per_lab"]["PBC-dev"]["balanced_accuracy"] > 0.6, out[-3000:]
     preds = pd.read_csv(root / "model" / "test_predictions.csv")
