@@ -13,7 +13,7 @@ import pytest
 from conftest import smear, spark_submit
 from PIL import Image
 
-from wbc_spark.report import ALL, index_page, page_name, slide_page
+from wbc_spark.report import ALL, index_page, page_name, slide_page, summary_frame
 
 CLASSES = ["Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil"]
 
@@ -46,6 +46,18 @@ def test_slide_page_shows_the_differential_escapes_names_and_fetches_nothing():
     assert "60.0%" in page and "55.0% - 65.0%" in page  # corrected share and its interval
     assert page.count('class="bar"') == 5 and "corrupt or truncated" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)
+
+
+def test_summary_from_json_keeps_names_and_reads_nan():
+    rows = summary("s1").drop(columns="_scope").assign(confusion_lab="KRD-WBC")
+    rows.loc[0, "corrected_fraction"] = float("nan")
+    text = rows.to_json(orient="records").replace("null", '"NaN"')  # as Spark writes NaN
+    frame = summary_frame(text, CLASSES[::-1])
+    assert list(frame["class"]) == CLASSES[::-1]  # the model's class order
+    assert (frame.confusion_lab == "KRD-WBC").all() and frame.slide.eq("s1").all()
+    assert frame.corrected_fraction.isna().sum() == 1 and frame.counted.dtype.kind in "if"
+    page = slide_page("s1", frame, [], [], "m1", "now", 64)
+    assert "held-out confusion of KRD-WBC" in page
 
 
 def test_index_links_every_page_and_flags_alarms():
@@ -98,6 +110,7 @@ def test_report_job_writes_pages_a_browser_renders(tmp_path, tiny_artifact):
     s1 = (out / page_name("s1")).read_text()
     assert s1.count("data:image/jpeg;base64,") == 2 * 4  # crop and map for each cell
     assert "not really" not in s1 and "broken.jpg" in s1  # listed as unreadable
+    assert "held-out confusion of pooled" in s1  # the toy model has no per-lab confusion
     # Re-running rewrites the same pages; a slide without results loses its page.
     (out / page_name("gone")).write_text("old")
     again = spark_submit("report", *common, f"report.output={out}", "report.per_class=2")

@@ -319,7 +319,7 @@ def summary_frame(text: str, classes: list[str]) -> pd.DataFrame:
     carries as a string, back to a number)."""
     frame = pd.DataFrame(json.loads(text)).set_index("class").reindex(classes).reset_index()
     for name in frame.columns:
-        if name not in ("class", "slide", "shift_alarm"):
+        if name not in ("class", "slide", "shift_alarm", "confusion_lab"):
             frame[name] = pd.to_numeric(frame[name], errors="coerce")
     return frame
 
