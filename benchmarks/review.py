@@ -135,7 +135,7 @@ def scored(model, detectors: review.ReviewModel, feats: torch.Tensor, temperatur
            found: np.ndarray) -> dict:
     logits, cell_f, lab_f = review.embed(model, feats)
     probs = softmax(logits, temperature)
-    cell_d, _, beyond = detectors.distances(cell_f, lab_f)
+    cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, found, detectors)
     return {"probs": probs, "cell_d": cell_d, "beyond": beyond,
             "reasons": reasons}

@@ -327,8 +327,7 @@ def summary_frame(text: str, classes: list[str]) -> pd.DataFrame:
 def gallery_rows(results: DataFrame, settings) -> DataFrame:
     """Per scope: the least confident flagged cells, a sample of each predicted class's
     unflagged cells (by sha256: stable, unrelated to the class) and the unreadable files."""
-    scoped = (results.where(F.col("slide").isNotNull()).withColumn("_scope", F.col("slide"))
-              .unionByName(results.withColumn("_scope", F.lit(ALL))))
+    scoped = score.with_scopes(results, "_scope", ALL)
     rank = F.row_number()
     flagged = (scoped.where(F.col("needs_review") & F.col("predicted_class").isNotNull())
                .withColumn("_rank", rank.over(Window.partitionBy("_scope")

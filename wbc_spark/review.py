@@ -106,11 +106,13 @@ class LabDetector:
         k = d.argmin(1)
         return d[np.arange(len(d)), k], self.component_lab[k]
 
-    def beyond(self, x: np.ndarray, override: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """(lab_distance, beyond the range); ``override`` > 0 replaces every lab's threshold."""
+    def beyond(self, x: np.ndarray, override: float = 0.0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lab_distance, beyond the range, nearest lab's index); ``override`` > 0 replaces
+        every lab's threshold."""
         d, lab = self.nearest(x)
         limit = np.full(len(d), override) if override > 0 else self.thresholds[lab]
-        return d, d > limit
+        return d, d > limit, lab
 
     def to_state(self) -> dict:
         return {**self.gaussian.to_state(), "component_lab": torch.from_numpy(
@@ -182,15 +184,12 @@ class ReviewModel:
             settings.lab_threshold or self.lab_threshold, self.validation)
 
     def distances(self, cell_features: np.ndarray, lab_features: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cell_distance, lab_distance, beyond the training labs' range) per cell."""
-        lab_d, beyond = self.lab.beyond(lab_features, self.lab_threshold)
-        return self.cell.distance(cell_features), lab_d, beyond
-
-    def nearest_lab(self, lab_features: np.ndarray) -> list[str]:
-        """The training lab whose cells each cell lies nearest to."""
-        _, lab = self.lab.nearest(lab_features)
-        return [self.lab.labs[i] for i in lab]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """(cell_distance, lab_distance, beyond the training labs' range, the training lab
+        whose cells it lies nearest to) per cell."""
+        lab_d, beyond, lab = self.lab.beyond(lab_features, self.lab_threshold)
+        return (self.cell.distance(cell_features), lab_d, beyond,
+                [self.lab.labs[i] for i in lab])
 
 
 def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
@@ -230,7 +229,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     lab.thresholds = np.asarray([
         float(np.quantile(lab_d[val_labs == name], settings.lab_quantile))
         if (val_labs == name).sum() >= 5 else pooled for name in lab.labs])
-    _, beyond = lab.beyond(lab_va)
+    _, beyond, _ = lab.beyond(lab_va)
     validation = {"images": int(len(val_labels)), "target_accuracy": settings.target_accuracy,
                   "confident_coverage": coverage,
                   "not_a_known_cell_share": float((cell_d > cell_t).mean()),

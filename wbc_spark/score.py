@@ -232,7 +232,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                 frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
         logits, cell_features, lab_features = review.embed(model, frozen)
         probs = softmax(logits, float(meta["temperature"]))
-        cell_d, lab_d, beyond = detectors.distances(cell_features, lab_features)
+        cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
         for j, c in enumerate(classes):
             out.loc[idx, f"p_{c}"] = probs[:, j]
@@ -241,8 +241,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         out.loc[idx, "cell_distance"] = cell_d
         out.loc[idx, "lab_distance"] = lab_d
         out.loc[idx, "beyond_lab_range"] = pd.Series(beyond, index=idx, dtype=object)
-        out.loc[idx, "nearest_lab"] = pd.Series(detectors.nearest_lab(lab_features), index=idx,
-                                                dtype=object)
+        out.loc[idx, "nearest_lab"] = pd.Series(nearest, index=idx, dtype=object)
         reasons = review.flags(probs.max(1), cell_d,
                                out.loc[idx, "cell_found"].to_numpy(bool), detectors)
         out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
@@ -348,6 +347,13 @@ def latest(results: DataFrame) -> DataFrame:
     return by_path.withColumn("_n", once).where(F.col("_n") == 1).drop("_n")
 
 
+def with_scopes(results: DataFrame, column: str, overall: str | None) -> DataFrame:
+    """Each row once under its slide (rows with one) and once under ``overall`` (every image),
+    the scope in ``column``: what the per-class table and the reports group by."""
+    return (results.where(F.col("slide").isNotNull()).withColumn(column, F.col("slide"))
+            .unionByName(results.withColumn(column, F.lit(overall).cast("string"))))
+
+
 def counted_column() -> F.Column:
     """Whether a classified cell enters the differential (``differential.counts_as_cell``)."""
     out = "|".join(differential.COUNTED_OUT)
@@ -367,9 +373,7 @@ def per_class_table(results: DataFrame, classes: list[str], confusion: different
     """
     confusion.check(classes)
     labs = sorted(confusion.per_lab)
-    results = latest(results)
-    scoped = (results.where(F.col("slide").isNotNull()).withColumn("scope", F.col("slide"))
-              .unionByName(results.withColumn("scope", F.lit(None).cast("string"))))
+    scoped = with_scopes(latest(results), "scope", None)
     counted = counted_column()
     counts = (scoped.groupBy("model_id", "scope")
               .agg(*[F.sum((F.col("predicted_class") == c).cast("long")).alias(c)

@@ -497,7 +497,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
     probs = softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job["sources"][r] for r in rows])
-    cell_d, _, beyond = detectors.distances(cell_f, lab_f)
+    cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
     confusion = differential.Confusion.from_predictions(classes, labels, probs.argmax(1),
                                                         reasons, labs)
