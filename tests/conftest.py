@@ -165,9 +165,10 @@ def spark_submit(job: str, *args: str, cwd: Path = REPO, master: str | None = No
                           timeout=timeout)
 
 
-def spark_submit_background(job: str, *args: str, log: Path) -> subprocess.Popen:
+def spark_submit_background(job: str, *args: str, log: Path,
+                            master: str | None = None) -> subprocess.Popen:
     """Start a job in its own process group (so a test can kill -9 all of it), output to
     ``log``."""
-    cmd, env = _submit_command(job, args, None)
+    cmd, env = _submit_command(job, args, master)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, smear, spark_submit
+from conftest import REPO, smear, spark_submit, spark_submit_background
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 PORT = 7177
@@ -56,3 +58,78 @@ def test_ingest_and_score_on_two_executors(cluster, tmp_path, tiny_artifact):
     for worker in ("work1", "work2"):
         apps = list((state / worker).glob("app-*"))
         assert len(apps) == 2, (worker, apps)
+
+
+def _processes(under: Path):
+    """(pid, parent pid, command line) of the processes whose working directory is below
+    ``under`` (the cluster's state folder: executors and their Python workers)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if not os.readlink(d / "cwd").startswith(str(under)):
+                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        yield int(d.name), ppid, cmd
+
+
+def _wait_for(find, seconds: float):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = find()
+        if found:
+            return found
+        time.sleep(0.1)
+    return []
+
+
+def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_path,
+                                                                   tiny_artifact):
+    """kill -9 of a Python worker while it scores, then of an executor: Spark retries their
+    tasks, and the run commits every image exactly once."""
+    master, state = cluster
+    lake = tmp_path / "lake"
+    n = 0
+    for slide in ("s1", "s2"):
+        (lake / slide).mkdir(parents=True)
+        for i in range(30):
+            smear(seed=5000 + 100 * len(slide) + i + (50 if slide == "s2" else 0),
+                  radius=18 + i % 14).save(lake / slide / f"c{i}.jpg")
+            n += 1
+    log = tmp_path / "score.log"
+    job = spark_submit_background(
+        "score", "--config", "conf/cluster.yaml", f"score.input={lake}",
+        f"score.model={tiny_artifact}", f"score.results={tmp_path / 'res'}",
+        "score.batch_size=4", log=log, master=master)
+    try:
+        def python_workers():  # forked by pyspark.daemon: each runs a task
+            procs = list(_processes(state))
+            daemons = {pid for pid, _, cmd in procs if "pyspark.daemon" in cmd}
+            return [pid for pid, ppid, _ in procs if ppid in daemons]
+
+        workers = _wait_for(python_workers, 240)
+        assert workers, "no Python worker was seen scoring: " + log.read_text()[-2000:]
+        time.sleep(1.0)
+        os.kill(workers[0], signal.SIGKILL)
+
+        def executors():
+            return [pid for pid, _, cmd in _processes(state)
+                    if "CoarseGrainedExecutorBackend" in cmd]
+
+        time.sleep(2.0)
+        running = _wait_for(executors, 60)
+        assert running, "no executor left to kill: " + log.read_text()[-2000:]
+        os.kill(running[-1], signal.SIGKILL)
+        assert job.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert f"scored {n} new images (0 with errors)" in out, out[-3000:]
+    res = pd.read_parquet(tmp_path / "res")
+    assert len(res) == n and res.sha256.is_unique and res.predicted_class.notna().all()
+    per = pd.read_parquet(tmp_path / "res_per_class")
+    assert per[per.slide.isna()]["count"].sum() == n

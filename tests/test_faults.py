@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pandas as pd
@@ -136,3 +137,55 @@ def test_a_corrupt_parquet_part_is_named_in_one_line_and_nothing_is_committed(tm
     assert sorted(p.name for p in (tmp_path / "res").glob("run=*")) == runs_before
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "res_per_class"), per_before)
     assert not (tmp_path / "res" / "_lock").exists()
+
+
+def test_a_corrupt_dataset_part_is_named_in_one_line_by_scoring_and_training(tmp_path,
+                                                                             tiny_artifact):
+    lake = tmp_path / "lake"
+    for cls in ("Neutrophil", "Lymphocyte"):
+        (lake / cls).mkdir(parents=True)
+        for i in range(4):
+            smear(seed=300 + 10 * len(cls) + i).save(lake / cls / f"{i}.jpg")
+    ds = tmp_path / "ds"
+    ingest = spark_submit("ingest", "data.source=folder", f"data.lake={lake}",
+                          f"data.dataset={ds}", f"data.quarantine={tmp_path / 'q'}")
+    assert ingest.returncode == 0, ingest.stdout[-2000:] + ingest.stderr[-2000:]
+    part = sorted(ds.rglob("*.parquet"))[0]
+    part.write_bytes(b"PAR1 this is not a parquet file any more")
+    before = {p: p.stat().st_mtime_ns for p in ds.rglob("*")}
+    score = spark_submit("score", f"score.input={ds}", f"score.model={tiny_artifact}",
+                         f"score.results={tmp_path / 'res'}")
+    train = spark_submit("train_distributed", f"data.dataset={ds}",
+                         f"train.output={tmp_path / 'model'}",
+                         f"train.petastorm_cache={tmp_path / 'cache'}")
+    for job, proc in (("score", score), ("train_distributed", train)):
+        assert proc.returncode == 1, (job, proc.stdout[-2000:])
+        failed = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                  if ln.startswith(f"{job} failed:")]
+        assert len(failed) == 1 and part.name in failed[0], (job, failed)
+    # Nothing written: no results run, no model, the dataset as it was.
+    assert not list((tmp_path / "res").glob("run=*"))
+    assert not (tmp_path / "model" / "model.pt").exists()
+    assert {p: p.stat().st_mtime_ns for p in ds.rglob("*")} == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_output_folder_is_named_in_one_line(tmp_path, tiny_artifact):
+    """The results folder on a file system mounted read-only (root ignores file modes, so a
+    read-only bind mount in a private mount namespace stands in for a read-only share)."""
+    from conftest import _submit_command
+
+    lake = make_lake(tmp_path / "lake")
+    out = tmp_path / "readonly"
+    (out / "res").mkdir(parents=True)
+    cmd, env = _submit_command("score", args(tmp_path / "readonly", lake, tiny_artifact), None)
+    mount = (f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && "
+             'exec "$@"')
+    proc = subprocess.run(["unshare", "-m", "bash", "-c", mount, "_", *cmd], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    failed = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+              if ln.startswith("score failed:")]
+    assert len(failed) == 1 and str(out / "res") in failed[0], failed
+    assert "Read-only file system" in failed[0], failed
+    assert sorted(p.name for p in out.rglob("*")) == ["res"]  # nothing written anywhere

@@ -8,6 +8,7 @@ a temporary file in the same folder, fsynced, then renamed over the target.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import os
 import platform
@@ -29,20 +30,16 @@ class ArtifactError(ValueError):
 
 
 def versions() -> dict:
-    import numpy
-    import pyarrow
-    import torchvision
-
+    """The versions that made an artifact, read from the installed distributions' metadata
+    (torchvision, an optional extra, is not imported: a CPU build of torch cannot load a
+    CUDA build's operators)."""
     # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
-    out = {"python": platform.python_version(), "torch": str(torch.__version__),
-           "torchvision": str(torchvision.__version__), "numpy": str(numpy.__version__),
-           "pyarrow": str(pyarrow.__version__)}
-    try:
-        import pyspark
-
-        out["pyspark"] = str(pyspark.__version__)
-    except ImportError:
-        pass
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
+    for name in ("torchvision", "numpy", "pyarrow", "pyspark"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return out
 
 

@@ -62,6 +62,17 @@ def spark_builder(config: Config):
     return builder
 
 
+def _worker_python(_rows):
+    yield (f"{sys.executable} (Python {sys.version.split()[0]}, prefix {sys.prefix}; "
+           f"pyarrow_hotfix active: {wbc_spark.hotfix_active()})")
+
+
+def executor_python(spark) -> str:
+    """Which Python the executors' workers run, asked of one of them with one tiny task: on a
+    cluster, where it and the driver's can differ (a shipped environment, PYSPARK_PYTHON)."""
+    return spark.sparkContext.parallelize([0], 1).mapPartitions(_worker_python).first()
+
+
 def one_line(exc: BaseException) -> str:
     """The failure in one line. An error from the JVM (Py4J) is reported by its root cause,
     which is where Spark names the file (``file:/.../part-0.parquet is not a Parquet file``)."""
@@ -96,7 +107,10 @@ def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         log_config(config)
         spark = spark_builder(config).getOrCreate()
-        logging.getLogger("wbc_spark").info("Spark master: %s", spark.sparkContext.master)
+        master = spark.sparkContext.master
+        logging.getLogger("wbc_spark").info("Spark master: %s", master)
+        if not master.startswith("local"):
+            logging.getLogger("wbc_spark").info("executors' Python: %s", executor_python(spark))
         try:
             start = time.perf_counter()
             lines = body(spark, config)

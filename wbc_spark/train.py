@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -450,8 +451,9 @@ def distributed_worker(job: dict) -> dict | None:
         raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
                            f"{rank()}, expected about {expected:.0f}; refusing to train on a "
                            "partial shard")
+    frozen_seconds = time.perf_counter() - start
     log.info("cached %d augmented views of this shard's images through the frozen layers "
-             "in %.1f s", len(train_feats), time.perf_counter() - start)
+             "in %.1f s", len(train_feats), frozen_seconds)
     steps = max(1, job["n_train"] // (recipe.batch_size * world))
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,
@@ -474,8 +476,13 @@ def distributed_worker(job: dict) -> dict | None:
                                val_labs=np.asarray([job["sources"][r] for r in val_rows]),
                                seed=recipe.seed)
         test_feats, labels = test
+        # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
+        run = {"processes": world, "local_mode": job["local_mode"],
+               "backend": ("nccl" if job["use_gpu"] else "gloo") if world > 1 else None,
+               "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
+               "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
-                                   parameter_summary(model), detectors)
+                                   parameter_summary(model), detectors, run)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -488,7 +495,7 @@ def distributed_worker(job: dict) -> dict | None:
 
 def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats: torch.Tensor,
                      labels: np.ndarray, rows: list[int], params: dict,
-                     detectors: review.ReviewModel) -> dict:
+                     detectors: review.ReviewModel, run: dict) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
     classes = job["classes"]
     out = Path(job["output"])
@@ -510,7 +517,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
         "best_epoch": result.best_epoch, "best_val_macro_f1": result.best_val_macro_f1,
         "temperature": result.temperature, "history": result.history,
         "parameters": params, "test": report, "test_per_lab": per_lab,
-        "trained_on": job["trained_on"],
+        "trained_on": job["trained_on"], "run": run,
         "review": review_report(reasons, probs.argmax(1) == labels, beyond,
                                 detectors.validation),
         # What the corrected differential uses (wbc_spark.differential).
@@ -549,7 +556,7 @@ def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats
     return {"model_id": model_id, "test": {k: report[k] for k in (
         "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",
         "macro_f1", "macro_f1_ci", "ece")}, "best_epoch": result.best_epoch,
-        "temperature": result.temperature, "report_text": text}
+        "temperature": result.temperature, "report_text": text, "run": run}
 
 
 def review_report(reasons: list, correct: np.ndarray, beyond: np.ndarray, validation: dict

@@ -96,6 +96,7 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             "cache_gib": t.cache_gib,
             "frozen_precision": t.frozen_precision,
             "augment": dict(config.augment.__dict__), "use_gpu": t.use_gpu,
+            "local_mode": t.local_mode,
             "review": dict(config.review.__dict__),
             "n_train": split_sizes["train"], "class_counts": counts,
             "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,

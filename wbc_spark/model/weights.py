@@ -205,9 +205,20 @@ def load_bvlc(weights_dir: str | os.PathLike | None = None, *, verify: bool = Tr
     )
 
 
+def _torchvision_models():
+    """torchvision.models, an optional dependency (only this source needs it)."""
+    try:
+        import torchvision.models
+    except ImportError as exc:
+        raise WeightsError(f"model.source=torchvision needs torchvision ({exc}): pip install "
+                           "'wbc_spark[torchvision]', or use model.source=bvlc") from exc
+    return torchvision.models
+
+
 def load_torchvision() -> PretrainedModel:
     """torchvision's ImageNet GoogLeNet; downloads into the torch hub cache when needed."""
-    from torchvision.models import GoogLeNet_Weights, googlenet
+    models = _torchvision_models()
+    GoogLeNet_Weights, googlenet = models.GoogLeNet_Weights, models.googlenet  # noqa: N806
 
     weights = GoogLeNet_Weights.IMAGENET1K_V1
     try:
@@ -234,10 +245,9 @@ def build_architecture(source: str, num_classes: int) -> nn.Module:
     if source == "bvlc":
         return BVLCGoogLeNet(num_classes=num_classes)
     if source == "torchvision":
-        from torchvision.models import googlenet
-
-        return googlenet(weights=None, aux_logits=False, init_weights=False,
-                         num_classes=num_classes, transform_input=True)
+        return _torchvision_models().googlenet(weights=None, aux_logits=False,
+                                               init_weights=False, num_classes=num_classes,
+                                               transform_input=True)
     raise ValueError(f"unknown weight source {source!r}; choose one of {', '.join(SOURCES)}")
 
 
