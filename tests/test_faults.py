@@ -142,10 +142,10 @@ def test_a_corrupt_parquet_part_is_named_in_one_line_and_nothing_is_committed(tm
 def test_a_corrupt_dataset_part_is_named_in_one_line_by_scoring_and_training(tmp_path,
                                                                              tiny_artifact):
     lake = tmp_path / "lake"
-    for cls in ("Neutrophil", "Lymphocyte"):
+    for c, cls in enumerate(("Neutrophil", "Lymphocyte")):
         (lake / cls).mkdir(parents=True)
         for i in range(4):
-            smear(seed=300 + 10 * len(cls) + i).save(lake / cls / f"{i}.jpg")
+            smear(seed=300 + 10 * c + i).save(lake / cls / f"{i}.jpg")
     ds = tmp_path / "ds"
     ingest = spark_submit("ingest", "data.source=folder", f"data.lake={lake}",
                           f"data.dataset={ds}", f"data.quarantine={tmp_path / 'q'}")
