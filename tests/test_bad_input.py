@@ -37,6 +37,10 @@ EXPECTED = {
     "with spaces.jpg": "ok",
     # Java cannot list this name: quarantined (ingest) and an error row (scoring), not lost.
     "non-utf8-\udce9.jpg": "not valid UTF-8",
+    # Symbolic links leading outside the lake (a file, and a folder with a file in it): not
+    # read, recorded with the link and where it leads (data/score.outside_links=refuse).
+    "outside_link.jpg": "symbolic link leading outside the lake",
+    "far.jpg": "symbolic link leading outside the lake",
 }
 
 
@@ -77,6 +81,12 @@ def make_corpus(root):
     cell.save(os.fsencode(root) + b"/non-utf8-\xe9.jpg")
     # A symbolic link loop inside the lake.
     os.symlink(root / "loop", root / "loop")
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir()
+    smear(seed=21).save(elsewhere / "secret.jpg")
+    smear(seed=22).save(elsewhere / "far.jpg")
+    os.symlink(elsewhere / "secret.jpg", root / "outside_link.jpg")
+    os.symlink(elsewhere, root / "outside_dir")
     return root
 
 

@@ -84,3 +84,23 @@ def test_manifest_keeps_other_cell_types_with_their_label(tmp_path):
     assert cat.label.tolist() == ["Neutrophil", "Platelet"]
     with pytest.raises(manifest.ManifestError, match="'platelet' is not one of"):
         manifest.catalog(tmp_path / "m.csv", CLASSES)
+
+
+def test_links_leading_outside_the_lake_are_found_and_named(tmp_path):
+    lake, far = tmp_path / "lake", tmp_path / "far"
+    (lake / "Neutrophil").mkdir(parents=True)
+    far.mkdir()
+    (far / "x.jpg").write_bytes(b"x")
+    (lake / "Neutrophil" / "a.jpg").write_bytes(b"a")
+    (lake / "Neutrophil" / "inside.jpg").symlink_to(lake / "Neutrophil" / "a.jpg")
+    (lake / "Neutrophil" / "out.jpg").symlink_to(far / "x.jpg")
+    (lake / "linked").symlink_to(far)
+    (lake / "up").symlink_to(tmp_path)  # a loop through the lake's parent
+    links = folder.outside_links(str(lake))
+    assert set(links) == {str(lake / "Neutrophil" / "out.jpg"), str(lake / "linked"),
+                          str(lake / "up")}
+    assert links[str(lake / "linked")] == str(far.resolve())
+    why = folder.outside_problem(f"file:{lake}/linked/x.jpg", links, "data.outside_links")
+    assert f"{lake / 'linked'} -> {far.resolve()}" in why and "data.outside_links=follow" in why
+    assert folder.outside_problem(f"file:{lake}/Neutrophil/inside.jpg", links, "k") is None
+    assert folder.outside_links("s3a://bucket/lake") == {}

@@ -90,6 +90,9 @@ class DataConfig:
     stain: str = "surround"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
+    # Symbolic links in a folder lake that lead outside it: "refuse" (quarantined, with the
+    # link and its target) or "follow" (read, with a warning that names how many).
+    outside_links: str = "refuse"
 
 
 @dataclass
@@ -164,6 +167,7 @@ class ScoreConfig:
     batch_size: int = 64  # Arrow records per batch sent to the UDF
     threads_per_worker: int = 1
     precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
+    outside_links: str = "refuse"  # as data.outside_links, for the folder scored
 
 
 @dataclass
@@ -345,6 +349,10 @@ def validate(config: Config) -> None:
     if config.data.stain not in STAIN_MODES:
         raise ConfigError(f"data.stain={config.data.stain!r}; choose "
                           f"{' or '.join(STAIN_MODES)}")
+    for name, value in (("data.outside_links", config.data.outside_links),
+                        ("score.outside_links", config.score.outside_links)):
+        if value not in ("refuse", "follow"):
+            raise ConfigError(f"{name}={value!r}; choose refuse or follow")
     for name, value in (("train.frozen_precision", config.train.frozen_precision),
                         ("score.precision", config.score.precision)):
         if value not in PRECISIONS:

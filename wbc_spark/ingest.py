@@ -122,6 +122,9 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     if content is None and folder.name_problem(row.get("path") or ""):
         out["reason"] = folder.name_problem(row["path"])
         return out
+    if content is None and row.get("outside"):
+        out["reason"] = row["outside"]
+        return out
     if content is None:
         local = folder.local_path(row.get("path") or "")
         exists = os.path.isfile(local)
@@ -164,6 +167,29 @@ def process_batch(frames, settings: IngestSettings):
         yield out
 
 
+def withhold_outside(files: DataFrame, lake: str, setting: str, policy: str) -> DataFrame:
+    """A listing of a folder lake (Spark's ``binaryFile`` columns) with an ``outside`` column:
+    why a file reached through a symbolic link leading outside the lake is not read (its
+    content is dropped), null for the rest. With ``policy`` "follow" they are read and a
+    warning names how many there are."""
+    links = folder.outside_links(lake)
+    if links and policy == "follow":
+        log.warning("%d symbolic link(s) under %s lead outside it (e.g. %s -> %s); following "
+                    "them (%s=follow)", len(links), lake, *next(iter(links.items())), setting)
+    if not links or policy == "follow":
+        return files.withColumn("outside", F.lit(None).cast("string"))
+    log.warning("%d symbolic link(s) under %s lead outside it (e.g. %s -> %s); what they reach "
+                "is recorded as not read (%s=follow reads it)", len(links), lake,
+                *next(iter(links.items())), setting)
+
+    @F.udf("string")
+    def problem(path):
+        return folder.outside_problem(path, links, setting)
+
+    files = files.withColumn("outside", problem("path"))
+    return files.withColumn("content", F.when(F.col("outside").isNull(), F.col("content")))
+
+
 def _strip_scheme(col):
     return F.regexp_replace(col, r"^file:(//)?", "")
 
@@ -202,6 +228,7 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
         if unnamed:
             files = files.unionByName(spark.createDataFrame(
                 [(p, None, 0, None) for p in unnamed], files.schema))
+        files = withhold_outside(files, lake, "data.outside_links", d.outside_links)
         meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
                                     ("image_id", "label", "group", "slide")])
 
@@ -217,6 +244,7 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
             F.col("_m.slide").alias("slide"), F.lit(None).cast("string").alias("mask_path"),
             F.lit(None).cast("binary").alias("mask_content"), "content",
             F.col("length").alias("file_length"), F.col("modificationTime").alias("file_mtime"),
+            "outside",
         )
         return df, lake
     if d.source == "krd_wbc":

@@ -74,7 +74,7 @@ from pyspark.sql import types as T
 
 from wbc_spark import artifact, differential, images, preprocessing, review, tables
 from wbc_spark.config import Config
-from wbc_spark.ingest import read_dataset
+from wbc_spark.ingest import read_dataset, withhold_outside
 from wbc_spark.metrics import wilson
 from wbc_spark.model.transfer import inference_precision
 from wbc_spark.preprocessing import Preprocessing
@@ -295,7 +295,8 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
             log.info("%s; cropping the original images again", exc)
             same = False
         column, kind = ("crop", "crop") if same else ("image", "image")
-        return df.select(*KEY, "sha256", "image_id", "slide", F.col(column).alias("data")), kind
+        return df.select(*KEY, "sha256", "image_id", "slide", F.col(column).alias("data"),
+                         F.lit(None).cast("string").alias("outside")), kind
     is_glob = any(ch in src for ch in "*?[")
     if not is_glob and not Path(src).exists() and "://" not in src:
         raise FileNotFoundError(f"{src}: score.input not found")
@@ -311,6 +312,9 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
         extra += [(p, None, 0, None) for p in folder.unlistable(root)]
         if extra:
             files = files.unionByName(spark.createDataFrame(extra, files.schema))
+        files = withhold_outside(files, root, "score.outside_links", config.score.outside_links)
+    else:
+        files = files.withColumn("outside", F.lit(None).cast("string"))
     base = root if not is_glob else os.path.dirname(root.split("*")[0])
     meta_schema = T.StructType([T.StructField("image_id", T.StringType()),
                                 T.StructField("slide", T.StringType())])
@@ -326,7 +330,7 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
                         F.col("modificationTime").alias("file_mtime"),
                         F.sha2(F.col("content"), 256).alias("sha256"),
                         F.col("_i.image_id").alias("image_id"), F.col("_i.slide").alias("slide"),
-                        F.col("content").alias("data")), "image"
+                        F.col("content").alias("data"), "outside"), "image"
 
 
 def retryable():
@@ -489,11 +493,11 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
     unnamed = folder.unlistable(s.input) if kind == "image" else []
     scored = (todo.withColumn("_p", udf("data")).drop("data")
-              .select(*KEY, "sha256", "image_id", "slide",
+              .select(*KEY, "sha256", "image_id", "slide", "outside",
                       *[F.col(f"_p.{n}").alias(n) for n in predicted])
               .withColumn("error", F.when(F.col("path").isin(unnamed),
                                           F.lit(folder.UNREADABLE_NAME))
-                          .otherwise(F.col("error")))
+                          .otherwise(F.coalesce("outside", "error")))
               .withColumn("model_id", F.lit(model_id))
               .withColumn("scored_at", F.current_timestamp())
               .select(*schema.fieldNames()))

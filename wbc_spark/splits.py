@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 
 def split_groups(meta: pd.DataFrame) -> np.ndarray:
-    """One integer group per row: rows sharing ``group`` or ``sha256`` are joined (union-find).
+    """One integer group per row: rows sharing ``group`` or ``sha256`` are joined (connected
+    components, SciPy's).
 
     ``group`` carries known near-duplicates (e.g. KRD-WBC's same field photographed twice);
     ``sha256`` catches byte-identical files that nobody listed.
     """
-    parent = list(range(len(meta)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # A graph with an edge from each row to the first row sharing its key; its connected
+    # components are the groups.
+    n = len(meta)
+    rows, cols = [], []
     for column in ("group", "sha256"):
         if column not in meta:
             continue
@@ -28,12 +27,12 @@ def split_groups(meta: pd.DataFrame) -> np.ndarray:
         for i, key in enumerate(meta[column].tolist()):
             if key is None or (isinstance(key, float) and np.isnan(key)):
                 continue
-            if key in first:
-                parent[find(i)] = find(first[key])
-            else:
-                first[key] = i
-    roots = [find(i) for i in range(len(meta))]
-    _, ids = np.unique(roots, return_inverse=True)
+            j = first.setdefault(key, i)
+            if j != i:
+                rows.append(i)
+                cols.append(j)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    _, ids = connected_components(graph, directed=False)
     return ids
 
 

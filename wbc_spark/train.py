@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from scipy.optimize import minimize_scalar
 from torch import nn
 
 from wbc_spark import artifact, differential, metrics, review
@@ -177,25 +178,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising the validation negative log-likelihood (1-D, bounded search)."""
-    lo, hi = math.log(0.05), math.log(20.0)
+    """Temperature minimising the validation negative log-likelihood: SciPy's bounded scalar
+    search over log T in [log 0.05, log 20] (the NLL is unimodal in log T)."""
     y = torch.as_tensor(labels)
     z = torch.as_tensor(logits, dtype=torch.float64)
 
     def nll(log_t: float) -> float:
         return float(nn.functional.cross_entropy(z / math.exp(log_t), y))
 
-    # Golden-section search: NLL is unimodal in log T.
-    g = (math.sqrt(5) - 1) / 2
-    a, b = lo, hi
-    c, d = b - g * (b - a), a + g * (b - a)
-    for _ in range(60):
-        if nll(c) < nll(d):
-            b = d
-        else:
-            a = c
-        c, d = b - g * (b - a), a + g * (b - a)
-    return float(math.exp((a + b) / 2))
+    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+                           options={"xatol": 1e-6})
+    return float(math.exp(best.x))
 
 
 @dataclass

@@ -33,6 +33,39 @@ def unlistable(lake: str) -> list[str]:
     return sorted(out)
 
 
+def outside_links(lake: str) -> dict[str, str]:
+    """Symbolic links under a local ``lake`` that lead outside it: {link: real target}. Spark's
+    listing follows them (a linked folder's files are listed below the link), so without this
+    a link could make a job read files the user never pointed it at. Links that stay inside
+    the lake are ordinary (copies of one image are scored once). Empty for other file
+    systems."""
+    parsed = urlparse(lake)
+    path = parsed.path or lake
+    if parsed.scheme not in ("", "file") or not os.path.isdir(path):
+        return {}
+    root = os.path.realpath(path)
+    out = {}
+    # followlinks=False: a linked folder is judged by where it leads, never walked into.
+    for folder, dirs, names in os.walk(path):
+        for name in dirs + names:
+            full = os.path.join(folder, name)
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if target != root and not target.startswith(root + os.sep):
+                    out[full] = target
+    return out
+
+
+def outside_problem(uri: str, links: dict[str, str], setting: str) -> str | None:
+    """Why a listed file is not read: it was reached through one of ``links``; else None."""
+    path = local_path(uri)
+    for link, target in links.items():
+        if path == link or path.startswith(link + "/"):
+            return (f"reached through a symbolic link leading outside the lake ({link} -> "
+                    f"{target}); not read: move the file into the lake, or set {setting}=follow")
+    return None
+
+
 def name_problem(uri: str) -> str | None:
     """``UNREADABLE_NAME`` for a path from ``unlistable``, else None."""
     try:
