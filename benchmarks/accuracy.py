@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wbc_spark import crossval
+from wbc_spark.evaluation import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
 from wbc_spark.preprocessing import Preprocessing
-from wbc_spark.explain import overlay_png
+from wbc_spark.evaluation.activation_maps import overlay_png
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.train import Recipe

@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from wbc_spark import crossval, metrics
+from wbc_spark import metrics
+from wbc_spark.evaluation import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
 from wbc_spark.preprocessing import Preprocessing

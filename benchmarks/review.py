@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from wbc_spark import crossval, metrics, review
+from wbc_spark import metrics, review
+from wbc_spark.evaluation import crossval
 from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import load_config
 from wbc_spark.preprocessing import Preprocessing

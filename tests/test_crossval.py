@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 from conftest import smear
 
-from wbc_spark.crossval import cut_at_cell, load_dataset
+from wbc_spark.evaluation.crossval import cut_at_cell, load_dataset
 from wbc_spark.preprocessing import ContractError, Preprocessing, of_dataset
 from wbc_spark.transforms import locate_cell
 
@@ -54,7 +54,7 @@ def test_cut_at_cell_puts_the_frame_edge_at_the_cell(side):
 def test_summary_counts_other_classes_called_each_class():
     import numpy as np
 
-    from wbc_spark.crossval import FoldResult, format_summary, summarise
+    from wbc_spark.evaluation.crossval import FoldResult, format_summary, summarise
 
     classes = ["A", "B", "C"]
     labels = np.array([0, 0, 1, 1, 2, 2])
@@ -70,7 +70,7 @@ def test_summary_counts_other_classes_called_each_class():
 
 
 def test_outside_frame_share_per_class():
-    from wbc_spark.crossval import outside_frame
+    from wbc_spark.evaluation.crossval import outside_frame
 
     df = pd.DataFrame({"label": ["A", "A", "B"], "width": [100, 100, 100],
                        "height": [100, 100, 100],

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wbc_spark.explain import area_on_cell, class_activation_maps, crop_mask, mass_on_cell
+from wbc_spark.evaluation.activation_maps import area_on_cell, crop_mask, mass_on_cell
+from wbc_spark.explain import class_activation_maps
 from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.model.transfer import WBCNet
 from wbc_spark.model.weights import CAFFE_CONVENTION

@@ -83,7 +83,7 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path, tiny_artifact)
     smear(seed=55).save(lake / "Lymphocyte" / "Lymphocyte_0.jpg")
     changed = run_ok("ingest", *ingest_args(tmp_path, lake)).stdout
     assert "written 1, quarantined 0" in changed
-    from wbc_spark.crossval import load_dataset
+    from wbc_spark.evaluation.crossval import load_dataset
 
     current = load_dataset(str(tmp_path / "ds"), ["Neutrophil", "Lymphocyte", "Basophil"])
     assert len(current) == 11 and current.path.is_unique

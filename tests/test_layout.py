@@ -30,3 +30,10 @@ def test_the_checker_finds_a_cycle(tmp_path):
     graph, inner = check_imports.imports(tmp_path)
     assert graph["wbc_spark.a"] == {"wbc_spark.b"} and graph["wbc_spark.b"] == {"wbc_spark.a"}
     assert inner == ["wbc_spark.b:2 imports wbc_spark.a"]
+
+
+def test_the_pipeline_does_not_import_the_evaluation_harness():
+    graph, _ = check_imports.imports()
+    pipeline = {m for m in graph if not m.startswith("wbc_spark.evaluation")}
+    for module in pipeline:
+        assert not {d for d in graph[module] if d.startswith("wbc_spark.evaluation")}, module

@@ -23,7 +23,8 @@ from PIL import Image
 
 from wbc_spark import metrics, preprocessing
 from wbc_spark.augment import AugmentSettings, augment, stain_shift
-from wbc_spark.explain import area_on_cell, class_activation_maps, crop_mask, mass_on_cell
+from wbc_spark.evaluation.activation_maps import area_on_cell, crop_mask, mass_on_cell
+from wbc_spark.explain import class_activation_maps
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
