@@ -133,7 +133,7 @@ def test_frozen_features_are_half_precision_and_ordered():
 def test_converter_batches_read_cached_parquet(tmp_path):
     import pandas as pd
 
-    from wbc_spark.train import converter_batches
+    from wbc_spark.training_worker import converter_batches
 
     crops = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
     pd.DataFrame({"crop": [c.tobytes() for c in crops], "label_index": [0, 1, 2, 1, 0],
@@ -150,7 +150,7 @@ def test_converter_batches_read_cached_parquet(tmp_path):
 
 
 def test_cached_views_fit_the_memory_budget():
-    from wbc_spark.train import cached_views
+    from wbc_spark.training_worker import cached_views
 
     view = 81_536  # inception4e's output for one image, float16
     assert cached_views(4, 1_500, view, 4.0) == 4  # 5,000 images on two processes
@@ -164,7 +164,7 @@ def test_cached_views_fit_the_memory_budget():
 def test_frozen_bytes_of_the_default_cut(fake_weights):
     from wbc_spark.model.transfer import build_classifier
     from wbc_spark.model.weights import load_bvlc
-    from wbc_spark.train import frozen_bytes
+    from wbc_spark.training_worker import frozen_bytes
 
     model = build_classifier(load_bvlc(fake_weights), 5, freeze_until="inception4e")
     assert frozen_bytes(model, 224) == 832 * 7 * 7 * 2

@@ -1,7 +1,8 @@
-"""Fine-tuning: the training loop, evaluation, calibration, and the function TorchDistributor runs.
+"""The fine-tuning recipe: the training loop, calibration and prediction, on frozen features.
 
-The recipe (``Recipe``) is one thing, used by the distributed job (batches from petastorm) and
-by the cross-validation benchmark (batches from memory): AdamW with a lower learning rate for
+The recipe (``Recipe``) is one thing, used by the distributed worker
+(``wbc_spark.training_worker``: batches from petastorm) and by the cross-validation benchmark
+(``wbc_spark.evaluation.crossval``: batches from memory): AdamW with a lower learning rate for
 the pretrained upper blocks than for the new head, cosine decay, label smoothing, class-weighted
 loss, the best epoch chosen on validation macro-F1, then temperature scaling fitted on the same
 validation split.
@@ -10,31 +11,20 @@ validation split.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.distributed as dist
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from wbc_spark import artifact, differential, metrics, review
-from wbc_spark.augment import AugmentSettings, augment
+from wbc_spark import metrics
 from wbc_spark.config import SAMPLINGS
-from wbc_spark.config import ReviewConfig as ReviewSettings
-from wbc_spark.model.transfer import build_classifier, parameter_summary
-from wbc_spark.model.weights import load_pretrained
-from wbc_spark.sources.folder import local_path
 from wbc_spark.model.transfer import inference_precision
 
 log = logging.getLogger(__name__)
@@ -61,20 +51,6 @@ class Recipe:
 
 
 # --- distributed helpers: the only place that knows about ranks ---------------------------
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 logs, evaluates and saves; the others only train."""
-    return rank() == 0
-
-
-# --- the recipe ---------------------------------------------------------------------------
 def class_weights(counts: list[int], mode: str) -> torch.Tensor:
     """Per-class loss weights, normalised to mean 1 over the classes present."""
     c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
@@ -287,288 +263,3 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
 def predict_probs(model, features: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
     """Calibrated class probabilities from frozen features."""
     return softmax(head_logits(model, features), temperature)
-
-
-# --- petastorm plumbing ---------------------------------------------------------------------
-def decode_crops(crops: Iterable[bytes], size: int) -> np.ndarray:
-    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in crops])
-
-
-def transform_spec(size: int, *, train: bool, seed: int,
-                   settings: AugmentSettings = AugmentSettings()):
-    """petastorm TransformSpec: crop bytes -> uint8 image array (augmented when training)."""
-    from petastorm import TransformSpec
-
-    counter = itertools.count()
-
-    def transform(pdf: pd.DataFrame) -> pd.DataFrame:
-        rng = np.random.default_rng([seed, rank(), next(counter)])
-        images = decode_crops(pdf["crop"], size)
-        if train:
-            images = np.stack([augment(im, rng, settings) for im in images])
-        return pd.DataFrame({"image": list(images),
-                             "label": pdf["label_index"].astype(np.int64),
-                             "row": pdf["row"].astype(np.int64)})
-
-    return TransformSpec(
-        transform,
-        edit_fields=[("image", np.uint8, (size, size, 3), False),
-                     ("label", np.int64, (), False), ("row", np.int64, (), False)],
-        selected_fields=["image", "label", "row"],
-    )
-
-
-def frozen_bytes(model, size: int) -> int:
-    """Bytes one cached view takes: the frozen part's output for one image, in float16."""
-    with torch.no_grad():
-        out = model.embed_frozen(torch.zeros(1, size, size, 3, dtype=torch.uint8))
-    return int(out.numel()) * 2
-
-
-def cached_views(views: int, images_per_process: float, view_bytes: int, budget_gib: float
-                 ) -> int:
-    """How many views of each training image a process caches: ``views``, or fewer when
-    they would not fit in ``budget_gib``; refuses when not even one does."""
-    per_view = images_per_process * view_bytes
-    fit = int(budget_gib * 2**30 // max(per_view, 1))
-    if fit < 1:
-        raise MemoryError(f"one view of {images_per_process:.0f} training images per process "
-                          f"needs {per_view / 2**30:.1f} GiB, over train.cache_gib="
-                          f"{budget_gib}; raise train.num_processes (or train.cache_gib)")
-    return min(views, fit)
-
-
-def _loader_batches(loader, rows: list | None = None) -> Iterator[Batch]:
-    for batch in loader:
-        if rows is not None:
-            rows.extend(batch["row"].tolist())
-        yield batch["image"], batch["label"]
-
-
-def converter_batches(converter, size: int, rows: list | None = None, batch: int = 64
-                      ) -> Iterator[Batch]:
-    """Unaugmented batches from a petastorm converter's cached Parquet files, read with
-    pyarrow (for the small validation and test sets)."""
-    import pyarrow.dataset as pads
-
-    data = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet")
-    # Streamed in record batches: the test fold of a large dataset never sits in memory whole.
-    for record_batch in data.to_batches(columns=["crop", "label_index", "row"],
-                                        batch_size=batch):
-        part = record_batch.to_pandas()
-        if rows is not None:
-            rows.extend(part["row"].tolist())
-        yield (torch.from_numpy(decode_crops(part["crop"], size)),
-               torch.from_numpy(part["label_index"].to_numpy(np.int64)))
-
-
-# Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
-# batches of 64 (the frozen layers run once more on them, on rank 0 only).
-PLAIN_BATCHES = 16
-
-
-def distributed_worker(job: dict) -> dict | None:
-    """Runs in every TorchDistributor process: DDP training; rank 0 evaluates and saves.
-
-    Each rank reads its shard of the training set through petastorm ``views`` times, each
-    time in a fresh random augmentation, and passes every view once through the frozen
-    layers; the epochs then train the upper blocks and head on those cached outputs, with
-    DistributedDataParallel averaging the gradients. ``job`` holds plain values plus three
-    petastorm converters (train, val, test) built by ``wbc_spark.training_job``.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s rank{rank()} %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(job["threads_per_process"])
-    recipe = Recipe(**job["recipe"])
-    torch.manual_seed(recipe.seed)
-    world = world_size()
-    if job["use_gpu"] and not torch.cuda.is_available():
-        raise RuntimeError("train.use_gpu is true but no CUDA device is visible to this process")
-    if world > 1:
-        dist.init_process_group("nccl" if job["use_gpu"] else "gloo")
-    classes = job["classes"]
-    pretrained = load_pretrained(job["model_source"], job["weights_dir"] or None)
-    model = build_classifier(pretrained, len(classes), freeze_until=job["freeze_until"],
-                             dropout=job["dropout"])
-    head = HeadOnly(model)
-    # DDP only sees the trainable part: frozen weights need no gradient all-reduce.
-    train_head = DistributedDataParallel(head) if world > 1 else head
-    size = job["crop_size"]
-    precision = job["frozen_precision"]
-    main = is_main_process()
-
-    # Rank 0 reads the validation and test images (small, unaugmented) straight from the
-    # converters' cached Parquet files. Only the training data streams through a petastorm
-    # reader, and it is the only reader in the process: with petastorm 0.13.1 a second reader
-    # in one process was seen to come back empty now and then.
-    val = test = None
-    rows: list[int] = []
-    val_rows: list[int] = []
-    if main:
-        val = frozen_features(model, converter_batches(job["conv_val"], size, val_rows),
-                              precision)
-        test = frozen_features(model, converter_batches(job["conv_test"], size, rows),
-                               precision)
-    view_bytes = frozen_bytes(model, size)
-    views = cached_views(job["views"], job["n_train"] / world, view_bytes, job["cache_gib"])
-    if views < job["views"]:
-        log.warning("train.views=%d would cache %.1f GiB per process; caching %d views "
-                    "(train.cache_gib=%.1f; more processes or a larger budget give more)",
-                    job["views"], job["views"] * job["n_train"] / world * view_bytes / 2**30,
-                    views, job["cache_gib"])
-    start = time.perf_counter()
-    for attempt in (1, 2):
-        # petastorm 0.13.1's reader was seen, rarely, to deliver nothing at all: read again
-        # once (loudly) before giving up; a partial shard is refused below.
-        with job["conv_train"].make_torch_dataloader(
-                batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
-                shard_count=world,
-                transform_spec=transform_spec(size, train=True, seed=recipe.seed,
-                                              settings=AugmentSettings(**job["augment"])),
-                shuffling_queue_capacity=0) as loader:
-            train_rows: list[int] = []
-            stream = _loader_batches(loader, train_rows)
-            first = next(stream, None)
-            if first is not None or attempt == 2:
-                head = [first] if first is not None else []
-                train_feats, train_labels = frozen_features(
-                    model, itertools.chain(head, stream), precision)
-                break
-        log.warning("petastorm delivered no training rows to rank %d; reading again", rank())
-    train_labs = np.asarray([job["sources"][r] for r in train_rows])
-    expected = views * job["n_train"] / world
-    if len(train_feats) < 0.5 * expected:
-        raise RuntimeError(f"petastorm delivered {len(train_feats)} training views to rank "
-                           f"{rank()}, expected about {expected:.0f}; refusing to train on a "
-                           "partial shard")
-    frozen_seconds = time.perf_counter() - start
-    log.info("cached %d augmented views of this shard's images through the frozen layers "
-             "in %.1f s", len(train_feats), frozen_seconds)
-    steps = max(1, job["n_train"] // (recipe.batch_size * world))
-    rng = np.random.default_rng([recipe.seed, rank()])
-    result = fit(model, train_head,
-                 lambda epoch: feature_batches(train_feats, train_labels, recipe.batch_size,
-                                               steps, rng, recipe.sampling, train_labs),
-                 steps, val, recipe, len(classes), job["class_counts"])
-
-    summary = None
-    if main:
-        # The review detectors: fitted on this rank's training views, thresholds on the
-        # validation split (the test fold is only evaluated).
-        plain_rows: list[int] = []
-        plain = frozen_features(model, itertools.islice(converter_batches(
-            job["conv_train"], size, plain_rows), PLAIN_BATCHES), precision)
-        detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
-                               result.temperature, len(classes),
-                               ReviewSettings(**job["review"]), plain_frozen=plain[0],
-                               plain_labels=plain[1],
-                               plain_labs=np.asarray([job["sources"][r] for r in plain_rows]),
-                               val_labs=np.asarray([job["sources"][r] for r in val_rows]),
-                               seed=recipe.seed)
-        test_feats, labels = test
-        # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
-        run = {"processes": world, "local_mode": job["local_mode"],
-               "backend": ("nccl" if job["use_gpu"] else "gloo") if world > 1 else None,
-               "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
-               "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
-        summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
-                                   parameter_summary(model), detectors, run)
-    if world > 1:
-        # TorchDistributor keeps whichever rank's return value is written last: give every
-        # rank rank 0's summary.
-        shared = [summary]
-        dist.broadcast_object_list(shared, src=0)
-        summary = shared[0]
-        dist.destroy_process_group()
-    return summary
-
-
-def write_evaluation(job: dict, model, pretrained, result: FitResult, test_feats: torch.Tensor,
-                     labels: np.ndarray, rows: list[int], params: dict,
-                     detectors: review.ReviewModel, run: dict) -> dict:
-    """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
-    classes = job["classes"]
-    out = Path(job["output"])
-    out.mkdir(parents=True, exist_ok=True)
-    logits, cell_f, lab_f = review.embed(model, test_feats)
-    probs = softmax(logits, result.temperature)
-    report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
-    labs = np.asarray([job["sources"][r] for r in rows])
-    cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
-    reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
-    confusion = differential.Confusion.from_predictions(classes, labels, probs.argmax(1),
-                                                        reasons, labs)
-    per_lab = {str(lab): metrics.classification_report(labels[labs == lab],
-                                                       probs.argmax(1)[labs == lab], classes,
-                                                       probs[labs == lab])
-               for lab in sorted(set(labs))}
-    evaluation = {
-        "split": job["split_sizes"], "test_fold": job["test_fold"], "folds": job["folds"],
-        "best_epoch": result.best_epoch, "best_val_macro_f1": result.best_val_macro_f1,
-        "temperature": result.temperature, "history": result.history,
-        "parameters": params, "test": report, "test_per_lab": per_lab,
-        "trained_on": job["trained_on"], "run": run,
-        "review": review_report(reasons, probs.argmax(1) == labels, beyond,
-                                detectors.validation),
-        # What the corrected differential uses (wbc_spark.differential).
-        "differential_confusion": confusion.to_state(),
-    }
-    # The artifact first, then the files that describe it (each naming its model_id): a
-    # training killed in between leaves a model whose evaluation.json names another model_id,
-    # never an evaluation of a model that does not exist.
-    model_id = artifact.save(
-        out / "model.pt", model, classes=classes, source=pretrained.source,
-        convention=pretrained.convention,
-        preprocessing={"crop": "stain-located cell, fixed cell scale",
-                       **job["preprocessing"]},
-        config=job["config"], provenance=pretrained.provenance,
-        metrics={"test": {k: report[k] for k in ("n", "accuracy", "balanced_accuracy",
-                                                  "macro_f1", "ece")},
-                 "best_val_macro_f1": result.best_val_macro_f1},
-        temperature=result.temperature, trained_on=job["trained_on"],
-        review=detectors.to_state(), confusion=confusion.to_state(),
-    )
-    evaluation["model_id"] = model_id
-    ids = [job["image_ids"][r] for r in rows]
-    preds = pd.DataFrame({"image_id": ids, "source": labs, "label": [classes[i] for i in labels],
-                          "predicted": [classes[i] for i in probs.argmax(1)]})
-    for i, c in enumerate(classes):
-        preds[f"p_{c}"] = probs[:, i]
-    preds["review_reason"] = reasons
-    _atomic_write(out / "test_predictions.csv", preds.to_csv(index=False).encode())
-    _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
-    metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
-                          f"test fold {job['test_fold']}: rows true, columns predicted")
-    text = metrics.format_report(report) + "".join(
-        f"\n\n== test fold, lab {lab} ==\n{metrics.format_report(r)}" for lab, r in per_lab.items())
-    _atomic_write(out / "confusion.txt", text.encode())
-    log.info("saved %s (model_id %s)", out / "model.pt", model_id)
-    return {"model_id": model_id, "test": {k: report[k] for k in (
-        "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",
-        "macro_f1", "macro_f1_ci", "ece")}, "best_epoch": result.best_epoch,
-        "temperature": result.temperature, "report_text": text, "run": run}
-
-
-def review_report(reasons: list, correct: np.ndarray, beyond: np.ndarray, validation: dict
-                  ) -> dict:
-    """The review flags on the test fold: coverage, accuracy of the unflagged cells, share per
-    reason, share beyond the lab threshold; beside what the validation split gave."""
-    flagged = np.asarray([r is not None for r in reasons])
-    kept = ~flagged
-    per_reason = {r: float(np.mean([r in (x or "").split(";") for x in reasons]))
-                  for r in review.REASONS[1:]}
-    return {"coverage": float(kept.mean()),
-            "unflagged_accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
-            "unflagged_accuracy_ci": metrics.wilson(int(correct[kept].sum()), int(kept.sum())),
-            "flagged_share_by_reason": per_reason,
-            "beyond_lab_threshold_share": float(np.mean(beyond)),
-            "validation": validation}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

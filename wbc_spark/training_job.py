@@ -10,12 +10,14 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from wbc_spark import preprocessing, tables
+from wbc_spark.augment import AugmentSettings
 from wbc_spark.config import Config
 from wbc_spark.ingest import read_dataset
 from wbc_spark.model.weights import resolve_bvlc_dir
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
-from wbc_spark.train import Recipe, distributed_worker
+from wbc_spark.train import Recipe
+from wbc_spark.training_worker import TrainingJob, distributed_worker
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +89,20 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             # Small row groups: petastorm shards by row group, so each rank needs several.
             converters[role] = make_spark_converter(
                 part.repartition(max(2, 2 * world)), parquet_row_group_size_bytes=1 << 20)
-        job = {
-            "classes": classes, "recipe": Recipe.from_config(t).__dict__,
-            "model_source": config.model.source, "weights_dir": weights_dir,
-            "freeze_until": config.model.freeze_until, "dropout": config.model.dropout,
-            "crop_size": contract.crop_size, "preprocessing": contract.to_dict(),
-            "threads_per_process": t.threads_per_process, "views": t.views,
-            "cache_gib": t.cache_gib,
-            "frozen_precision": t.frozen_precision,
-            "augment": dict(config.augment.__dict__), "use_gpu": t.use_gpu,
-            "local_mode": t.local_mode,
-            "review": dict(config.review.__dict__),
-            "n_train": split_sizes["train"], "class_counts": counts,
-            "split_sizes": split_sizes, "test_fold": t.test_fold, "folds": t.folds,
-            "image_ids": meta["image_id"].tolist(), "sources": meta["source"].tolist(),
-            "trained_on": trained_on, "output": str(Path(t.output).resolve()),
-            "config": config.to_dict(),
-            "conv_train": converters["train"], "conv_val": converters["val"],
-            "conv_test": converters["test"],
-        }
+        job = TrainingJob(
+            classes=classes, recipe=Recipe.from_config(t), model_source=config.model.source,
+            weights_dir=weights_dir, freeze_until=config.model.freeze_until,
+            dropout=config.model.dropout, crop_size=contract.crop_size,
+            preprocessing=contract.to_dict(), threads_per_process=t.threads_per_process,
+            views=t.views, cache_gib=t.cache_gib, frozen_precision=t.frozen_precision,
+            augment=AugmentSettings(**config.augment.__dict__), use_gpu=t.use_gpu,
+            local_mode=t.local_mode, review=config.review, n_train=split_sizes["train"],
+            class_counts=counts, split_sizes=split_sizes, test_fold=t.test_fold,
+            folds=t.folds, image_ids=meta["image_id"].tolist(),
+            sources=meta["source"].tolist(), trained_on=trained_on,
+            output=str(Path(t.output).resolve()), config=config.to_dict(),
+            conv_train=converters["train"], conv_val=converters["val"],
+            conv_test=converters["test"])
         distributor = TorchDistributor(num_processes=world, local_mode=t.local_mode,
                                        use_gpu=t.use_gpu)
         summary = distributor.run(distributed_worker, job)
