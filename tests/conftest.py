@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -155,6 +156,22 @@ def _submit_command(job: str, args, master: str | None) -> tuple[list[str], dict
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                WBC_SPARK_VENV=str(Path(sys.executable).parents[1]))
     return cmd, env
+
+
+@contextlib.contextmanager
+def local_cluster(state: Path, port: int, **env: str):
+    """deploy/local_cluster.sh start, then stop; yields the master URL. ``env`` is added to
+    the script's environment (e.g. ISOLATE, WBC_SPARK_VENV)."""
+    full = dict(os.environ, WBC_SPARK_CLUSTER_DIR=str(state), SPARK_MASTER_PORT=str(port),
+                **env)
+    script = str(REPO / "deploy" / "local_cluster.sh")
+    start = subprocess.run(["bash", script, "start"], env=full, capture_output=True, text=True,
+                           timeout=300)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield f"spark://127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", script, "stop"], env=full, capture_output=True, timeout=120)
 
 
 def spark_submit(job: str, *args: str, cwd: Path = REPO, master: str | None = None,

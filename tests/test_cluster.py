@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, smear, spark_submit, spark_submit_background
+from conftest import local_cluster, smear, spark_submit, spark_submit_background
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 PORT = 7177
@@ -20,17 +19,9 @@ PORT = 7177
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
-    env = dict(os.environ, WBC_SPARK_CLUSTER_DIR=str(state), SPARK_MASTER_PORT=str(PORT),
-               WBC_SPARK_VENV=str(Path(sys.executable).parents[1]),
-               PYSPARK_PYTHON=sys.executable)
-    script = str(REPO / "deploy" / "local_cluster.sh")
-    start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True,
-                           timeout=180)
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield f"spark://127.0.0.1:{PORT}", state
-    finally:
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+    with local_cluster(state, PORT, WBC_SPARK_VENV=str(Path(sys.executable).parents[1]),
+                       PYSPARK_PYTHON=sys.executable) as master:
+        yield master, state
 
 
 def test_ingest_and_score_on_two_executors(cluster, tmp_path, tiny_artifact):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import CLASSES, REPO, smear
+from conftest import CLASSES, REPO, local_cluster, smear
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 PORT = 7178
@@ -38,17 +38,9 @@ def packed():
 @pytest.fixture(scope="module")
 def isolated_cluster(packed, tmp_path_factory):
     state = tmp_path_factory.mktemp("isolated_cluster")
-    env = dict(os.environ, WBC_SPARK_CLUSTER_DIR=str(state), SPARK_MASTER_PORT=str(PORT),
-               WBC_SPARK_VENV=str(PACK_VENV), ISOLATE="1",
-               HIDE=f"{REPO / '.venv'} {PACK_VENV}")
-    script = str(REPO / "deploy" / "local_cluster.sh")
-    start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield f"spark://127.0.0.1:{PORT}", state
-    finally:
-        subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+    with local_cluster(state, PORT, WBC_SPARK_VENV=str(PACK_VENV), ISOLATE="1",
+                       HIDE=f"{REPO / '.venv'} {PACK_VENV}") as master:
+        yield master, state
 
 
 def submit(job: str, *args: str, master: str, timeout: int = 1200):
