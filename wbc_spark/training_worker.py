@@ -338,7 +338,7 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, tes
     _atomic_write(out / "test_predictions.csv", preds.to_csv(index=False).encode())
     _atomic_write(out / "evaluation.json", json.dumps(evaluation, indent=2).encode())
     metrics.confusion_png(report["confusion"], classes, str(out / "confusion.png"),
-                          f"test fold {job['test_fold']}: rows true, columns predicted")
+                          f"test fold {job.test_fold}: rows true, columns predicted")
     text = metrics.format_report(report) + "".join(
         f"\n\n== test fold, lab {lab} ==\n{metrics.format_report(r)}" for lab, r in per_lab.items())
     _atomic_write(out / "confusion.txt", text.encode())
