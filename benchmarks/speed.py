@@ -177,13 +177,14 @@ if sys.argv[2] == "naive":
     from pyspark.sql.functions import pandas_udf
     from wbc_spark.model.googlenet import use_torch_lrn
     from wbc_spark import artifact
-    def make_udf(model_file, kind, classes, threads, precision):
+    def make_udf(model_file, kind, classes, threads, precision, thresholds=None):
         from pyspark import SparkFiles
         @pandas_udf(score.prediction_schema(classes))
         def classify(data: pd.Series) -> pd.DataFrame:
             model, meta = artifact.load(SparkFiles.get(model_file))  # every batch
             use_torch_lrn(model)
-            return score.classify_frame(data.reset_index(drop=True), model, meta, kind, "fp32")
+            return score.classify_frame(data.reset_index(drop=True), model, meta, kind, "fp32",
+                                        thresholds)
         return classify
     score.make_udf = make_udf
 start = time.perf_counter()
