@@ -12,6 +12,7 @@ the executors) and scoring.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def isolated_cluster(packed, tmp_path_factory):
     with local_cluster(state, PORT, WBC_SPARK_VENV=str(PACK_VENV), ISOLATE="1",
                        HIDE=f"{REPO / '.venv'} {PACK_VENV}") as master:
         yield master, state
+    # Each executor unpacked the archive (about 2 GB) for each application: free the disk.
+    for folder in [*state.glob("work*"), state / "spark"]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def submit(job: str, *args: str, master: str, timeout: int = 1200):
