@@ -171,6 +171,22 @@ def test_a_lobed_nucleus_at_high_zoom_sets_the_crop_as_a_whole():
     assert box.side > 1.5 * (64 + 30) * 2.0 * 0.85
 
 
+def test_a_platelet_beside_the_cell_does_not_stretch_its_box():
+    """A speck of the cell's colour just outside it (a platelet) is not another lobe: the box
+    stays that of the cell alone, so the cell fills its crop as it does without the speck.
+    The cell's cytoplasm is stained as deeply as PBC-dev's, so the whole cell is one blob."""
+    yy, xx = np.mgrid[:360, :360]
+    alone = np.zeros((360, 360, 3), np.uint8) + np.array([225, 205, 200], np.uint8)
+    alone[(xx - 180) ** 2 + (yy - 180) ** 2 < 60 ** 2] = (150, 90, 180)
+    alone[(xx - 180) ** 2 + (yy - 180) ** 2 < 35 ** 2] = (100, 40, 150)
+    with_platelet = alone.copy()
+    with_platelet[(xx - 180) ** 2 + (yy - 180 - 90) ** 2 < 6 ** 2] = (100, 40, 150)
+    box_alone, _, _ = locate_cell(Image.fromarray(alone))
+    box_platelet, _, _ = locate_cell(Image.fromarray(with_platelet))
+    assert box_alone.found and box_platelet.found
+    assert abs(box_platelet.side - box_alone.side) <= 0.05 * box_alone.side
+
+
 def test_white_balance_makes_the_background_neutral():
     from wbc_spark.stain import WHITE, background_white, white_balance
 
