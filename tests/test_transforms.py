@@ -235,3 +235,27 @@ def test_cell_crop_applies_the_surround_mode():
 
     crop, _, _ = cell_crop(smear(256, radius=30), 96, stain="surround")
     assert np.abs(surround_mean(crop) - SURROUND).max() < 2
+
+
+def test_stain_density_darkens_the_cell_and_keeps_its_surroundings():
+    from wbc_spark.augment import stain_density
+    from wbc_spark.stain import surround_mean
+
+    crop, _, _ = cell_crop(smear(256, radius=30), 96, stain="surround")
+    same = stain_density(crop, 1.0)
+    assert np.abs(same.astype(int) - crop).max() <= 1
+    darker, lighter = stain_density(crop, 2.0), stain_density(crop, 0.5)
+    for out in (darker, lighter):
+        assert np.abs(surround_mean(out) - surround_mean(crop)).max() < 2
+    centre = (slice(40, 56), slice(40, 56))
+    # The cell against its surroundings: darker with more stain, paler with less.
+    assert darker[centre].mean() < crop[centre].mean() - 10
+    assert lighter[centre].mean() > crop[centre].mean() + 10
+
+
+def test_stain_density_is_drawn_only_when_on():
+    img = np.asarray(smear(64, (32, 32), radius=10))
+    base = augment(img, np.random.default_rng(3), AugmentSettings())
+    again = augment(img, np.random.default_rng(3), AugmentSettings(density=0.0))
+    dense = augment(img, np.random.default_rng(3), AugmentSettings(density=0.7))
+    assert np.array_equal(base, again) and not np.array_equal(base, dense)

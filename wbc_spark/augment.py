@@ -2,6 +2,7 @@
 
 * the eight flips and rotations (a cell has no up);
 * cell scale jitter of +-12% (locators and microscopes differ);
+* stain density jitter (off by default): the crop as if stained more or less deeply;
 * stain colour jitter: hue, saturation, brightness and contrast shifts of the size seen
   between Wright-Giemsa labs, so the model cannot key on one lab's background tint;
 * simulated frame edges: a crop whose cell lies near the edge of its field reaches outside the
@@ -35,6 +36,8 @@ class AugmentSettings:
     #: from ~90 (KRD-WBC) to ~220 (PBC) pixels across its crop, so sharpness says the lab.
     resolution: float = 0.7
     min_resolution: float = 0.35
+    #: Stain density: optical density times exp(+-density), see ``stain_density``; 0: off.
+    density: float = 0.0
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
@@ -78,6 +81,20 @@ def stain_shift(image: np.ndarray, hue: float, saturation: float, brightness: fl
     mean = rgb.mean()
     rgb = (rgb - mean) * contrast + mean
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def stain_density(image: np.ndarray, factor: float) -> np.ndarray:
+    """As if the smear had taken up ``factor`` times the stain: each pixel's optical density
+    (Beer-Lambert, -log of the light passed, per channel) times ``factor``; then each channel
+    scaled so the crop's surroundings keep their mean colour (``stain.surround_balance``), so
+    what changes is how dark the cell is against its red cells, not the crop's tint."""
+    from wbc_spark.stain import surround_mean
+
+    before = surround_mean(image)
+    passed = (image.astype(np.float32) + 1.0) / 256.0
+    out = 256.0 * passed ** factor - 1.0
+    out *= before / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def rescale(image: np.ndarray, factor: float) -> np.ndarray:
@@ -136,6 +153,9 @@ def augment(image: np.ndarray, rng: np.random.Generator,
         image = frame_edges(image, rng, settings.frame_edge_width, settings.frame_edge_sides)
     if settings.resolution > 0 and rng.random() < settings.resolution:
         image = resample(image, float(np.exp(rng.uniform(np.log(settings.min_resolution), 0))))
+    if settings.density > 0:
+        image = stain_density(image, float(np.exp(rng.uniform(-settings.density,
+                                                              settings.density))))
     k = int(rng.integers(8))
     out = np.rot90(image, k % 4)
     if k >= 4:

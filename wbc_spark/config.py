@@ -153,6 +153,10 @@ class AugmentConfig:
     frame_edge: float = 0.5
     frame_edge_width: float = 0.3
     frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)
+    # Stain density: each view's optical density (-log of the light passed) times
+    # exp(+-density), the crop's surroundings then brought back to their standard colour,
+    # so how darkly one lab stains its cells against their red cells says nothing; 0: off.
+    density: float = 0.0
     # Probability that a training view is resampled through a lower resolution (down to
     # min_resolution of its side) and back, so sharpness (one lab's optics) says nothing.
     resolution: float = 0.7
@@ -363,6 +367,9 @@ def validate(config: Config) -> None:
     if not 0.05 < config.augment.frame_edge_width < 0.5:
         raise ConfigError(f"augment.frame_edge_width={config.augment.frame_edge_width}: a "
                           "share of the crop's side above 0.05 and under 0.5")
+    if not 0 <= config.augment.density <= 1.5:
+        raise ConfigError(f"augment.density={config.augment.density}: the stain density's "
+                          "log-factor range, 0 (off) to 1.5 (x0.22 to x4.5)")
     if not 1 <= config.augment.frame_edge_sides <= 4:
         raise ConfigError(f"augment.frame_edge_sides={config.augment.frame_edge_sides}: "
                           "1..4")
