@@ -2,7 +2,8 @@
 
 * the eight flips and rotations (a cell has no up);
 * cell scale jitter of +-12% (locators and microscopes differ);
-* stain density jitter (off by default): the crop as if stained more or less deeply;
+* stain density jitter: the crop as if stained more or less deeply (how darkly a lab stains
+  its cells against their red cells tells the lab, and KRD-WBC's basophil session);
 * stain colour jitter: hue, saturation, brightness and contrast shifts of the size seen
   between Wright-Giemsa labs, so the model cannot key on one lab's background tint;
 * simulated frame edges: a crop whose cell lies near the edge of its field reaches outside the

@@ -155,8 +155,9 @@ class AugmentConfig:
     frame_edge_sides: int = 4  # 1..frame_edge_sides edges per view that gets them (max 4)
     # Stain density: each view's optical density (-log of the light passed) times
     # exp(+-density), the crop's surroundings then brought back to their standard colour,
-    # so how darkly one lab stains its cells against their red cells says nothing; 0: off.
-    density: float = 0.0
+    # so how darkly one lab stains its cells against their red cells says nothing (PBC-dev's
+    # cells are twice as dense as KRD-WBC's usual ones, like its basophils); 0: off.
+    density: float = 0.7
     # Probability that a training view is resampled through a lower resolution (down to
     # min_resolution of its side) and back, so sharpness (one lab's optics) says nothing.
     resolution: float = 0.7
