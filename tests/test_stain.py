@@ -70,7 +70,7 @@ def test_corrections_beyond_any_lab_difference_are_capped():
     purple = np.zeros((8, 8, 3), np.uint8) + (120, 60, 150)
     odd = FieldStain(hue=(REFERENCE.hue + 0.4) % 1.0, saturation=0.01, v_low=0.5, v_high=0.52)
     out = standardise(purple, odd)
-    from wbc_spark.augment import rgb_to_hsv
+    from wbc_spark.colour import rgb_to_hsv
 
     before, after = rgb_to_hsv(purple[:1, :1] / 255.0)[0, 0], rgb_to_hsv(out[:1, :1] / 255.0)[0, 0]
     turned = abs((after[0] - before[0] + 0.5) % 1.0 - 0.5)

@@ -7,12 +7,11 @@ from wbc_spark.augment import (
     AugmentSettings,
     augment,
     frame_edges,
-    hsv_to_rgb,
     reflect_beyond,
     rescale,
-    rgb_to_hsv,
     stain_shift,
 )
+from wbc_spark.colour import hsv_to_rgb, rgb_to_hsv
 from wbc_spark.transforms import cell_crop, dihedral, locate_cell
 
 

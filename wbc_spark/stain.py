@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wbc_spark.augment import hsv_to_rgb, rgb_to_hsv
+from wbc_spark.colour import hsv_to_rgb, rgb_to_hsv
 from wbc_spark.config import STAIN_MODES as MODES
 
 #: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
