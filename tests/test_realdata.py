@@ -153,14 +153,19 @@ def test_scoring_the_ingested_dataset(krd_run):
     # KRD-WBC-only model's validation split has ~100 cells, so 99.5% unflagged accuracy there
     # means no error above the threshold).
     assert res.review_reason.str.contains("not_a_known_cell").fillna(False).mean() < 0.1
-    # The corrected differential of KRD-WBC's images, against its labels (most of them were
-    # trained on: a sanity check of the correction, not a measurement).
+    # The differential of KRD-WBC's images against its labels. Most of them were trained on,
+    # so the raw shares are close; the correction applies the confusion of a test fold of
+    # about 120 cells (8 monocytes), which moves a share by up to ~0.09 from one training to
+    # the next (CI saw Monocyte +0.090): its 95% interval, not its point, must hold the truth.
     overall = per[per.slide.isna()].set_index("class")
     assert (overall.confusion_lab == "KRD-WBC").all()
     labels = pd.read_parquet(root / "ds", columns=["sha256", "label"]).drop_duplicates("sha256")
-    truth = labels.label.value_counts(normalize=True)
-    gap = (overall.corrected_fraction - truth.reindex(overall.index)).abs()
-    assert gap.max() < 0.08, gap
+    truth = labels.label.value_counts(normalize=True).reindex(overall.index)
+    table = overall[["fraction", "corrected_fraction", "corrected_low", "corrected_high"]]
+    table = table.assign(truth=truth).to_string()
+    assert (overall.fraction - truth).abs().max() < 0.06, table
+    assert ((overall.corrected_low <= truth) & (truth <= overall.corrected_high)).all(), table
+    assert (overall.corrected_fraction - truth).abs().max() < 0.15, table
 
 
 @pytest.mark.slow
