@@ -151,3 +151,21 @@ def test_use_torch_lrn_swaps_every_lrn_and_keeps_the_output():
     assert kinds == [nn.LocalResponseNorm, nn.LocalResponseNorm]
     assert not any(isinstance(m, LocalResponseNorm) for m in net.modules())
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_layers_in_chunks_give_the_whole_batch_s_output(monkeypatch):
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5, freeze_until="conv2").eval()
+    images = torch.randint(0, 255, (5, 96, 96, 3), dtype=torch.uint8)
+    calls = []
+    net.frozen.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    with torch.inference_mode():
+        net.chunk_per_thread = 2
+        chunked = net.embed_frozen(images)
+        assert calls == [2, 2, 1]
+        net.chunk_per_thread = 8
+        whole = net.embed_frozen(images)
+        assert calls[3:] == [5]
+    assert chunked.shape == whole.shape and torch.allclose(chunked, whole, atol=1e-4)
+    assert net.embed_frozen(images[:0]).shape[0] == 0
