@@ -6,11 +6,16 @@ On the same images (the first ``--images`` of KRD-WBC, or ``--lake``) and the sa
 torch threads as one scoring worker (``score.threads_per_worker``, default 1), times each
 stage of ``wbc_spark.score.classify_frame`` on its own: file read, JPEG decode (with the
 conversion to RGB), cell location (downscale and stain mask), crop and resize, stain
-standardisation, the frozen layers (in fp32 and bf16), the trained layers and head, the review
-distances, and turning the result into Arrow and Parquet. Prints each stage's seconds per
-image and its share of the sum, the whole ``classify_frame`` for comparison, the network alone
-at the scoring batch size in each precision, and the instruction set oneDNN reports
-(``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran.
+standardisation, the frozen layers (in fp32 and bf16, and in bf16 with the whole batch in one
+pass instead of ``WBCNet.chunk_per_thread`` images per thread), the trained layers and head,
+the review distances, and turning the result into Arrow and Parquet. Prints each stage's
+seconds per image and its share of the sum, the whole ``classify_frame`` for comparison, the
+network alone at the scoring batch size in each precision, the frozen layers' operators by
+share of CPU time (torch.profiler), and the instruction set oneDNN reports
+(``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran. int8 is
+not measured: torch 2.14 has no ``torch.ao.quantization.quantize_fx``, and its x86 int8 path
+(PT2E quantisation) runs through ``torch.compile``, which failed on this network with
+freezing on (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -100,6 +105,14 @@ def main() -> int:
                                   for i in range(0, n, args.batch)])
         run()  # warm-up (oneDNN primitive creation)
         frozen[precision], t[f"frozen layers ({precision})"] = timed(run)
+    with torch.profiler.profile() as prof:
+        run()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    op_total = sum(e.self_cpu_time_total for e in ops)
+    chunk = model.chunk_per_thread
+    model.chunk_per_thread = args.batch  # the whole scoring batch in one pass, as before
+    _, t["frozen layers (bf16, unchunked)"] = timed(run)
+    model.chunk_per_thread = chunk
     (logits, cell_f, lab_f), t["trained layers + head"] = timed(
         lambda: review.embed(model, frozen["bf16"]))
     _, t["review distances"] = timed(lambda: detectors.distances(cell_f, lab_f))
@@ -111,12 +124,13 @@ def main() -> int:
         pq.write_table(table, io.BytesIO())
     _, t["Arrow + Parquet write"] = timed(arrow_and_write)
 
-    whole_stages = {k: v for k, v in t.items() if "fp32" not in k}
+    whole_stages = {k: v for k, v in t.items() if "fp32" not in k and "unchunked" not in k}
     total = sum(whole_stages.values())
     _, whole = timed(lambda: [classify_frame(pd.Series(data[i:i + args.batch]), model, meta,
                                              "image", "bf16")
                               for i in range(0, n, args.batch)])
-    print(f"{n} images from {folder}, torch threads {args.threads}, batch {args.batch}, "
+    print(f"{n} images from {folder}, torch threads {args.threads}, batch {args.batch} "
+          f"(frozen layers {model.chunk_per_thread * args.threads} at a time), "
           f"model {meta['model_id']} (crop {pre.crop_size}, stain {pre.stain})")
     print(f"{'stage':<36} {'ms/image':>9} {'share':>7}")
     for k, v in t.items():
@@ -130,6 +144,8 @@ def main() -> int:
         rate = n / t[f"frozen layers ({precision})"]
         print(f"network alone, frozen layers {precision}: {rate:.1f} images/s; oneDNN: "
               f"{onednn_isa(precision)}")
+    print("frozen layers (bf16) by operator, share of self CPU time: " + ", ".join(
+        f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / op_total:.0%}" for e in ops[:7]))
     print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
           f"{torch.backends.mkldnn.is_available()}; int8: not measured")
     return 0
