@@ -38,6 +38,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("augment.frame_edge_sides=5", "1..4"),
     ("augment.frame_edge_width=0.6", "under 0.5"),
     ("augment.density=-0.2", "0 \\(off\\) to 1.5"),
+    ("score.tasks_per_core=0", "1 or more"),
     ("train.epochs=3.7", "a whole one"),
     ("classes=Neutrophil", "must be a list"),
     ("data.lake=[a, b]", "must be a string"),

@@ -171,6 +171,9 @@ class ScoreConfig:
     results: str = "runs/results"  # per-image table; per-class table in <results>_per_class
     batch_size: int = 64  # Arrow records per batch sent to the UDF
     threads_per_worker: int = 1
+    # Images to score are spread evenly over this many tasks per core of the cluster
+    # (Spark's default parallelism), so no core idles while another finishes a larger task.
+    tasks_per_core: int = 4
     precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
 
@@ -381,6 +384,8 @@ def validate(config: Config) -> None:
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     if not 0 <= config.train.test_fold < config.train.folds:
         raise ConfigError(f"train.test_fold must be in 0..{config.train.folds - 1}")
+    if config.score.tasks_per_core < 1:
+        raise ConfigError(f"score.tasks_per_core={config.score.tasks_per_core}: 1 or more")
     r = config.review
     for name in ("target_accuracy", "cell_quantile", "lab_quantile", "alarm_share"):
         if not 0 < getattr(r, name) < 1:

@@ -484,8 +484,13 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     # Copies within this lake are one image: the first path (sorted) is scored.
     first = F.row_number().over(Window.partitionBy(F.coalesce("sha256", "path"))
                                 .orderBy("path"))
+    # The copies' window shuffles the images; adaptive execution then coalesces its
+    # partitions by bytes, which left 3 uneven tasks for 2 cores (one core idle for a third
+    # of the run). A round-robin repartition gives equal tasks, a few per core.
+    tasks = s.tasks_per_core * spark.sparkContext.defaultParallelism
     todo = (frame.join(done, "sha256", "left_anti")
-            .withColumn("_n", first).where(F.col("_n") == 1).drop("_n"))
+            .withColumn("_n", first).where(F.col("_n") == 1).drop("_n")
+            .repartition(tasks))
     log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
              s.precision)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,

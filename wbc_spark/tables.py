@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -73,21 +74,51 @@ def rename(spark: SparkSession, src: str, dst: str) -> None:
 def empty_files(spark: SparkSession, root: str) -> list[tuple[str, datetime]]:
     """Zero-length files under ``root`` (recursive), as (path, modification time).
 
-    Spark's file sources silently skip empty files; ingest lists them here so that they reach
-    the quarantine table instead of vanishing.
+    Spark's file sources silently skip empty files; ingest and scoring list them here so
+    that they are recorded instead of vanishing. On a local file system the lake is walked
+    in Python, one ``stat`` per file; elsewhere Hadoop's listing is iterated through py4j,
+    a few calls per file (3.7 s for 1,000 files here when it was used for local lakes too).
     """
     fs, jpath = _fs(spark, root)
     if not fs.exists(jpath):
         return []
+    local = local_path(spark, root)
+    return _local_empty_files(local) if local is not None else _hadoop_empty_files(fs, jpath)
+
+
+def _hadoop_empty_files(fs, jpath) -> list[tuple[str, datetime]]:
     out = []
     it = fs.listFiles(jpath, True)
     while it.hasNext():
         status = it.next()
         name = status.getPath().getName()
         if status.getLen() == 0 and not name.startswith(("_", ".")):
-            mtime = datetime.fromtimestamp(status.getModificationTime() / 1000, timezone.utc)
-            out.append((status.getPath().toString(), mtime.replace(tzinfo=None)))
-    return out
+            out.append((status.getPath().toString(), _utc(status.getModificationTime())))
+    return sorted(out)
+
+
+def _utc(millis: int) -> datetime:
+    return datetime.fromtimestamp(millis / 1000, timezone.utc).replace(tzinfo=None)
+
+
+def _local_empty_files(root: Path) -> list[tuple[str, datetime]]:
+    """``empty_files`` for a local folder, paths written as Hadoop writes them ("file:" and
+    the absolute path); links are followed as Hadoop's local listing follows them, and names
+    that are not UTF-8 are left to ``sources.folder.unlistable``."""
+    out = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.startswith(("_", ".")):
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+                full.encode("utf-8")
+            except (OSError, UnicodeEncodeError):  # vanished, a broken link, a bad name
+                continue
+            if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+                out.append((f"file:{full}", _utc(st.st_mtime_ns // 1_000_000)))
+    return sorted(out)
 
 
 def read(spark: SparkSession, table: str, schema: StructType) -> DataFrame:

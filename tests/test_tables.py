@@ -1,0 +1,31 @@
+"""Table helpers against Hadoop's own answers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.spark
+
+
+def test_local_empty_files_match_hadoop_s_listing(tmp_path):
+    from pyspark.sql import SparkSession
+
+    from wbc_spark import tables
+
+    lake = tmp_path / "lake"
+    for name in ("a/empty.jpg", "a/full.jpg", "b c/sp ace#1%.png", "b c/é.jpg", "_hidden",
+                 "d/.dot.jpg", "d/e/deep.jpg"):
+        (lake / name).parent.mkdir(parents=True, exist_ok=True)
+        (lake / name).write_bytes(b"" if "full" not in name else b"x")
+    os.symlink(lake / "a", lake / "linked")  # a link inside the lake is listed below it
+    spark = (SparkSession.builder.master("local[1]").appName("tables")
+             .config("spark.ui.enabled", "false").getOrCreate())
+    fs, jpath = tables._fs(spark, str(lake))
+    hadoop = tables._hadoop_empty_files(fs, jpath)
+    local = tables.empty_files(spark, str(lake))
+    assert local == hadoop
+    assert [p.rsplit("/lake/", 1)[1] for p, _ in local] == [
+        "a/empty.jpg", "b c/sp ace#1%.png", "b c/é.jpg", "d/e/deep.jpg", "linked/empty.jpg"]
+    assert tables.empty_files(spark, str(tmp_path / "absent")) == []
