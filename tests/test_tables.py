@@ -29,3 +29,27 @@ def test_local_empty_files_match_hadoop_s_listing(tmp_path):
     assert [p.rsplit("/lake/", 1)[1] for p, _ in local] == [
         "a/empty.jpg", "b c/sp ace#1%.png", "b c/é.jpg", "d/e/deep.jpg", "linked/empty.jpg"]
     assert tables.empty_files(spark, str(tmp_path / "absent")) == []
+
+
+def test_path_columns_match_path_metadata():
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    from wbc_spark.ingest import path_columns
+    from wbc_spark.sources.folder import path_metadata
+
+    spark = (SparkSession.builder.master("local[1]").appName("tables")
+             .config("spark.ui.enabled", "false").getOrCreate())
+    classes = ["Neutrophil", "Basophil"]
+    root = "/lake/a b"
+    paths = ["file:/lake/a%20b/slide%201/x+y.jpg", "file:///lake/a%20b/s/t/%25z%23.png",
+             "file:/lake/a%20b/top.jpg", "file:/lake/a%20b/neutrophil/n.jpg",
+             "file:/lake/a%20b/BASOPHIL/deeper/b.jpg",
+             "file:/lake/a%20b/Slide%C3%A9/%C3%A9.jpg", "file:/elsewhere/q.jpg",
+             "hdfs://nn/lake/a b/s/h.jpg"]
+    for base in (root, "file:" + root, "hdfs://nn" + root):
+        named = path_columns(F.col("path"), base, classes)
+        rows = (spark.createDataFrame([(p,) for p in paths], "path string")
+                .select("path", *[c.alias(n) for n, c in named.items()]).collect())
+        for r in rows:
+            assert r.asDict() == {"path": r.path, **path_metadata(r.path, base, classes)}

@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -190,6 +190,26 @@ def withhold_outside(files: DataFrame, lake: str, setting: str, policy: str) -> 
     return files.withColumn("content", F.when(F.col("outside").isNull(), F.col("content")))
 
 
+def path_columns(path: Column, lake_root: str, classes: list[str]) -> dict[str, Column]:
+    """``folder.path_metadata`` (image_id, label, group, slide) as Spark expressions. As a
+    Python UDF it made the scoring job's file scan cost 7.1 s of CPU per 1,000 images instead
+    of 1.9 s (a row or a pandas UDF alike). Spark reports local paths as ``file:`` URIs with
+    escapes; ``url_decode`` is form decoding, so a literal ``+`` is protected first."""
+    root = folder.local_path(lake_root).rstrip("/") + "/"
+    local = F.regexp_replace(F.regexp_replace(path, r"^file:(//)?", ""), r"\+", "%2B")
+    decoded = F.when(path.startswith("file:"), F.url_decode(local)).otherwise(path)
+    rel = F.when(decoded.startswith(root), decoded.substr(len(root) + 1, 1 << 30)).otherwise(
+        F.regexp_extract(decoded, r"[^/]*$", 0))
+    parent = F.regexp_extract(rel, r"^(.*)/[^/]*$", 1)
+    top = F.lower(F.split(parent, "/").getItem(0))
+    canonical = {c.lower(): c for c in classes}
+    label = F.create_map(*[F.lit(x) for kv in canonical.items() for x in kv])[top]
+    none = F.lit(None).cast("string")
+    slide = F.when((parent == "") | top.isin(list(canonical)), none).otherwise(parent)
+    return {"image_id": rel, "label": F.when(parent != "", label).otherwise(none),
+            "group": rel, "slide": slide}
+
+
 def _strip_scheme(col):
     return F.regexp_replace(col, r"^file:(//)?", "")
 
@@ -229,19 +249,11 @@ def _catalog(spark: SparkSession, config: Config) -> tuple[DataFrame, str]:
             files = files.unionByName(spark.createDataFrame(
                 [(p, None, 0, None) for p in unnamed], files.schema))
         files = withhold_outside(files, lake, "data.outside_links", d.outside_links)
-        meta_schema = T.StructType([T.StructField(n, T.StringType()) for n in
-                                    ("image_id", "label", "group", "slide")])
-
-        @F.udf(meta_schema)
-        def meta(path):
-            return folder.path_metadata(path, lake, labels)
-
-        files = files.withColumn("_m", meta("path"))
+        m = path_columns(F.col("path"), lake, labels)
         df = files.select(
-            F.concat(F.lit(f"{lab}/"), F.col("_m.image_id")).alias("image_id"), "path",
-            F.lit(lab).alias("source"),
-            F.col("_m.label").alias("label"), F.col("_m.group").alias("group"),
-            F.col("_m.slide").alias("slide"), F.lit(None).cast("string").alias("mask_path"),
+            F.concat(F.lit(f"{lab}/"), m["image_id"]).alias("image_id"), "path",
+            F.lit(lab).alias("source"), m["label"].alias("label"), m["group"].alias("group"),
+            m["slide"].alias("slide"), F.lit(None).cast("string").alias("mask_path"),
             F.lit(None).cast("binary").alias("mask_content"), "content",
             F.col("length").alias("file_length"), F.col("modificationTime").alias("file_mtime"),
             "outside",

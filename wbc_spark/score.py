@@ -74,12 +74,11 @@ from pyspark.sql import types as T
 
 from wbc_spark import artifact, differential, images, preprocessing, review, tables
 from wbc_spark.config import Config
-from wbc_spark.ingest import read_dataset, withhold_outside
+from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import wilson
 from wbc_spark.model.transfer import inference_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
-from wbc_spark.sources.folder import path_metadata
 from wbc_spark.train import softmax
 from wbc_spark.transforms import cell_crop
 
@@ -316,21 +315,13 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
     else:
         files = files.withColumn("outside", F.lit(None).cast("string"))
     base = root if not is_glob else os.path.dirname(root.split("*")[0])
-    meta_schema = T.StructType([T.StructField("image_id", T.StringType()),
-                                T.StructField("slide", T.StringType())])
-    classes = list(meta["classes"])
-
-    @F.udf(meta_schema)
-    def info(path):
-        m = path_metadata(path, base, classes)
-        return {"image_id": m["image_id"], "slide": m["slide"]}
-
-    files = files.withColumn("_i", info("path"))
+    named = path_columns(F.col("path"), base, list(meta["classes"]))
     return files.select("path", F.col("length").alias("file_length"),
                         F.col("modificationTime").alias("file_mtime"),
                         F.sha2(F.col("content"), 256).alias("sha256"),
-                        F.col("_i.image_id").alias("image_id"), F.col("_i.slide").alias("slide"),
+                        named["image_id"].alias("image_id"), named["slide"].alias("slide"),
                         F.col("content").alias("data"), "outside"), "image"
+
 
 
 def retryable():

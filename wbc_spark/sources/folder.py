@@ -85,7 +85,8 @@ def local_path(uri: str) -> str:
 
 def path_metadata(path: str, lake_root: str, classes: list[str] | tuple[str, ...]
                   ) -> dict[str, str | None]:
-    """image_id, label, group and slide of a file in a folder lake."""
+    """image_id, label, group and slide of a file in a folder lake (the reference that
+    ``wbc_spark.ingest.path_columns``, which the jobs run, is tested against)."""
     canonical = {c.lower(): c for c in classes}
     root = PurePosixPath(local_path(lake_root).rstrip("/"))
     p = PurePosixPath(local_path(path))
