@@ -5,8 +5,9 @@
 1. Builds a benchmark lake of distinct 512 x 512 JPEGs from KRD-WBC (flips, rotations and
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
    slide folders; ``--slides K`` times the paths on the first K folders only.
-2. Precision: the model's predictions on the 600 KRD-WBC images in fp32 and in bf16
-   (agreement, macro-F1 of each), since the scoring job runs in ``score.precision``.
+2. Precision: the model's predictions on its held-out test-fold images (``test_predictions.csv``
+   beside the model; without it, the 600 KRD-WBC images) in fp32 and in bf16 (agreement,
+   macro-F1 of each per lab), since the scoring job runs in ``score.precision``.
 3. Scoring, in images per second (median of ``--repeats`` runs each, paths interleaved):
    - the scoring job (wbc_spark.score.run_scoring: iterator pandas UDF, model loaded once per
      worker, ``score.precision``, tables written), each repeat into a fresh results table;
@@ -45,7 +46,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import artifact, metrics
-from wbc_spark.config import load_config
+from wbc_spark.config import load_config, shared_lake
 from wbc_spark.model.googlenet import use_torch_lrn
 from wbc_spark.score import classify_frame
 from wbc_spark.sources.krd_wbc import default_root
@@ -91,30 +92,52 @@ def sub_lake(lake: Path, slides: int) -> Path:
     return root
 
 
-def precision_check(model_path: str) -> str:
-    """Predictions on the 600 KRD-WBC images with fp32 and with bf16 arithmetic."""
-    from wbc_spark.sources.krd_wbc import read_labels
+def held_out(model_path: str, classes: list[str]
+             ) -> tuple[list[Path], np.ndarray, str, np.ndarray]:
+    """The model's test-fold images (``test_predictions.csv`` beside it: images it neither
+    trained nor selected on), else the 600 KRD-WBC images; files, labels, a description and
+    each image's lab."""
+    table = Path(model_path).with_name("test_predictions.csv")
+    if not table.exists():
+        from wbc_spark.sources.krd_wbc import read_labels
 
+        root = default_root()
+        labels = read_labels(root / "class labels.csv", classes)
+        files = sorted((root / "Dataset" / "image").glob("image*.jpg"),
+                       key=lambda f: int(re.sub(r"\D", "", f.stem)))
+        y = np.array([classes.index(labels[int(re.sub(r"\D", "", f.stem))]) for f in files])
+        return files, y, (f"the {len(files)} KRD-WBC images ({table.name} not found, so these "
+                          "include the model's training images: this measures the arithmetic, "
+                          "not the accuracy)"), np.full(len(files), "KRD-WBC")
+    test = pd.read_csv(table)
+    roots = {"KRD-WBC": default_root() / "Dataset" / "image",
+             "PBC-dev": shared_lake("PBC-dev", "WBC_SPARK_PBC_DEV")}
+    files = [roots["KRD-WBC"] / f"{i.split('/', 1)[1]}.jpg" if lab == "KRD-WBC"
+             else roots[lab] / i.split("/", 1)[1] for i, lab in zip(test.image_id, test.source)]
+    counts = ", ".join(f"{lab} {n}" for lab, n in test.source.value_counts().sort_index().items())
+    return files, np.array([classes.index(c) for c in test.label]), \
+        f"the model's {len(files)} held-out test-fold images ({counts})", test.source.to_numpy()
+
+
+def precision_check(model_path: str) -> str:
+    """Predictions on the model's held-out images with fp32 and with bf16 arithmetic."""
     model, meta = artifact.load(model_path)
-    root = default_root()
-    labels = read_labels(root / "class labels.csv", meta["classes"])
-    files = sorted((root / "Dataset" / "image").glob("image*.jpg"),
-                   key=lambda f: int(re.sub(r"\D", "", f.stem)))
-    y = np.array([list(meta["classes"]).index(labels[int(re.sub(r"\D", "", f.stem))])
-                  for f in files])
+    classes = list(meta["classes"])
+    files, y, what, labs = held_out(model_path, classes)
     data = [f.read_bytes() for f in files]
     preds = {}
     for precision in ("fp32", "bf16"):
         out = pd.concat([classify_frame(pd.Series(data[i:i + 64]), model, meta, "image",
                                         precision) for i in range(0, len(data), 64)])
-        preds[precision] = np.array([list(meta["classes"]).index(c)
-                                     for c in out.predicted_class])
-    f1 = {k: metrics.macro_f1(y, v, len(meta["classes"])) for k, v in preds.items()}
+        preds[precision] = np.array([classes.index(c) for c in out.predicted_class])
     agree = (preds["fp32"] == preds["bf16"]).mean()
-    return (f"precision: bf16 and fp32 predictions agree on {agree:.1%} of the 600 KRD-WBC "
-            f"images; macro-F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} (difference "
-            f"{f1['bf16'] - f1['fp32']:+.4f}; target within 0.005; these images include the "
-            "model's training images, so this measures the arithmetic, not the accuracy)")
+    lines = [f"precision: bf16 and fp32 predictions agree on {agree:.1%} of {what}"]
+    for lab in sorted(set(labs)):
+        at = labs == lab
+        f1 = {k: metrics.macro_f1(y[at], v[at], len(classes)) for k, v in preds.items()}
+        lines.append(f"  {lab}: macro-F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} "
+                     f"(difference {f1['bf16'] - f1['fp32']:+.4f}; target within 0.005)")
+    return "\n".join(lines)
 
 
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
