@@ -15,6 +15,9 @@
      the eager fp32 model with torch's stock LocalResponseNorm;
    - the scoring job's inference code (decode, locate, crop, classify) in one plain process.
    While the jobs run, the peak resident memory of every Python worker is sampled.
+   Then the network alone at the scoring precision (random crops, two threads) and the job's
+   share of it, and ``benchmarks/stages.py``'s breakdown of one worker's time per image by
+   stage (``--no-stages`` skips it).
 4. The model's FLOPs per image (torch's FlopCounterMode) times images/s over the machine's
    peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
 5. Scale-out: ingest and scoring on a local standalone cluster with one and with two one-core
@@ -138,6 +141,28 @@ def precision_check(model_path: str) -> str:
         lines.append(f"  {lab}: macro-F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} "
                      f"(difference {f1['bf16'] - f1['fp32']:+.4f}; target within 0.005)")
     return "\n".join(lines)
+
+
+def network_alone(model_path: str, precision: str, threads: int, n: int = 256) -> float:
+    """Images/s of the whole network (frozen layers in ``precision``, the rest in fp32, as
+    scoring runs it) on random crops, batch 64, after a warm-up batch."""
+    from wbc_spark import review
+    from wbc_spark.model.transfer import inference_precision
+
+    torch.set_num_threads(threads)
+    model, _ = artifact.load(model_path)
+    crops = torch.randint(0, 256, (n, 224, 224, 3), dtype=torch.uint8)
+
+    def batch(x):
+        with torch.inference_mode():
+            with inference_precision(precision):
+                frozen = model.embed_frozen(x)
+            review.embed(model, frozen)
+    batch(crops[:64])
+    start = time.perf_counter()
+    for i in range(0, n, 64):
+        batch(crops[i:i + 64])
+    return n / (time.perf_counter() - start)
 
 
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
@@ -343,6 +368,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
     parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
+    parser.add_argument("--no-stages", action="store_true",
+                        help="skip the per-stage breakdown (benchmarks/stages.py)")
     parser.add_argument("--distributed", action="store_true",
                         help="also time the training job with 1 and 2 TorchDistributor "
                              "processes (2 views, 4 epochs each)")
@@ -378,6 +405,10 @@ def main() -> int:
           "(target >= 6x)")
     print(f"scoring job / plain loop: {med['scoring job'] / med['plain loop']:.0%} "
           "(target >= 80%)")
+    alone = network_alone(args.model, cfg.score.precision, threads=2)
+    print(f"network alone ({cfg.score.precision} frozen layers, fp32 trained layers, 2 threads, "
+          f"random 224 x 224 crops): {alone:.1f} images/s; scoring job / network alone: "
+          f"{med['scoring job'] / alone:.0%} (target >= 80%)")
     for k, mib in memory.items():
         print(f"{k:<12} peak Python worker memory {mib:.0f} MiB over {len(paths)} images "
               "(target < 1536 MiB)")
@@ -387,6 +418,12 @@ def main() -> int:
     print(f"peak: {peak / 1e9:.0f} GFLOP/s = {how}")
     for k in rates:
         print(f"{k:<12} model part reaches {flops * med[k] / peak:.1%} of peak")
+
+    if not args.no_stages:
+        print("where each scored image's time goes (benchmarks/stages.py, one worker's thread):",
+              flush=True)
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "stages.py"), "--model",
+                        args.model, "--images", "300"], check=True, cwd=REPO)
 
     ingest_dir = REPO / "runs" / "bench_ingest"
     ingest_args = ["data.source=folder", f"data.lake={timed}", f"data.dataset={ingest_dir}",
