@@ -1,6 +1,7 @@
 """Where each scored image's time goes: the scoring path's stages, each timed alone.
 
     .venv/bin/python benchmarks/stages.py [--images 300] [--threads 1] [--model runs/model/model.pt]
+                                          [--ingest]
 
 On the same images (the first ``--images`` of KRD-WBC, or ``--lake``) and the same number of
 torch threads as one scoring worker (``score.threads_per_worker``, default 1), times each
@@ -12,7 +13,8 @@ the review distances, and turning the result into Arrow and Parquet. Prints each
 seconds per image and its share of the sum, the whole ``classify_frame`` for comparison, the
 network alone at the scoring batch size in each precision, the frozen layers' operators by
 share of CPU time (torch.profiler), and the instruction set oneDNN reports
-(``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran. int8 is
+(``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran;
+with ``--ingest``, the same for the ingest job's per-file work. int8 is
 not measured: torch 2.14 has no ``torch.ao.quantization.quantize_fx``, and its x86 int8 path
 (PT2E quantisation) runs through ``torch.compile``, which failed on this network with
 freezing on (docs/PERFORMANCE.md).
@@ -69,6 +71,41 @@ def onednn_isa(precision: str) -> str:
            f"{impl[0] if impl else 'not reported (not a oneDNN convolution)'}"
 
 
+def ingest_breakdown(files: list[Path]) -> None:
+    """The ingest job's per-file work (``ingest.process_row``), stage by stage, on KRD-WBC's
+    images with their masks: read, sha256, decode (with the size checks), cell location and
+    crop, the mask's decode and IoU, the mask's PNG, and ``process_row`` whole."""
+    from wbc_spark.ingest import IngestSettings, process_row
+    from wbc_spark.transforms import cell_crop, mask_iou
+
+    settings = IngestSettings(stain="surround")
+    masks = [f.parents[1] / "mask" / f"mask{f.stem.removeprefix('image')}.jpg" for f in files]
+    t: dict[str, float] = {}
+    data, t["file read (image and mask)"] = timed(
+        lambda: [(f.read_bytes(), m.read_bytes()) for f, m in zip(files, masks)])
+    _, t["sha256"] = timed(lambda: [images.sha256(d) for d, _ in data])
+    decoded, t["decode (+ size checks)"] = timed(lambda: [images.decode(d) for d, _ in data])
+    crops, t["locate, crop, stain"] = timed(
+        lambda: [cell_crop(im, 224, context=settings.context, stain=settings.stain)
+                 for im in decoded])
+    truths, t["mask decode"] = timed(
+        lambda: [images.decode_mask(m, im.size) for (_, m), im in zip(data, decoded)])
+    _, t["mask IoU"] = timed(lambda: [mask_iou(c[2], tr) for c, tr in zip(crops, truths)])
+    _, t["mask PNG"] = timed(lambda: [images.encode_png(tr) for tr in truths])
+    total = sum(t.values())
+    rows = [{"path": str(f), "content": d, "mask_content": m, "mask_path": str(mp)}
+            for f, (d, m), mp in zip(files, data, masks)]
+    _, whole = timed(lambda: [process_row(r, settings) for r in rows])
+    n = len(files)
+    print(f"ingest, {n} KRD-WBC images with masks, one thread")
+    print(f"{'stage':<36} {'ms/image':>9} {'share':>7}")
+    for k, v in t.items():
+        print(f"{k:<36} {1000 * v / n:9.2f} {v / total:6.1%}")
+    print(f"{'sum of the stages':<36} {1000 * total / n:9.2f}   -> {n / total:.1f} images/s")
+    print(f"{'process_row, as the job runs it':<36} {1000 * whole / n:9.2f}   -> "
+          f"{n / whole:.1f} images/s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
@@ -76,6 +113,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
     parser.add_argument("--lake", default="", help="image folder (default: KRD-WBC's images)")
+    parser.add_argument("--ingest", action="store_true",
+                        help="also the ingest job's per-file stages (KRD-WBC, with masks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, meta = artifact.load(args.model)
@@ -148,6 +187,9 @@ def main() -> int:
         f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / op_total:.0%}" for e in ops[:7]))
     print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
           f"{torch.backends.mkldnn.is_available()}; int8: not measured")
+    if args.ingest:
+        krd = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))
+        ingest_breakdown(krd[:args.images])
     return 0
 
 
