@@ -323,7 +323,6 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
                         F.col("content").alias("data"), "outside"), "image"
 
 
-
 def retryable():
     """Rows to score again: errors that the same bytes may not repeat (the file could not be
     read at all, or an unexpected failure); a decoding error of the same bytes stands."""

@@ -106,7 +106,8 @@ class WBCNet(nn.Module):
     #: Images per pass through the frozen layers, per torch thread. A batch of 64 at 224 x 224
     #: spills the early layers' activations (over 1 MB per image) out of the CPU's L2 cache,
     #: and the memory-bound pooling, ReLU and LRN then cost more than the convolutions: 8 per
-    #: thread ran the frozen layers 1.2-1.5x faster (docs/PERFORMANCE.md, "Chunks").
+    #: thread ran the frozen layers 1.2-1.5x faster (docs/PERFORMANCE.md, "Scoring at the
+    #: machine's limit").
     chunk_per_thread = 8
 
     def embed_frozen(self, images: torch.Tensor) -> torch.Tensor:
