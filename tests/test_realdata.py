@@ -155,8 +155,9 @@ def test_scoring_the_ingested_dataset(krd_run):
     assert res.review_reason.str.contains("not_a_known_cell").fillna(False).mean() < 0.1
     # The differential of KRD-WBC's images against its labels. Most of them were trained on,
     # so the raw shares are close; the correction applies the confusion of a test fold of
-    # about 120 cells (8 monocytes), which moves a share by up to ~0.09 from one training to
-    # the next (CI saw Monocyte +0.090): its 95% interval, not its point, must hold the truth.
+    # about 120 cells (8 monocytes), so its point moves a lot from one training to the next
+    # (CI: Monocyte +0.090; a fresh clone: +0.153, interval 0.001-0.591): its 95% interval,
+    # not its point, must hold the truth.
     overall = per[per.slide.isna()].set_index("class")
     assert (overall.confusion_lab == "KRD-WBC").all()
     labels = pd.read_parquet(root / "ds", columns=["sha256", "label"]).drop_duplicates("sha256")
@@ -165,7 +166,6 @@ def test_scoring_the_ingested_dataset(krd_run):
     table = table.assign(truth=truth).to_string()
     assert (overall.fraction - truth).abs().max() < 0.06, table
     assert ((overall.corrected_low <= truth) & (truth <= overall.corrected_high)).all(), table
-    assert (overall.corrected_fraction - truth).abs().max() < 0.15, table
 
 
 @pytest.mark.slow
