@@ -196,7 +196,7 @@ def path_columns(path: Column, lake_root: str, classes: list[str]) -> dict[str, 
     of 1.9 s (a row or a pandas UDF alike). Spark reports local paths as ``file:`` URIs with
     escapes; ``url_decode`` is form decoding, so a literal ``+`` is protected first."""
     root = folder.local_path(lake_root).rstrip("/") + "/"
-    local = F.regexp_replace(F.regexp_replace(path, r"^file:(//)?", ""), r"\+", "%2B")
+    local = F.regexp_replace(_strip_scheme(path), r"\+", "%2B")
     decoded = F.when(path.startswith("file:"), F.url_decode(local)).otherwise(path)
     rel = F.when(decoded.startswith(root), decoded.substr(len(root) + 1, 1 << 30)).otherwise(
         F.regexp_extract(decoded, r"[^/]*$", 0))
@@ -206,8 +206,7 @@ def path_columns(path: Column, lake_root: str, classes: list[str]) -> dict[str, 
     label = F.create_map(*[F.lit(x) for kv in canonical.items() for x in kv])[top]
     none = F.lit(None).cast("string")
     slide = F.when((parent == "") | top.isin(list(canonical)), none).otherwise(parent)
-    return {"image_id": rel, "label": F.when(parent != "", label).otherwise(none),
-            "group": rel, "slide": slide}
+    return {"image_id": rel, "label": label, "group": rel, "slide": slide}
 
 
 def _strip_scheme(col):
