@@ -9,9 +9,15 @@ import pytest
 pytestmark = pytest.mark.spark
 
 
-def test_local_empty_files_match_hadoop_s_listing(tmp_path):
+@pytest.fixture(scope="module")
+def spark():
     from pyspark.sql import SparkSession
 
+    return (SparkSession.builder.master("local[1]").appName("tables")
+            .config("spark.ui.enabled", "false").getOrCreate())
+
+
+def test_local_empty_files_match_hadoop_s_listing(spark, tmp_path):
     from wbc_spark import tables
 
     lake = tmp_path / "lake"
@@ -20,8 +26,6 @@ def test_local_empty_files_match_hadoop_s_listing(tmp_path):
         (lake / name).parent.mkdir(parents=True, exist_ok=True)
         (lake / name).write_bytes(b"" if "full" not in name else b"x")
     os.symlink(lake / "a", lake / "linked")  # a link inside the lake is listed below it
-    spark = (SparkSession.builder.master("local[1]").appName("tables")
-             .config("spark.ui.enabled", "false").getOrCreate())
     fs, jpath = tables._fs(spark, str(lake))
     hadoop = tables._hadoop_empty_files(fs, jpath)
     local = tables.empty_files(spark, str(lake))
@@ -31,15 +35,12 @@ def test_local_empty_files_match_hadoop_s_listing(tmp_path):
     assert tables.empty_files(spark, str(tmp_path / "absent")) == []
 
 
-def test_path_columns_match_path_metadata():
-    from pyspark.sql import SparkSession
+def test_path_columns_match_path_metadata(spark):
     from pyspark.sql import functions as F
 
     from wbc_spark.ingest import path_columns
     from wbc_spark.sources.folder import path_metadata
 
-    spark = (SparkSession.builder.master("local[1]").appName("tables")
-             .config("spark.ui.enabled", "false").getOrCreate())
     classes = ["Neutrophil", "Basophil"]
     root = "/lake/a b"
     paths = ["file:/lake/a%20b/slide%201/x+y.jpg", "file:///lake/a%20b/s/t/%25z%23.png",
