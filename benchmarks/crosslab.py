@@ -43,6 +43,7 @@ from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, train_val_test
+from wbc_spark.stain import surround_mean
 from wbc_spark.train import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,16 @@ def crops_picture(df: pd.DataFrame, classes: list[str], path: str, per_class: in
     canvas.save(path)
 
 
+def cell_density(crop: np.ndarray) -> float:
+    """How deeply a crop's cell is stained: optical density against the surroundings' mean
+    colour, 90th percentile over the central disc of 0.2 of the side."""
+    s = crop.shape[0]
+    yy, xx = np.mgrid[:s, :s]
+    disc = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (0.2 * s) ** 2
+    od = -np.log((crop[disc].astype(np.float32) + 1) / (surround_mean(crop) + 1))
+    return float(np.percentile(od.mean(1), 90))
+
+
 def crop_statistics(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """Per lab and class, what could tell a lab apart in the crops the model is fed: the mean
     colour of the cell's surroundings (outside the central disc), how deeply the cell is
@@ -89,16 +100,7 @@ def crop_statistics(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     surroundings, 90th percentile over the central disc of 0.2 of the side; median over
     crops), the sharpness (mean absolute difference of neighbouring pixels) and the share of
     crops reaching outside their image."""
-    from wbc_spark.stain import surround_mean
-
     size = int(df.crop_size.iloc[0])
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.2 * size) ** 2
-
-    def cell_density(crop: np.ndarray) -> float:
-        od = -np.log((crop[disc].astype(np.float32) + 1) / (surround_mean(crop) + 1))
-        return float(np.percentile(od.mean(1), 90))
-
     rows = []
     for (lab, label), part in df.groupby(["source", "label"]):
         crops = [np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in part.crop]
