@@ -11,7 +11,12 @@ the model is fed (training views and test crops alike) or to the training views 
 * ``gray``: every crop turned to luminance (three equal channels);
 * ``randgray``: half of the training views turned to luminance, test crops left in colour;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
-* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels).
+* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
+* ``hed``: every training view's stains jittered one by one: optical density split into
+  Ruifrok and Johnston's haematoxylin, eosin and residual vectors, each concentration times
+  e^+-0.6 plus +-0.05, recombined, then the surroundings' mean colour restored (as
+  ``augment.stain_density`` does), so the stains' ratio inside the cell changes, not the
+  crop's tint.
 
 For example, the lab-held-out part with grey crops:
 ``benchmarks/crosslab_levers.py gray --dataset runs/dataset --only heldout``.
@@ -35,7 +40,13 @@ from wbc_spark.evaluation import crossval
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
-LEVERS = ("densnorm", "gray", "randgray", "jpeg", "noise")
+from wbc_spark.stain import surround_mean  # noqa: E402
+LEVERS = ("densnorm", "gray", "randgray", "jpeg", "noise", "hed")
+#: Stain vectors in optical density (rows: haematoxylin, eosin, residual), Ruifrok & Johnston.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
+                        np.float32)
+RGB_FROM_HED /= np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -53,6 +64,18 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(20, 91)))
     return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def hed_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.6,
+               shift: float = 0.05) -> np.ndarray:
+    before = surround_mean(image)
+    od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
+    conc = od @ HED_FROM_RGB
+    conc = conc * np.exp(rng.uniform(-scale, scale, 3)).astype(np.float32) \
+        + rng.uniform(-shift, shift, 3).astype(np.float32)
+    out = 256.0 * np.exp(-np.maximum(conc @ RGB_FROM_HED, 0)) - 1.0
+    out *= before / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def install(levers: set[str], density_ref: float) -> None:
@@ -74,6 +97,8 @@ def install(levers: set[str], density_ref: float) -> None:
         if "noise" in levers and rng.random() < 0.5:
             noisy = out + rng.normal(0, rng.uniform(1, 6), out.shape)
             out = np.clip(noisy, 0, 255).astype(np.uint8)
+        if "hed" in levers:
+            out = hed_jitter(out, rng)
         if "randgray" in levers and rng.random() < 0.5:
             out = gray(out)
         return out
