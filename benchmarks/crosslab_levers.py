@@ -40,7 +40,6 @@ from wbc_spark.evaluation import crossval
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
-from wbc_spark.stain import surround_mean  # noqa: E402
 LEVERS = ("densnorm", "gray", "randgray", "jpeg", "noise", "hed")
 #: Stain vectors in optical density (rows: haematoxylin, eosin, residual), Ruifrok & Johnston.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
@@ -68,14 +67,11 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def hed_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.6,
                shift: float = 0.05) -> np.ndarray:
-    before = surround_mean(image)
     od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
     conc = od @ HED_FROM_RGB
     conc = conc * np.exp(rng.uniform(-scale, scale, 3)).astype(np.float32) \
         + rng.uniform(-shift, shift, 3).astype(np.float32)
-    out = 256.0 * np.exp(-np.maximum(conc @ RGB_FROM_HED, 0)) - 1.0
-    out *= before / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return aug.with_surround_of(image, 256.0 * np.exp(-np.maximum(conc @ RGB_FROM_HED, 0)) - 1.0)
 
 
 def install(levers: set[str], density_ref: float) -> None:

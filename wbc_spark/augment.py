@@ -62,10 +62,14 @@ def stain_density(image: np.ndarray, factor: float) -> np.ndarray:
     (Beer-Lambert, -log of the light passed, per channel) times ``factor``; then each channel
     scaled so the crop's surroundings keep their mean colour (``stain.surround_balance``), so
     what changes is how dark the cell is against its red cells, not the crop's tint."""
-    before = surround_mean(image)
     passed = (image.astype(np.float32) + 1.0) / 256.0
-    out = 256.0 * passed ** factor - 1.0
-    out *= before / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0)
+    return with_surround_of(image, 256.0 * passed ** factor - 1.0)
+
+
+def with_surround_of(image: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (float RGB, a restained copy of uint8 ``image``) with each channel scaled so
+    its surroundings keep ``image``'s mean colour, as uint8."""
+    out = out * (surround_mean(image) / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0))
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
