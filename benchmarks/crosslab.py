@@ -23,6 +23,7 @@ of every image and training view are computed once and reused by every training.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -83,12 +84,16 @@ def crops_picture(df: pd.DataFrame, classes: list[str], path: str, per_class: in
     canvas.save(path)
 
 
+@functools.lru_cache(maxsize=4)
+def central_disc(side: int) -> np.ndarray:
+    yy, xx = np.mgrid[:side, :side]
+    return (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (0.2 * side) ** 2
+
+
 def cell_density(crop: np.ndarray) -> float:
     """How deeply a crop's cell is stained: optical density against the surroundings' mean
     colour, 90th percentile over the central disc of 0.2 of the side."""
-    s = crop.shape[0]
-    yy, xx = np.mgrid[:s, :s]
-    disc = (yy - s / 2) ** 2 + (xx - s / 2) ** 2 < (0.2 * s) ** 2
+    disc = central_disc(crop.shape[0])
     od = -np.log((crop[disc].astype(np.float32) + 1) / (surround_mean(crop) + 1))
     return float(np.percentile(od.mean(1), 90))
 
