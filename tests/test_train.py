@@ -48,6 +48,22 @@ def test_optimizer_groups_use_discriminative_rates():
     assert n_opt == sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
+def test_trained_gradients_keep_their_parameters_layout():
+    """DistributedDataParallel's gradient buckets follow the parameters' strides: a gradient
+    in another layout (the channels-last frozen features give channels-last ones) is copied
+    on every step and warned about."""
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5, freeze_until="inception4e")
+    head = HeadOnly(net)
+    with torch.no_grad():
+        features = net.embed_frozen(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))
+    head(features.float()).sum().backward()
+    trained = [p for p in head.parameters() if p.requires_grad]
+    assert any(p.dim() == 4 for p in trained)
+    for p in trained:
+        assert p.grad.stride() == p.stride(), p.shape
+
+
 class TinyNet(nn.Module):
     """The WBCNet interface around a tiny network, so the loop itself is tested fast."""
 

@@ -97,6 +97,12 @@ class HeadOnly(nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
+        # The cached frozen features are channels-last (what ``embed_frozen`` returns), so
+        # the trained convolutions' weight gradients are too. Parameters in the same layout
+        # keep DistributedDataParallel's gradient buckets matching them ("grad strides do not
+        # match bucket view strides" otherwise); a training step takes as long either way,
+        # while contiguous features would make it about 25% slower (docs/PERFORMANCE.md).
+        model.trainable.to(memory_format=torch.channels_last)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.head(features)
