@@ -9,14 +9,12 @@ the model is fed (training views and test crops alike) or to the training views 
   (``augment.stain_density``) so that the cell's density against its surroundings (90th
   percentile over the central disc, as ``crosslab.py`` measures it) becomes ``--density-ref``;
 * ``gray``: every crop turned to luminance (three equal channels);
-* ``randgray``: half of the training views turned to luminance, test crops left in colour;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
-* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
-* ``hed``: every training view's stains jittered one by one: optical density split into
-  Ruifrok and Johnston's haematoxylin, eosin and residual vectors, each concentration times
-  e^+-0.6 plus +-0.05, recombined, then the surroundings' mean colour restored (as
-  ``augment.stain_density`` does), so the stains' ratio inside the cell changes, not the
-  crop's tint.
+* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels).
+
+(The per-stain jitter and grey training views, once levers here, are now the recipe's
+``augment.hed`` and ``augment.grey``: ``benchmarks/crosslab.py augment.hed=0.6
+augment.grey=0.5``.)
 
 For example, the lab-held-out part with grey crops:
 ``benchmarks/crosslab_levers.py gray --dataset runs/dataset --only heldout``.
@@ -40,13 +38,8 @@ from wbc_spark.evaluation import crossval
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
-LEVERS = ("densnorm", "gray", "randgray", "jpeg", "noise", "hed")
-#: Stain vectors in optical density (rows: haematoxylin, eosin, residual), Ruifrok & Johnston.
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
-                        np.float32)
-RGB_FROM_HED /= np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
+
+LEVERS = ("densnorm", "gray", "jpeg", "noise")
 
 
 def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
@@ -54,24 +47,10 @@ def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
     return aug.stain_density(crop, float(np.clip(factor, 0.25, 4.0)))
 
 
-def gray(image: np.ndarray) -> np.ndarray:
-    g = np.clip(image.astype(np.float32) @ LUMINANCE + 0.5, 0, 255).astype(np.uint8)
-    return np.repeat(g[..., None], 3, -1)
-
-
 def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(20, 91)))
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def hed_jitter(image: np.ndarray, rng: np.random.Generator, scale: float = 0.6,
-               shift: float = 0.05) -> np.ndarray:
-    od = -np.log((image.astype(np.float32) + 1.0) / 256.0)
-    conc = od @ HED_FROM_RGB
-    conc = conc * np.exp(rng.uniform(-scale, scale, 3)).astype(np.float32) \
-        + rng.uniform(-shift, shift, 3).astype(np.float32)
-    return aug.with_surround_of(image, 256.0 * np.exp(-np.maximum(conc @ RGB_FROM_HED, 0)) - 1.0)
 
 
 def install(levers: set[str], density_ref: float) -> None:
@@ -83,7 +62,7 @@ def install(levers: set[str], density_ref: float) -> None:
         if "densnorm" in levers:
             crops = np.stack([density_normalised(c, density_ref) for c in crops])
         if "gray" in levers:
-            crops = np.stack([gray(c) for c in crops])
+            crops = np.stack([aug.grey(c) for c in crops])
         return crops
 
     def lever_augment(image, rng, settings=aug.AugmentSettings()):
@@ -93,10 +72,6 @@ def install(levers: set[str], density_ref: float) -> None:
         if "noise" in levers and rng.random() < 0.5:
             noisy = out + rng.normal(0, rng.uniform(1, 6), out.shape)
             out = np.clip(noisy, 0, 255).astype(np.uint8)
-        if "hed" in levers:
-            out = hed_jitter(out, rng)
-        if "randgray" in levers and rng.random() < 0.5:
-            out = gray(out)
         return out
 
     crossval.crops_of, crossval.augment = lever_crops, lever_augment

@@ -7,6 +7,7 @@ from wbc_spark.augment import (
     AugmentSettings,
     augment,
     frame_edges,
+    grey,
     reflect_beyond,
     rescale,
     stain_shift,
@@ -258,3 +259,42 @@ def test_stain_density_is_drawn_only_when_on():
     again = augment(img, np.random.default_rng(3), AugmentSettings(density=0.0))
     dense = augment(img, np.random.default_rng(3), AugmentSettings(density=0.7))
     assert np.array_equal(base, again) and not np.array_equal(base, dense)
+
+
+class FixedDraws:
+    """An rng whose uniform draws are fixed values (what ``hed_jitter`` multiplies by)."""
+
+    def __init__(self, *draws):
+        self.draws = list(draws)
+
+    def uniform(self, low, high, size):
+        return np.asarray(self.draws.pop(0), np.float32)
+
+
+def test_hed_jitter_changes_the_stains_balance_in_the_cell_not_the_surroundings():
+    from wbc_spark.augment import hed_jitter
+    from wbc_spark.stain import surround_mean
+
+    crop, _, _ = cell_crop(smear(256, radius=30), 96, stain="surround")
+    same = hed_jitter(crop, FixedDraws([0, 0, 0], [0, 0, 0]), scale=0.6)
+    assert np.abs(same.astype(int) - crop).max() <= 2
+    # More haematoxylin, less eosin: the nucleus bluer against red, surroundings as they were.
+    out = hed_jitter(crop, FixedDraws([0.6, -0.6, 0], [0, 0, 0]), scale=0.6)
+    assert np.abs(surround_mean(out) - surround_mean(crop)).max() < 2
+    centre = (slice(40, 56), slice(40, 56))
+    before, after = crop[centre].astype(float).mean((0, 1)), out[centre].astype(float).mean((0, 1))
+    assert after[2] / after[0] > before[2] / before[0] + 0.1
+
+
+def test_grey_views_are_luminance_and_drawn_only_when_on():
+    img = np.asarray(smear(64, (32, 32), radius=10))
+    g = grey(img)
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    assert grey(np.full((2, 2, 3), (255, 0, 0), np.uint8))[0, 0, 0] == 76  # 0.299 of red
+    base = augment(img, np.random.default_rng(3), AugmentSettings())
+    off = augment(img, np.random.default_rng(3), AugmentSettings(hed=0.0, grey=0.0))
+    assert np.array_equal(base, off)
+    always = augment(img, np.random.default_rng(3), AugmentSettings(grey=1.0))
+    assert (always[..., 0] == always[..., 2]).all()
+    stained = augment(img, np.random.default_rng(3), AugmentSettings(hed=0.6))
+    assert not np.array_equal(base, stained) and not (stained[..., 0] == stained[..., 2]).all()

@@ -6,6 +6,12 @@
   its cells against their red cells tells the lab, and KRD-WBC's basophil session);
 * stain colour jitter: hue, saturation, brightness and contrast shifts of the size seen
   between Wright-Giemsa labs, so the model cannot key on one lab's background tint;
+* per-stain jitter (optional, ``hed``): the haematoxylin, eosin and residual stain
+  concentrations each scaled on their own, so the ratio of the stains inside the cell (a
+  lab's recipe: KRD-WBC's magenta nuclei against PBC-dev's navy ones) changes, not only
+  its overall depth or tint;
+* grey views (optional, ``grey``): some views without colour, so shape and texture must
+  carry the class when colour differs between labs;
 * simulated frame edges: a crop whose cell lies near the edge of its field reaches outside the
   frame, and ``crop_box`` fills that part by reflection. In KRD-WBC that happens to 85% of the
   basophils (imaged at a higher zoom) and to 6-28% of the other classes, so the reflected
@@ -42,6 +48,20 @@ class AugmentSettings:
     min_resolution: float = 0.35
     #: Stain density: optical density times exp(+-density), see ``stain_density``; 0: off.
     density: float = 0.0
+    #: Per-stain jitter: each stain's concentration times exp(+-hed), see ``hed_jitter``;
+    #: 0: off.
+    hed: float = 0.0
+    #: Probability that a view is turned grey (luminance in all three channels); 0: off.
+    grey: float = 0.0
+
+
+#: Stain vectors in optical density (rows: haematoxylin, eosin, residual), after Ruifrok and
+#: Johnston (2001), each of unit length.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
+                        np.float32)
+RGB_FROM_HED /= np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+LUMINANCE = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def stain_shift(image: np.ndarray, hue: float, saturation: float, brightness: float,
@@ -71,6 +91,25 @@ def with_surround_of(image: np.ndarray, out: np.ndarray) -> np.ndarray:
     its surroundings keep ``image``'s mean colour, as uint8."""
     out = out * (surround_mean(image) / np.maximum(surround_mean(np.clip(out, 0, 255)), 1.0))
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def hed_jitter(image: np.ndarray, rng: np.random.Generator, scale: float,
+               shift: float = 0.05) -> np.ndarray:
+    """Each stain on its own: the optical density split into haematoxylin, eosin and residual
+    concentrations (``HED_FROM_RGB``), each times exp(+-``scale``) plus +-``shift``,
+    recombined; then the surroundings' mean colour restored (``with_surround_of``), so the
+    stains' ratio inside the cell changes, not the crop's tint."""
+    density = -np.log((image.astype(np.float32) + 1.0) / 256.0)
+    conc = density @ HED_FROM_RGB
+    conc = conc * np.exp(rng.uniform(-scale, scale, 3)).astype(np.float32) \
+        + rng.uniform(-shift, shift, 3).astype(np.float32)
+    return with_surround_of(image, 256.0 * np.exp(-np.maximum(conc @ RGB_FROM_HED, 0)) - 1.0)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """Luminance (ITU-R BT.601 weights) in all three channels."""
+    g = np.clip(image.astype(np.float32) @ LUMINANCE + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, -1)
 
 
 def rescale(image: np.ndarray, factor: float) -> np.ndarray:
@@ -138,10 +177,16 @@ def augment(image: np.ndarray, rng: np.random.Generator,
         out = out[:, ::-1]
     out = np.ascontiguousarray(out)
     out = rescale(out, float(np.exp(rng.uniform(-settings.scale, settings.scale))))
-    return stain_shift(
+    out = stain_shift(
         out,
         hue=float(rng.uniform(-settings.hue, settings.hue)),
         saturation=float(np.exp(rng.uniform(-settings.saturation, settings.saturation))),
         brightness=float(np.exp(rng.uniform(-settings.brightness, settings.brightness))),
         contrast=float(np.exp(rng.uniform(-settings.contrast, settings.contrast))),
     )
+    # Drawn only when enabled, so views without them stay those of earlier versions.
+    if settings.hed > 0:
+        out = hed_jitter(out, rng, settings.hed)
+    if settings.grey > 0 and rng.random() < settings.grey:
+        out = grey(out)
+    return out

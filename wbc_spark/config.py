@@ -162,6 +162,12 @@ class AugmentConfig:
     # min_resolution of its side) and back, so sharpness (one lab's optics) says nothing.
     resolution: float = 0.7
     min_resolution: float = 0.35
+    # Per-stain jitter: the haematoxylin, eosin and residual stains' concentrations each
+    # times exp(+-hed), so the stains' balance inside the cell (one lab's stain recipe) says
+    # nothing; 0: off.
+    hed: float = 0.0
+    # Probability that a training view is grey, so the class cannot rest on colour alone.
+    grey: float = 0.0
 
 
 @dataclass
@@ -374,6 +380,11 @@ def validate(config: Config) -> None:
     if not 0 <= config.augment.density <= 1.5:
         raise ConfigError(f"augment.density={config.augment.density}: the stain density's "
                           "log-factor range, 0 (off) to 1.5 (x0.22 to x4.5)")
+    if not 0 <= config.augment.hed <= 1.5:
+        raise ConfigError(f"augment.hed={config.augment.hed}: the per-stain jitter's "
+                          "log-factor range, 0 (off) to 1.5")
+    if not 0 <= config.augment.grey <= 1:
+        raise ConfigError(f"augment.grey={config.augment.grey}: a probability, 0..1")
     if not 1 <= config.augment.frame_edge_sides <= 4:
         raise ConfigError(f"augment.frame_edge_sides={config.augment.frame_edge_sides}: "
                           "1..4")
