@@ -78,3 +78,33 @@ def test_outside_frame_share_per_class():
     out = outside_frame(df)
     assert out.loc["A", "outside"] == 0.5 and out.loc["A", "mean_share"] == pytest.approx(0.1)
     assert out.loc["B", "outside"] == 1.0 and out.loc["B", "mean_share"] == pytest.approx(0.2)
+
+
+def test_a_fold_trains_with_lab_and_class_sampling():
+    """``run_fold`` passes each image's lab (``meta.source``) on: the default recipe samples
+    by lab and class and refuses to train without them."""
+    import numpy as np
+    import torch
+
+    from wbc_spark.evaluation.crossval import run_fold
+    from wbc_spark.model.googlenet import BVLCGoogLeNet
+    from wbc_spark.model.transfer import WBCNet
+    from wbc_spark.model.weights import CAFFE_CONVENTION
+    from wbc_spark.train import Recipe
+
+    torch.manual_seed(0)
+    n = 40
+    model = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 2, freeze_until="inception4e")
+    labels = np.arange(n) % 2
+    feats = torch.randn(n, 832, 7, 7) + torch.as_tensor(labels, dtype=torch.float32)[
+        :, None, None, None]
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)],
+                         "label": np.where(labels == 1, "B", "A"),
+                         "group": [f"g{i}" for i in range(n)],
+                         "sha256": [f"h{i}" for i in range(n)],
+                         "source": np.where(np.arange(n) < n // 2, "lab1", "lab2")})
+    recipe = Recipe(epochs=1, batch_size=8, sampling="lab_class")
+    r = run_fold(model, feats[None], {"original": feats}, labels, meta, recipe, folds=4,
+                 fold=0, val_fraction=0.25, num_classes=2)
+    assert r.probs["original"].shape == (len(r.test_index), 2)
+    assert set(meta.source[r.test_index]) == {"lab1", "lab2"}

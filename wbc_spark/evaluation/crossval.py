@@ -159,13 +159,16 @@ class FoldResult:
 def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
              meta: pd.DataFrame, recipe: Recipe, *, folds: int, fold: int,
              val_fraction: float, num_classes: int) -> FoldResult:
-    """Train on one outer fold's training part (inner validation for selection), test on it."""
+    """Train on one outer fold's training part (inner validation for selection), test on it.
+    ``meta``'s ``source`` column, where it has one, gives each image's lab (for
+    ``sampling=lab_class`` and the lab-stratified split)."""
     start = time.perf_counter()
     roles = train_val_test(meta, folds=folds, test_fold=fold, val_fraction=val_fraction,
                            seed=recipe.seed)
     tr, va, te = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
+    labs = meta["source"].to_numpy() if "source" in meta else None
     probs, result, maps = train_and_test(model, view_feats, eval_feats, labels, tr, va, te,
-                                         recipe, num_classes, run=fold)
+                                         recipe, num_classes, run=fold, labs=labs)
     return FoldResult(recipe.seed, fold, te, probs, result.best_epoch, result.temperature,
                       time.perf_counter() - start, len(tr), maps)
 
