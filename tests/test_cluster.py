@@ -77,6 +77,21 @@ def _wait_for(find, seconds: float):
     return []
 
 
+def _kill_one(find, seconds: float) -> int | None:
+    """SIGKILL one process of ``find()``; one that has exited on its own since it was listed
+    (a Python worker whose task just ended) is skipped and the listing polled again."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        for pid in find():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            except ProcessLookupError:
+                continue
+        time.sleep(0.1)
+    return None
+
+
 def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_path,
                                                                    tiny_artifact):
     """kill -9 of a Python worker while it scores, then of an executor: Spark retries their
@@ -104,7 +119,8 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
         workers = _wait_for(python_workers, 240)
         assert workers, "no Python worker was seen scoring: " + log.read_text()[-2000:]
         time.sleep(1.0)
-        os.kill(workers[0], signal.SIGKILL)
+        assert _kill_one(python_workers, 120), "no Python worker left to kill: " + \
+            log.read_text()[-2000:]
 
         def executors():
             return [pid for pid, _, cmd in _processes(state)
