@@ -77,9 +77,26 @@ def _wait_for(find, seconds: float):
     return []
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of ``pid`` in clock ticks (0 once it has exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _busy(pids: list[int], seconds: float = 0.3) -> list[int]:
+    """Those of ``pids`` that used CPU over the next ``seconds``, busiest first: a Python
+    worker doing so is inside a task (an idle, reused one waits on its socket)."""
+    before = {pid: _cpu_ticks(pid) for pid in pids}
+    time.sleep(seconds)
+    used = {pid: _cpu_ticks(pid) - t for pid, t in before.items()}
+    return sorted((pid for pid, u in used.items() if u > 0), key=used.get, reverse=True)
+
+
 def _kill_one(find, seconds: float) -> int | None:
-    """SIGKILL one process of ``find()``; one that has exited on its own since it was listed
-    (a Python worker whose task just ended) is skipped and the listing polled again."""
+    """SIGKILL the first process of ``find()`` still there; polls until ``seconds`` pass."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         for pid in find():
@@ -92,6 +109,12 @@ def _kill_one(find, seconds: float) -> int | None:
     return None
 
 
+def _kill_busy(find, seconds: float) -> int | None:
+    """SIGKILL the busiest process of ``find()`` that is computing; None if none did within
+    ``seconds``."""
+    return _kill_one(lambda: _busy(find()), seconds)
+
+
 def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_path,
                                                                    tiny_artifact):
     """kill -9 of a Python worker while it scores, then of an executor: Spark retries their
@@ -101,7 +124,7 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
     n = 0
     for slide in ("s1", "s2"):
         (lake / slide).mkdir(parents=True)
-        for i in range(30):
+        for i in range(60):
             smear(seed=5000 + 100 * len(slide) + i + (50 if slide == "s2" else 0),
                   radius=18 + i % 14).save(lake / slide / f"c{i}.jpg")
             n += 1
@@ -109,27 +132,30 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
     job = spark_submit_background(
         "score", "--config", "conf/cluster.yaml", f"score.input={lake}",
         f"score.model={tiny_artifact}", f"score.results={tmp_path / 'res'}",
-        "score.batch_size=4", log=log, master=master)
+        "score.batch_size=4", "score.tasks_per_core=1", log=log, master=master)
     try:
         def python_workers():  # forked by pyspark.daemon: each runs a task
             procs = list(_processes(state))
             daemons = {pid for pid, _, cmd in procs if "pyspark.daemon" in cmd}
             return [pid for pid, ppid, _ in procs if ppid in daemons]
 
-        workers = _wait_for(python_workers, 240)
-        assert workers, "no Python worker was seen scoring: " + log.read_text()[-2000:]
-        time.sleep(1.0)
-        assert _kill_one(python_workers, 120), "no Python worker left to kill: " + \
+        # Only a worker that is computing is inside a task: killing an idle one, or one
+        # whose task has ended, is not a fault Spark has to see.
+        killed = _kill_busy(python_workers, 240)
+        assert killed, "no Python worker was seen scoring: " + log.read_text()[-2000:]
+
+        def busy_executors():  # the executor JVM above a computing worker's daemon
+            procs = {pid: (ppid, cmd) for pid, ppid, cmd in _processes(state)}
+
+            def parent(pid):
+                return procs.get(pid, (None, ""))[0]
+
+            up = {parent(parent(w)) for w in _busy(python_workers())}
+            return [pid for pid in up
+                    if "CoarseGrainedExecutorBackend" in procs.get(pid, (None, ""))[1]]
+
+        assert _kill_one(busy_executors, 240), "no executor was seen scoring: " + \
             log.read_text()[-2000:]
-
-        def executors():
-            return [pid for pid, _, cmd in _processes(state)
-                    if "CoarseGrainedExecutorBackend" in cmd]
-
-        time.sleep(2.0)
-        running = _wait_for(executors, 60)
-        assert running, "no executor left to kill: " + log.read_text()[-2000:]
-        os.kill(running[-1], signal.SIGKILL)
         assert job.wait(timeout=900) == 0, log.read_text()[-3000:]
     finally:
         if job.poll() is None:
