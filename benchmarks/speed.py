@@ -51,6 +51,7 @@ from PIL import Image
 from wbc_spark import artifact, metrics
 from wbc_spark.config import load_config, shared_lake
 from wbc_spark.model.googlenet import use_torch_lrn
+from wbc_spark.model.transfer import resolve_precision
 from wbc_spark.score import classify_frame
 from wbc_spark.sources.krd_wbc import default_root
 
@@ -406,7 +407,8 @@ def main() -> int:
     print(f"scoring job / plain loop: {med['scoring job'] / med['plain loop']:.0%} "
           "(target >= 80%)")
     alone = network_alone(args.model, cfg.score.precision, threads=2)
-    print(f"network alone ({cfg.score.precision} frozen layers, fp32 trained layers, 2 threads, "
+    print(f"network alone ({cfg.score.precision}: {resolve_precision(cfg.score.precision)} "
+          "frozen layers, fp32 trained layers, 2 threads, "
           f"random 224 x 224 crops): {alone:.1f} images/s; scoring job / network alone: "
           f"{med['scoring job'] / alone:.0%} (target >= 80%)")
     for k, mib in memory.items():

@@ -131,8 +131,26 @@ def test_bf16_forward_close_to_fp32():
         with inference_precision("bf16"):
             half = net(images).float().softmax(1)
     assert (full - half).abs().max() < 0.05
-    with pytest.raises(ValueError, match="choose one of fp32, bf16"):
+    with pytest.raises(ValueError, match="choose one of auto, fp32, bf16"):
         inference_precision("int4")
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path):
+    from wbc_spark.model.transfer import cpu_flags, resolve_precision
+
+    amd_avx2 = tmp_path / "cpuinfo"  # this project's machine in session 12: no bf16 units
+    amd_avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"
+                        "flags\t\t: fpu sse sse2 avx avx2 fma\n\nprocessor\t: 1\n")
+    flags = cpu_flags(str(amd_avx2))
+    assert "avx2" in flags and "avx512_bf16" not in flags
+    assert resolve_precision("auto", flags) == "fp32"
+    assert resolve_precision("auto", flags | {"avx512_bf16"}) == "bf16"
+    assert resolve_precision("auto", frozenset({"avx512f", "amx_bf16", "amx_tile"})) == "bf16"
+    assert resolve_precision("auto", frozenset()) == "fp32"  # flags not listed: fp32
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    # An explicit choice is kept whatever the CPU.
+    assert resolve_precision("bf16", flags) == "bf16"
+    assert resolve_precision("fp32", frozenset({"amx_bf16"})) == "fp32"
 
 
 def test_use_torch_lrn_swaps_every_lrn_and_keeps_the_output():

@@ -22,7 +22,9 @@ CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil"
 # The choices each stage offers; the stages import them from here, so that configuration
 # sits at the bottom of the package and validating it imports no stage.
 STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround")  # wbc_spark/stain.py
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # frozen layers' arithmetic (model/transfer.py)
+# Frozen layers' arithmetic (model/transfer.py); "auto" is bf16 where the CPU computes it
+# natively (AVX512-BF16 or AMX), fp32 elsewhere.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class")  # wbc_spark/train.py
 
@@ -131,9 +133,11 @@ class TrainConfig:
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
     val_fraction: float = 0.2  # of the remaining data, for choosing the epoch and temperature
     threads_per_process: int = 1
-    # Arithmetic of the frozen-feature cache: "bf16" (CPU autocast, about 2x faster on CPUs
-    # with AVX512-BF16/AMX) or "fp32". The training steps themselves always run in fp32.
-    frozen_precision: str = "bf16"
+    # Arithmetic of the frozen-feature cache: "bf16" (CPU autocast: about 2x faster on CPUs
+    # with AVX512-BF16 or AMX, about 5x slower on CPUs without), "fp32", or "auto" (bf16
+    # where each process's CPU has AVX512-BF16 or AMX, fp32 elsewhere; logged). The
+    # training steps themselves always run in fp32.
+    frozen_precision: str = "auto"
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 
@@ -182,7 +186,9 @@ class ScoreConfig:
     # Images to score are spread evenly over this many tasks per core of the cluster
     # (Spark's default parallelism), so no core idles while another finishes a larger task.
     tasks_per_core: int = 4
-    precision: str = "bf16"  # frozen layers in "bf16" (CPU autocast) or "fp32"; head in fp32
+    # Frozen layers in "bf16" (CPU autocast), "fp32" or "auto" (as train.frozen_precision,
+    # chosen by each Python worker's CPU); the trained layers always in fp32.
+    precision: str = "auto"
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
 
 

@@ -281,7 +281,7 @@ def data_uri(rgb: np.ndarray, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render_cells(rows: pd.DataFrame, model, meta: dict, size: int, precision: str = "bf16"
+def render_cells(rows: pd.DataFrame, model, meta: dict, size: int, precision: str = "auto"
                  ) -> list[dict]:
     """Each gallery row with its crop and class activation map as data URIs, or the reason it
     cannot be shown (file gone, changed since scoring, unreadable)."""

@@ -76,7 +76,7 @@ from wbc_spark import artifact, differential, images, preprocessing, review, tab
 from wbc_spark.config import Config
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import wilson
-from wbc_spark.model.transfer import inference_precision
+from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
 from wbc_spark.train import softmax
@@ -481,8 +481,9 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     todo = (frame.join(done, "sha256", "left_anti")
             .withColumn("_n", first).where(F.col("_n") == 1).drop("_n")
             .repartition(tasks))
-    log.info("scoring with model %s, frozen layers in %s, trained layers in fp32", model_id,
-             s.precision)
+    log.info("scoring with model %s, frozen layers in %s%s, trained layers in fp32", model_id,
+             s.precision, f" ({resolve_precision('auto')} on the driver's CPU; each Python "
+             "worker chooses by its own)" if s.precision == "auto" else "")
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
                    thresholds)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from wbc_spark import artifact, differential, metrics, review
 from wbc_spark.augment import AugmentSettings, augment
 from wbc_spark.config import ReviewConfig as ReviewSettings
-from wbc_spark.model.transfer import build_classifier, parameter_summary
+from wbc_spark.model.transfer import build_classifier, parameter_summary, resolve_precision
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.sources.folder import local_path
 from wbc_spark.train import (Batch, FitResult, HeadOnly, Recipe, feature_batches, fit,
@@ -194,7 +194,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     # DDP only sees the trainable part: frozen weights need no gradient all-reduce.
     train_head = DistributedDataParallel(head) if world > 1 else head
     size = job.crop_size
-    precision = job.frozen_precision
+    precision = resolve_precision(job.frozen_precision)  # "auto" by this process's CPU
     main = is_main_process()
 
     # Rank 0 reads the validation and test images (small, unaugmented) straight from the
@@ -243,7 +243,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                            "partial shard")
     frozen_seconds = time.perf_counter() - start
     log.info("cached %d augmented views of this shard's images through the frozen layers "
-             "in %.1f s", len(train_feats), frozen_seconds)
+             "(%s) in %.1f s", len(train_feats), precision, frozen_seconds)
     steps = max(1, job.n_train // (recipe.batch_size * world))
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,

@@ -8,8 +8,10 @@ channel order or mean wrong.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,18 +23,49 @@ from wbc_spark.model.weights import (InputConvention, Normalize, PretrainedModel
 
 log = logging.getLogger(__name__)
 
-#: Arithmetic for forward passes that train nothing (the frozen-feature cache, scoring).
+#: CPU flags (Linux's /proc/cpuinfo names) of native bfloat16 arithmetic. Without them oneDNN
+#: emulates bf16, and the frozen layers ran 5x slower than in fp32 (docs/PERFORMANCE.md).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags; empty where the system does not list them (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@functools.cache
+def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> str:
+    """``precision`` as it runs on a CPU with ``flags`` (default: this process's): "auto"
+    becomes "bf16" where the CPU has AVX512-BF16 or AMX and "fp32" elsewhere (logged once
+    per process); "fp32" and "bf16" stay as asked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    native = sorted(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+    chosen = "bf16" if native else "fp32"
+    log.info("precision auto: frozen layers in %s (%s)", chosen,
+             f"CPU has {', '.join(native)}" if native else
+             "CPU lists neither avx512_bf16 nor amx_bf16: bf16 would be emulated, slower")
+    return chosen
 
 
 def inference_precision(precision: str) -> contextlib.AbstractContextManager:
-    """Context for a forward pass in ``precision``: "fp32", or "bf16" (convolutions and
+    """Context for a forward pass in ``precision``: "fp32", "bf16" (convolutions and
     matrix products in bfloat16 through CPU autocast; fast on CPUs with AVX512-BF16 or AMX,
-    slow elsewhere). Training steps always run in fp32."""
+    slow elsewhere) or "auto" (``resolve_precision``). Training steps always run in fp32."""
+    precision = resolve_precision(precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 class _TorchvisionInput(nn.Module):
