@@ -13,6 +13,12 @@ PBC-dev. Runs, with the training job's recipe (``wbc_spark.train``) in one proce
    than 2k cells gives half of them, so KRD-WBC's 11 eosinophils give 5 at k = 10 and 25);
 4. the seed's setting as one row: KRD-WBC alone, 5-fold cross-validation.
 
+Two levers of prediction, measured beside the plain model in parts 1 and 2 when asked for:
+``--tta N`` averages each test image's calibrated probabilities over the first N of its
+eight flips and rotations; ``--heads K`` trains K heads per run (the plain run's seed and
+K - 1 more) and averages their probabilities. The plain model's figures stay the first
+member's on the original crops, the same as without them.
+
 Prints per setting balanced accuracy, macro-F1, per-class recall (each with its 95% interval),
 ECE, the largest predicted-to-true share ratio of any class (a "sink" class), the confusion
 matrix, and the wall time; writes ``runs/crosslab.json`` and ``runs/crops_per_lab.png``
@@ -46,6 +52,7 @@ from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, train_val_test
 from wbc_spark.stain import surround_mean
 from wbc_spark.train import Recipe
+from wbc_spark.transforms import dihedral
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (5, 10, 25)
@@ -182,6 +189,10 @@ def main() -> int:
                         help="adaptation: only this lab as the home lab (default: both)")
     parser.add_argument("--only", default="heldout,both,adapt,krd",
                         help="comma-separated parts to run: heldout, both, adapt, krd")
+    parser.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="N",
+                        help="parts 1 and 2 also scored on the mean of N flips/rotations")
+    parser.add_argument("--heads", type=int, default=1, metavar="K",
+                        help="parts 1 and 2 also scored by the mean of K heads (seeds)")
     parser.add_argument("--json", default=str(REPO / "runs" / "crosslab.json"))
     parser.add_argument("--figure", default=str(REPO / "runs" / "crops_per_lab.png"))
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
@@ -219,6 +230,11 @@ def main() -> int:
         model, crops, t.views, seed=1234, settings=AugmentSettings(**config.augment.__dict__),
         precision=t.frozen_precision)
     eval_feats = {"original": crossval.features_of(model, crops, t.frozen_precision)}
+    if args.tta > 1:  # views x images x ...: train_and_test averages the views' probabilities
+        eval_feats["tta"] = torch.stack(
+            [eval_feats["original"]] + [crossval.features_of(model, dihedral(crops, k),
+                                                             t.frozen_precision)
+                                        for k in range(1, args.tta)])
     del crops
     cache_seconds = time.perf_counter() - start
     logging.info("frozen features of %d images x %d views in %.0f s", len(df), t.views,
@@ -229,15 +245,43 @@ def main() -> int:
                                   for c in classes} for lab in labs}}
     report_lines = Lines()
 
-    def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0) -> dict:
+    def predict(tr, va, te, seed: int, run_id: int, heads: int = 1) -> dict:
+        """Probabilities of ``te`` per variant: "original" (the first head, as the plain
+        protocol), and with ``--tta``/``--heads`` "tta", "heads", "heads+tta"."""
+        members = []
+        for m in range(heads):
+            recipe = Recipe(**{**base.__dict__, "seed": seed + 1000 * m})
+            probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
+                                                  va, te, recipe, len(classes), run=run_id,
+                                                  labs=source)
+            members.append(probs)
+        variants = dict(members[0])
+        if heads > 1:
+            for name in members[0]:
+                key = "heads" if name == "original" else f"heads+{name}"
+                variants[key] = np.mean([p[name] for p in members], axis=0)
+        return variants
+
+    def variant_lines(name: str, part: str, probs_te: dict, te: np.ndarray) -> None:
+        for variant, p in probs_te.items():
+            if variant == "original":
+                continue
+            rep = evaluate(labels[te], p, classes)
+            out.setdefault("variants", {}).setdefault(part, {}).setdefault(name, {})[
+                variant] = rep
+            report_lines.append(line(f"{name} [{variant}]", rep, classes))
+
+    def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0, heads: int = 1,
+            part: str = "") -> dict:
+        """The plain model's report; with ``part``, the variants' probabilities too (under
+        "variants", for ``variant_lines``)."""
         t0 = time.perf_counter()
-        recipe = Recipe(**{**base.__dict__, "seed": seed})
-        probs, result, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
-                                                   va, te, recipe, len(classes), run=run_id,
-                                                   labs=source)
+        probs = predict(tr, va, te, seed, run_id, heads)
         rep = evaluate(labels[te], probs["original"], classes)
         rep["seconds"] = time.perf_counter() - t0
         rep["n_train"] = int(len(tr))
+        if part:
+            rep["variants"] = probs
         logging.info("%s: balanced accuracy %.3f, macro-F1 %.3f (%d train, %.0f s)", name,
                      rep["balanced_accuracy"], rep["macro_f1"], len(tr), rep["seconds"])
         return rep
@@ -249,34 +293,36 @@ def main() -> int:
             pool = np.flatnonzero(source == train_lab)
             tr, va = inner_validation(meta, pool, t.val_fraction, 0)
             te = np.flatnonzero(source == test_lab)
-            rep = run(f"{train_lab} -> {test_lab}", tr, va, te)
+            rep = run(f"{train_lab} -> {test_lab}", tr, va, te, heads=args.heads,
+                      part="heldout")
+            variants = rep.pop("variants")
             out["heldout"][f"{train_lab} -> {test_lab}"] = rep
             report_lines.append(line(f"held out: {train_lab} -> {test_lab}", rep, classes,
                                      rep["seconds"]))
             report_lines.append(metrics.format_report(rep))
+            variant_lines(f"held out: {train_lab} -> {test_lab}", "heldout", variants, te)
 
     if "both" in parts:
-        pooled = np.zeros((len(df), len(classes)))
+        pooled: dict = {}
         seconds = 0.0
         for fold in range(args.folds):
             roles = train_val_test(meta, folds=args.folds, test_fold=fold,
                                    val_fraction=t.val_fraction, seed=0)
             tr, va, te = (np.flatnonzero(roles == r) for r in ("train", "val", "test"))
             t0 = time.perf_counter()
-            recipe = Recipe(**{**base.__dict__, "seed": 0})
-            probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
-                                                  va, te, recipe, len(classes), run=fold,
-                                                  labs=source)
-            pooled[te] = probs["original"]
+            for variant, p in predict(tr, va, te, 0, fold, args.heads).items():
+                pooled.setdefault(variant, np.zeros((len(df), len(classes))))[te] = p
             seconds += time.perf_counter() - t0
             logging.info("both labs, fold %d: %.0f s", fold, time.perf_counter() - t0)
         out["both"] = {}
         for lab in labs:
             rows = source == lab
-            rep = evaluate(labels[rows], pooled[rows], classes)
+            rep = evaluate(labels[rows], pooled["original"][rows], classes)
             out["both"][lab] = rep
             report_lines.append(line(f"both labs, {args.folds}-fold, on {lab}", rep, classes))
             report_lines.append(metrics.format_report(rep))
+            variant_lines(f"both labs, {args.folds}-fold, on {lab}", "both",
+                          {v: p[rows] for v, p in pooled.items()}, np.flatnonzero(rows))
         out["both_seconds"] = seconds
 
     if "adapt" in parts:
