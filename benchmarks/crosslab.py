@@ -271,20 +271,17 @@ def main() -> int:
                 variant] = rep
             report_lines.append(line(f"{name} [{variant}]", rep, classes))
 
-    def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0, heads: int = 1,
-            part: str = "") -> dict:
-        """The plain model's report; with ``part``, the variants' probabilities too (under
-        "variants", for ``variant_lines``)."""
+    def run(name: str, tr, va, te, seed: int = 0, run_id: int = 0,
+            heads: int = 1) -> tuple[dict, dict]:
+        """The plain model's report, and every variant's probabilities (``predict``)."""
         t0 = time.perf_counter()
         probs = predict(tr, va, te, seed, run_id, heads)
         rep = evaluate(labels[te], probs["original"], classes)
         rep["seconds"] = time.perf_counter() - t0
         rep["n_train"] = int(len(tr))
-        if part:
-            rep["variants"] = probs
         logging.info("%s: balanced accuracy %.3f, macro-F1 %.3f (%d train, %.0f s)", name,
                      rep["balanced_accuracy"], rep["macro_f1"], len(tr), rep["seconds"])
-        return rep
+        return rep, probs
 
     if "heldout" in parts:
         out["heldout"] = {}
@@ -293,9 +290,7 @@ def main() -> int:
             pool = np.flatnonzero(source == train_lab)
             tr, va = inner_validation(meta, pool, t.val_fraction, 0)
             te = np.flatnonzero(source == test_lab)
-            rep = run(f"{train_lab} -> {test_lab}", tr, va, te, heads=args.heads,
-                      part="heldout")
-            variants = rep.pop("variants")
+            rep, variants = run(f"{train_lab} -> {test_lab}", tr, va, te, heads=args.heads)
             out["heldout"][f"{train_lab} -> {test_lab}"] = rep
             report_lines.append(line(f"held out: {train_lab} -> {test_lab}", rep, classes,
                                      rep["seconds"]))
@@ -350,7 +345,7 @@ def main() -> int:
                     pool = np.concatenate([np.flatnonzero(source == home), chosen])
                     tr, va = inner_validation(meta, pool, t.val_fraction, draw)
                     reps.append(run(f"{home} + {k}/class of {new}, draw {draw}", tr, va, te,
-                                    seed=draw, run_id=100 * k + draw))
+                                    seed=draw, run_id=100 * k + draw)[0])
                 bal = [r["balanced_accuracy"] for r in reps]
                 mf1 = [r["macro_f1"] for r in reps]
                 out["adapt"][f"{home} + k of {new}"] = out["adapt"].get(
