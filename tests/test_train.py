@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,3 +202,19 @@ def test_lab_class_sampling_lifts_a_small_labs_rare_class():
     assert abs(small - expected) < 0.01
     with pytest.raises(ValueError, match="needs the lab"):
         next(feature_batches(feats, labels, 4, 1, rng, "lab_class"))
+
+
+def _future_warnings(code: str) -> int:
+    """FutureWarnings a fresh Python process prints running ``code``, every warning shown."""
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                          text=True, check=True)
+    return proc.stderr.count("FutureWarning")
+
+
+def test_petastorms_pyarrow_deprecation_warnings_are_hidden_but_no_others():
+    # Importing petastorm's Spark converter warns about pyarrow.LocalFileSystem; its readers
+    # warn the same way for every row group, which buried the training job's log.
+    assert _future_warnings("import petastorm.spark") > 0
+    assert _future_warnings("import wbc_spark; import petastorm.spark") == 0
+    assert _future_warnings("import wbc_spark, warnings; "
+                            "warnings.warn('ours', FutureWarning)") == 1

@@ -6,9 +6,18 @@ untrusted Arrow IPC or Parquet file with a ``PyExtensionType`` column), and the 
 published mitigation for versions that cannot upgrade. Every process that runs our code (the
 jobs' drivers, the Python workers of the scoring UDF and ingest, the training processes and
 their petastorm readers) imports this package before it reads a table.
+
+It also hides the FutureWarnings raised from inside petastorm: petastorm 0.12 calls pyarrow APIs
+that pyarrow has deprecated, and its readers repeat the warning for every row group they read
+(314 such warnings, two thirds of ``make demo``'s output, buried the training job's own log).
+They are for petastorm to fix, not for our users; warnings from any other module still show.
 """
 
+import warnings
+
 import pyarrow_hotfix  # noqa: F401  (installs itself on import)
+
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
 
 
 def hotfix_active() -> bool:
