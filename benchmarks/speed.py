@@ -425,7 +425,8 @@ def main() -> int:
         print("where each scored image's time goes (benchmarks/stages.py, one worker's thread):",
               flush=True)
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "stages.py"), "--model",
-                        args.model, "--images", "300"], check=True, cwd=REPO)
+                        args.model, "--images", "300", "--precision", cfg.score.precision],
+                       check=True, cwd=REPO)
 
     ingest_dir = REPO / "runs" / "bench_ingest"
     ingest_args = ["data.source=folder", f"data.lake={timed}", f"data.dataset={ingest_dir}",

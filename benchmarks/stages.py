@@ -1,15 +1,18 @@
 """Where each scored image's time goes: the scoring path's stages, each timed alone.
 
     .venv/bin/python benchmarks/stages.py [--images 300] [--threads 1] [--model runs/model/model.pt]
-                                          [--ingest]
+                                          [--precision auto] [--ingest]
 
 On the same images (the first ``--images`` of KRD-WBC, or ``--lake``) and the same number of
 torch threads as one scoring worker (``score.threads_per_worker``, default 1), times each
 stage of ``wbc_spark.score.classify_frame`` on its own: file read, JPEG decode (with the
 conversion to RGB), cell location (downscale and stain mask), crop and resize, stain
-standardisation, the frozen layers (in fp32 and bf16, and in bf16 with the whole batch in one
-pass instead of ``WBCNet.chunk_per_thread`` images per thread), the trained layers and head,
-the review distances, and turning the result into Arrow and Parquet. Prints each stage's
+standardisation, the frozen layers (in fp32 and bf16, and in the scoring precision with the
+whole batch in one pass instead of ``WBCNet.chunk_per_thread`` images per thread), the
+trained layers and head, the review distances, and turning the result into Arrow and Parquet.
+The stages add up along the path the scoring job takes: ``--precision`` (default ``auto``,
+as ``score.precision``: bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere); the other
+precision's frozen layers are shown beside it. Prints each stage's
 seconds per image and its share of the sum, the whole ``classify_frame`` for comparison, the
 network alone at the scoring batch size in each precision, the frozen layers' operators by
 share of CPU time (torch.profiler), and the instruction set oneDNN reports
@@ -38,7 +41,8 @@ import pyarrow.parquet as pq
 import torch
 
 from wbc_spark import artifact, images, review
-from wbc_spark.model.transfer import inference_precision
+from wbc_spark.config import PRECISIONS
+from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.score import classify_frame, review_model
 from wbc_spark.sources.krd_wbc import default_root
@@ -113,10 +117,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
     parser.add_argument("--lake", default="", help="image folder (default: KRD-WBC's images)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the path the stages add up along (auto: as the scoring job "
+                             "chooses on this CPU)")
     parser.add_argument("--ingest", action="store_true",
                         help="also the ingest job's per-file stages (KRD-WBC, with masks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    chosen = resolve_precision(args.precision)
+    other = "bf16" if chosen == "fp32" else "fp32"
     model, meta = artifact.load(args.model)
     pre = Preprocessing.from_artifact(meta)
     detectors = review_model(meta)
@@ -137,7 +146,7 @@ def main() -> int:
             lambda: [surround_balance(c) for c in crops])
     batch = torch.from_numpy(np.stack(crops))
     frozen = {}
-    for precision in ("fp32", "bf16"):
+    for precision in (other, chosen):  # the chosen one last: ``run`` below is its
         def run(p=precision):
             with torch.inference_mode(), inference_precision(p):
                 return torch.cat([model.embed_frozen(batch[i:i + args.batch])
@@ -150,12 +159,12 @@ def main() -> int:
     op_total = sum(e.self_cpu_time_total for e in ops)
     chunk = model.chunk_per_thread
     model.chunk_per_thread = args.batch  # the whole scoring batch in one pass, as before
-    _, t["frozen layers (bf16, unchunked)"] = timed(run)
+    _, t[f"frozen layers ({chosen}, unchunked)"] = timed(run)
     model.chunk_per_thread = chunk
     (logits, cell_f, lab_f), t["trained layers + head"] = timed(
-        lambda: review.embed(model, frozen["bf16"]))
+        lambda: review.embed(model, frozen[chosen]))
     _, t["review distances"] = timed(lambda: detectors.distances(cell_f, lab_f))
-    out = classify_frame(pd.Series(data[:args.batch]), model, meta, "image", "bf16")
+    out = classify_frame(pd.Series(data[:args.batch]), model, meta, "image", chosen)
 
     def arrow_and_write():
         frame = pd.concat([out] * (n // len(out) + 1)).iloc[:n]
@@ -163,27 +172,28 @@ def main() -> int:
         pq.write_table(table, io.BytesIO())
     _, t["Arrow + Parquet write"] = timed(arrow_and_write)
 
-    whole_stages = {k: v for k, v in t.items() if "fp32" not in k and "unchunked" not in k}
+    whole_stages = {k: v for k, v in t.items() if other not in k and "unchunked" not in k}
     total = sum(whole_stages.values())
     _, whole = timed(lambda: [classify_frame(pd.Series(data[i:i + args.batch]), model, meta,
-                                             "image", "bf16")
+                                             "image", chosen)
                               for i in range(0, n, args.batch)])
     print(f"{n} images from {folder}, torch threads {args.threads}, batch {args.batch} "
           f"(frozen layers {model.chunk_per_thread * args.threads} at a time), "
-          f"model {meta['model_id']} (crop {pre.crop_size}, stain {pre.stain})")
+          f"model {meta['model_id']} (crop {pre.crop_size}, stain {pre.stain}); scoring path "
+          f"in {chosen} (--precision {args.precision})")
     print(f"{'stage':<36} {'ms/image':>9} {'share':>7}")
     for k, v in t.items():
         share = f"{v / total:6.1%}" if k in whole_stages else "   (alt)"
         print(f"{k:<36} {1000 * v / n:9.2f} {share}")
-    print(f"{'sum of the stages (bf16 path)':<36} {1000 * total / n:9.2f}   -> "
+    print(f"{f'sum of the stages ({chosen} path)':<36} {1000 * total / n:9.2f}   -> "
           f"{n / total:.1f} images/s")
-    print(f"{'classify_frame, bf16, as the UDF runs':<36} {1000 * whole / n:9.2f}   -> "
+    print(f"{f'classify_frame, {chosen}, as the UDF runs':<36} {1000 * whole / n:9.2f}   -> "
           f"{n / whole:.1f} images/s")
     for precision in ("fp32", "bf16"):
         rate = n / t[f"frozen layers ({precision})"]
         print(f"network alone, frozen layers {precision}: {rate:.1f} images/s; oneDNN: "
               f"{onednn_isa(precision)}")
-    print("frozen layers (bf16) by operator, share of self CPU time: " + ", ".join(
+    print(f"frozen layers ({chosen}) by operator, share of self CPU time: " + ", ".join(
         f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / op_total:.0%}" for e in ops[:7]))
     print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
           f"{torch.backends.mkldnn.is_available()}; int8: not measured")
