@@ -146,7 +146,7 @@ def main() -> int:
             lambda: [surround_balance(c) for c in crops])
     batch = torch.from_numpy(np.stack(crops))
     frozen = {}
-    for precision in (other, chosen):  # the chosen one last: ``run`` below is its
+    for precision in (other, chosen):  # the chosen one last, so ``run`` is left in it
         def run(p=precision):
             with torch.inference_mode(), inference_precision(p):
                 return torch.cat([model.embed_frozen(batch[i:i + args.batch])
