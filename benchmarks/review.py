@@ -282,8 +282,9 @@ def main() -> int:
         def inspect(model, result, train_feats, train_labels):
             det = review.fit(model, train_feats, train_labels, eval_feats["original"][va],
                              labels[va], result.temperature, len(classes), r,
-                             plain_frozen=eval_feats["original"][tr], plain_labels=labels[tr],
-                             plain_labs=source[tr], val_labs=source[va])
+                             plain_pooled=review.pooled(eval_feats["original"][tr]),
+                             plain_labels=labels[tr], plain_labs=source[tr],
+                             val_labs=source[va])
             rec["detectors"] = det
             rec["test_scored"] = scored(model, det, eval_feats["original"][te],
                                         result.temperature, found[te])

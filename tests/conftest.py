@@ -115,7 +115,7 @@ def smear_review(model, n: int = 40):
     labs = np.array(["synthetic"] * n)
     half = n // 2
     return review.fit(model, frozen[:half], labels[:half], frozen[half:], labels[half:], 1.0,
-                      len(CLASSES), ReviewConfig(), plain_frozen=frozen[:half],
+                      len(CLASSES), ReviewConfig(), plain_pooled=review.pooled(frozen[:half]),
                       plain_labels=labels[:half], plain_labs=labs[:half], val_labs=labs[half:])
 
 

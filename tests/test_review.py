@@ -130,3 +130,20 @@ def _convention(meta):
     from wbc_spark.model.weights import InputConvention
 
     return InputConvention.from_dict(meta["preprocessing"]["input_convention"])
+
+
+def test_pooled_is_what_embed_gives_the_lab_detector(fake_weights):
+    # The last training rank sends pooled frozen outputs to rank 0 instead of the outputs:
+    # the lab detector must see the same numbers either way.
+    import torch
+
+    from wbc_spark.model.transfer import build_classifier
+    from wbc_spark.model.weights import load_bvlc
+
+    model = build_classifier(load_bvlc(fake_weights), len(CLASSES)).eval()
+    images = np.stack([np.asarray(smear(size=224, seed=s)) for s in range(5)])
+    frozen = model.embed_frozen(torch.from_numpy(images)).to(torch.float16)
+    pooled = review.pooled(frozen, batch=2)  # batches of 2: the last one is short
+    assert pooled.shape == (5, frozen.shape[1])
+    np.testing.assert_array_equal(pooled, review.embed(model, frozen)[2])
+    assert not np.allclose(pooled[0], pooled[1])  # five different smears, five answers

@@ -139,6 +139,13 @@ def embed(model, frozen: torch.Tensor, batch: int = 256
     return tuple(torch.cat(t).numpy() for t in (logits, cell, lab))
 
 
+def pooled(frozen: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """Frozen-layer outputs averaged over space: what the lab detector compares (the third
+    part of ``embed``'s answer, without the trained blocks)."""
+    return torch.cat([frozen[i:i + batch].float().mean((2, 3))
+                      for i in range(0, len(frozen), batch)]).numpy()
+
+
 def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target: float
                          ) -> tuple[float, float]:
     """The lowest threshold at which the cells at or above it are right in a share >= target
@@ -194,16 +201,17 @@ class ReviewModel:
 
 def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
         val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,
-        plain_frozen: torch.Tensor, plain_labels: np.ndarray, plain_labs: np.ndarray,
+        plain_pooled: np.ndarray, plain_labels: np.ndarray, plain_labs: np.ndarray,
         val_labs: np.ndarray, max_train: int = 20_000, seed: int = 0) -> ReviewModel:
     """Fit the detectors and set the thresholds on the validation split.
 
     The cell detector is fitted on training views (``train_frozen``, at most ``max_train``,
     drawn at random; the head learnt from augmented views), the lab detector on unaugmented
-    training crops (``plain_frozen`` with their labels and labs). Thresholds: the confidence
-    threshold for ``settings.target_accuracy`` of the unflagged; the cell threshold at the
-    ``settings.cell_quantile`` of validation cells; each lab's threshold at the
-    ``settings.lab_quantile`` of its own validation cells (``val_labs``).
+    training crops (``plain_pooled``, their frozen outputs as ``pooled`` gives them, with their
+    labels and labs). Thresholds: the confidence threshold for ``settings.target_accuracy`` of
+    the unflagged; the cell threshold at the ``settings.cell_quantile`` of validation cells;
+    each lab's threshold at the ``settings.lab_quantile`` of its own validation cells
+    (``val_labs``).
     """
     model.eval()
     pick = np.arange(len(train_frozen))
@@ -211,8 +219,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
         pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_train, replace=False))
     _, cell_tr, _ = embed(model, train_frozen[torch.as_tensor(pick)])
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
-    _, _, lab_plain = embed(model, plain_frozen)
-    lab = LabDetector.fit(lab_plain, plain_labs, plain_labels)
+    lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen)
     z = logits / temperature
     probs = np.exp(z - z.max(1, keepdims=True))

@@ -160,8 +160,19 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
 
 
 # Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
-# batches of 64 (the frozen layers run once more on them, on rank 0 only).
+# batches of 64 (the frozen layers run once more on them, on the last rank only).
 PLAIN_BATCHES = 16
+
+
+def plain_sample(model, job: TrainingJob, precision: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lab detector's training data: the first ``PLAIN_BATCHES`` unaugmented training
+    crops through the frozen layers, pooled (``review.pooled``), with their labels and labs.
+    Small enough to send from one rank to another."""
+    rows: list[int] = []
+    frozen, labels = frozen_features(model, itertools.islice(
+        converter_batches(job.conv_train, job.crop_size, rows), PLAIN_BATCHES), precision)
+    return review.pooled(frozen), labels, np.asarray([job.sources[r] for r in rows])
 
 
 def distributed_worker(job: TrainingJob) -> dict | None:
@@ -198,12 +209,17 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     main = is_main_process()
 
     # Rank 0 reads the validation and test images (small, unaugmented) straight from the
-    # converters' cached Parquet files. Only the training data streams through a petastorm
-    # reader, and it is the only reader in the process: with petastorm 0.13.1 a second reader
-    # in one process was seen to come back empty now and then.
-    val = test = None
+    # converters' cached Parquet files; the last rank reads the review's plain training crops
+    # the same way, so that the ranks reach their frozen pass at about the same time and rank
+    # 0 does not pass them through the frozen layers alone after training. Only the training
+    # data streams through a petastorm reader, and it is the only reader in the process: with
+    # petastorm 0.13.1 a second reader in one process was seen to come back empty now and then.
+    val = test = plain = None
     rows: list[int] = []
     val_rows: list[int] = []
+    plain_rank = world - 1
+    if rank() == plain_rank:
+        plain = plain_sample(model, job, precision)
     if main:
         val = frozen_features(model, converter_batches(job.conv_val, size, val_rows),
                               precision)
@@ -251,18 +267,19 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                                steps, rng, recipe.sampling, train_labs),
                  steps, val, recipe, len(classes), job.class_counts)
 
+    if plain_rank != 0:
+        shared = [plain]
+        dist.broadcast_object_list(shared, src=plain_rank)
+        plain = shared[0]
     summary = None
     if main:
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
-        plain_rows: list[int] = []
-        plain = frozen_features(model, itertools.islice(converter_batches(
-            job.conv_train, size, plain_rows), PLAIN_BATCHES), precision)
+        plain_pooled, plain_labels, plain_labs = plain
         detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
-                               result.temperature, len(classes),
-                               job.review, plain_frozen=plain[0],
-                               plain_labels=plain[1],
-                               plain_labs=np.asarray([job.sources[r] for r in plain_rows]),
+                               result.temperature, len(classes), job.review,
+                               plain_pooled=plain_pooled, plain_labels=plain_labels,
+                               plain_labs=plain_labs,
                                val_labs=np.asarray([job.sources[r] for r in val_rows]),
                                seed=recipe.seed)
         test_feats, labels = test
