@@ -26,6 +26,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("train.epochs=many", "must be a number"),
     ("train.use_gpu=maybe", "true or false"),
+    ("train.use_gpu=true", "GPU training is not implemented yet"),
     ("model.freeze_until=inception9z", "choose none or one of"),
     ("model.source=hub", "choose one of bvlc, torchvision"),
     ("train.test_fold=5", "test_fold"),

@@ -107,8 +107,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    num_processes: int = 2  # TorchDistributor processes (GPUs when use_gpu)
-    use_gpu: bool = False
+    num_processes: int = 2  # TorchDistributor processes
+    use_gpu: bool = False  # refused for now: see validate()
     local_mode: bool = True  # True: processes on the driver; False: on executors
     epochs: int = 10
     # Augmented views of each training image passed once through the frozen layers and
@@ -368,6 +368,12 @@ def validate(config: Config) -> None:
     if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")
+    if config.train.use_gpu:
+        # The process group would be nccl while the model, batches and cached features stay
+        # on the CPU: the first all-reduce would fail minutes into the job. Refused until the
+        # device placement is written and run on a GPU (none was available to test it).
+        raise ConfigError("train.use_gpu=true: GPU training is not implemented yet (the model "
+                          "and its batches stay on the CPU); set train.use_gpu=false")
     if config.data.stain not in STAIN_MODES:
         raise ConfigError(f"data.stain={config.data.stain!r}; choose "
                           f"{' or '.join(STAIN_MODES)}")
