@@ -89,3 +89,44 @@ def test_a_cell_the_standardised_colours_hide_is_still_found(monkeypatch):
     assert box.found and mask is not None
     cx, cy = box.left + box.side / 2, box.top + box.side / 2
     assert abs(cx - 80) < 10 and abs(cy - 170) < 10
+
+
+def test_lab_conversion_agrees_with_scikit_image_and_round_trips():
+    from skimage.color import rgb2lab
+
+    from wbc_spark.colour import lab_to_rgb, rgb_to_lab
+
+    rgb = np.random.default_rng(0).random((40, 40, 3))
+    assert np.abs(rgb_to_lab(rgb) - rgb2lab(rgb)).max() < 0.01
+    assert np.abs(lab_to_rgb(rgb_to_lab(rgb)) - rgb).max() < 1e-9
+
+
+def test_reinhard_gives_every_crop_the_reference_statistics_and_undoes_a_shift():
+    from wbc_spark.stain import REINHARD_MEAN, REINHARD_STD, crop_lab, reinhard
+
+    crop = np.asarray(smear(128, radius=40))
+    shifted = stain_shift(crop, 0.03, 0.8, 1.1, 0.85)
+    assert np.abs(shifted.astype(int) - crop).mean() > 8  # the shift is visible
+    a, b = reinhard(crop), reinhard(shifted)
+    for out in (a, b):
+        mean, std = crop_lab(out)
+        assert np.abs(mean - REINHARD_MEAN).max() < 2 and np.abs(std - REINHARD_STD).max() < 2
+    assert np.abs(a.astype(int) - b).mean() < np.abs(shifted.astype(int) - crop).mean() / 3
+
+
+def test_reinhard_caps_the_stretch_of_a_nearly_uniform_crop():
+    from wbc_spark.stain import REINHARD_FACTORS, REINHARD_STD, crop_lab, reinhard
+
+    flat = np.full((64, 64, 3), 200, np.uint8)
+    flat[::8, ::8] = 190  # a faint speckle: a spread far below the reference's
+    _, before = crop_lab(flat)
+    _, after = crop_lab(reinhard(flat))
+    assert np.all(after < REINHARD_STD / 2)  # not blown up to the reference spread
+    assert np.all(after <= before * REINHARD_FACTORS[1] + 0.5)
+
+
+def test_reinhard_crops_through_cell_crop():
+    a, _, _ = cell_crop(smear(256, radius=20), 64, stain="reinhard")
+    raw, _, _ = cell_crop(smear(256, radius=20), 64, stain="none")
+    assert a.shape == raw.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - raw).mean() > 1  # it changed the colours

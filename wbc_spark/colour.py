@@ -1,4 +1,5 @@
-"""RGB <-> HSV on numpy arrays, for the stain standardisation and the colour augmentation."""
+"""RGB <-> HSV and RGB <-> CIELAB on numpy arrays, for the stain standardisation and the
+colour augmentation."""
 
 from __future__ import annotations
 
@@ -33,3 +34,30 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     g = np.select(conds, [t, v, v, q, p, p])
     b = np.select(conds, [p, p, t, v, v, q])
     return np.stack([r, g, b], -1)
+
+
+# sRGB (D65) <-> CIE XYZ, and the D65 white point, as IEC 61966-2-1 and CIE 15 give them.
+_RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423],
+                        [0.212671, 0.715160, 0.072169],
+                        [0.019334, 0.119193, 0.950227]])
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ)
+_WHITE = np.array([0.950456, 1.0, 1.088754])
+_EPSILON = (6 / 29) ** 3
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """float sRGB in 0..1 (... x 3) -> CIELAB (L in 0..100, a and b about -100..100)."""
+    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = linear @ _RGB_TO_XYZ.T / _WHITE
+    f = np.where(xyz > _EPSILON, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
+                     200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB -> float sRGB, clipped to 0..1 (colours outside the gamut are clipped)."""
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _WHITE
+    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0, 1)
+    return np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)

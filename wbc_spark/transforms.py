@@ -25,7 +25,9 @@ from wbc_spark.stain import (
     FieldStain,
     background_white,
     field_stain,
+    reinhard,
     standardise,
+    crop_lab,
     surround_balance,
     white_balance,
 )
@@ -134,7 +136,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
         mask = again if again is not None else mask
     elif stain == "white":
         measured = background_white(small)
-    elif stain not in ("none", "surround"):
+    elif stain not in ("none", "surround", "reinhard"):
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
         side = min(w, h)
@@ -191,6 +193,8 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
         crop = white_balance(crop, measured)
     elif stain == "surround":
         crop = surround_balance(crop)
+    elif stain == "reinhard":
+        crop = reinhard(crop)
     return crop, box, mask
 
 
@@ -220,5 +224,15 @@ def reference_from_krd_wbc() -> FieldStain:
                       float(np.median([s.v_high for s in stains])))
 
 
+def reinhard_reference_from_krd_wbc() -> tuple[np.ndarray, np.ndarray]:
+    """Median CIELAB mean and standard deviation of KRD-WBC's unstandardised crops (how
+    ``REINHARD_MEAN`` and ``REINHARD_STD`` were set)."""
+    stats = [crop_lab(cell_crop(Image.open(path), 224)[0])
+             for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))]
+    return (np.median([m for m, _ in stats], 0).round(1),
+            np.median([s for _, s in stats], 0).round(1))
+
+
 if __name__ == "__main__":
     print(reference_from_krd_wbc())
+    print("Reinhard mean, std:", *reinhard_reference_from_krd_wbc())
