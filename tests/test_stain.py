@@ -130,3 +130,17 @@ def test_reinhard_crops_through_cell_crop():
     raw, _, _ = cell_crop(smear(256, radius=20), 64, stain="none")
     assert a.shape == raw.shape == (64, 64, 3) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - raw).mean() > 1  # it changed the colours
+
+
+def test_lightness_matches_l_and_keeps_the_surround_balanced_hues():
+    from wbc_spark.colour import rgb_to_lab
+    from wbc_spark.stain import LIGHTNESS_MEAN, LIGHTNESS_STD, crop_lab, lightness, surround_balance
+
+    crop = stain_shift(np.asarray(smear(128, radius=40)), 0.0, 1.0, 0.85, 1.2)
+    out = lightness(crop)
+    mean, std = crop_lab(out)
+    assert abs(mean[0] - LIGHTNESS_MEAN[0]) < 2 and abs(std[0] - LIGHTNESS_STD[0]) < 2
+    balanced = rgb_to_lab(surround_balance(crop) / 255.0)
+    after = rgb_to_lab(out / 255.0)
+    assert np.abs(after[..., 0] - balanced[..., 0]).mean() > 2  # L moved
+    assert np.abs(after[..., 1:] - balanced[..., 1:]).mean() < 1.5  # a and b kept

@@ -21,7 +21,8 @@ CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil"
 
 # The choices each stage offers; the stages import them from here, so that configuration
 # sits at the bottom of the package and validating it imports no stage.
-STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround", "reinhard")  # wbc_spark/stain.py
+STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround", "reinhard",
+                                 "lightness")  # wbc_spark/stain.py
 # Frozen layers' arithmetic (model/transfer.py); "auto" is bf16 where the CPU computes it
 # natively (AVX512-BF16 or AMX), fp32 elsewhere.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -89,7 +90,8 @@ class DataConfig:
     # scales each channel so the red cells and plasma around the white cell average one
     # reference colour; "white" white-balances the field on its background; "field" maps the
     # field's hue, saturation and brightness to KRD-WBC's; "reinhard" matches each crop's CIELAB
-    # mean and spread to KRD-WBC's; "none" keeps the colours as imaged.
+    # mean and spread to KRD-WBC's; "lightness" is "surround" and then the crop's CIELAB
+    # lightness mean and spread matched to KRD-WBC's; "none" keeps the colours as imaged.
     stain: str = "surround"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)

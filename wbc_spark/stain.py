@@ -153,6 +153,19 @@ def crop_lab(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lab.mean(0), lab.std(0)
 
 
+def lab_transfer(crop: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                 channels: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+    """Shift and scale the CIELAB ``channels`` of a uint8 RGB crop so that their mean and
+    standard deviation over the crop are ``mean`` and ``std`` (indexed like the channels,
+    spread factor capped at ``REINHARD_FACTORS``); the other channels are kept."""
+    lab = rgb_to_lab(crop.astype(np.float64) / 255.0)
+    flat = lab.reshape(-1, 3)
+    for c in channels:
+        factor = np.clip(std[c] / max(flat[:, c].std(), 1e-6), *REINHARD_FACTORS)
+        lab[..., c] = (lab[..., c] - flat[:, c].mean()) * factor + mean[c]
+    return np.clip(lab_to_rgb(lab) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def reinhard(crop: np.ndarray) -> np.ndarray:
     """Reinhard's colour transfer, in CIELAB: shift and scale each channel of the crop so
     that its mean and standard deviation are ``REINHARD_MEAN`` and ``REINHARD_STD``.
@@ -164,7 +177,23 @@ def reinhard(crop: np.ndarray) -> np.ndarray:
     of the red cells against the plasma (KRD-WBC's contrast much more than PBC-dev's), and
     matching it turned PBC-dev's nuclei black.
     """
-    mean, std = crop_lab(crop)
-    factor = np.clip(REINHARD_STD / np.maximum(std, 1e-6), *REINHARD_FACTORS)
-    lab = (rgb_to_lab(crop.astype(np.float64) / 255.0) - mean) * factor + REINHARD_MEAN
-    return np.clip(lab_to_rgb(lab) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return lab_transfer(crop, REINHARD_MEAN, REINHARD_STD)
+
+
+#: CIELAB lightness mean and standard deviation that ``lightness`` gives every
+#: surround-balanced crop: the medians over KRD-WBC's 600 surround-balanced crops (``python
+#: -m wbc_spark.transforms``). Indexed like Lab; only L is used.
+LIGHTNESS_MEAN = np.array([70.1, 14.5, -12.6])
+LIGHTNESS_STD = np.array([17.4, 12.3, 13.2])
+
+
+def lightness(crop: np.ndarray) -> np.ndarray:
+    """``surround_balance``, then the crop's CIELAB lightness (L) mean and spread matched to
+    KRD-WBC's; a and b (the hues, an eosinophil's orange granules among them) keep the
+    surround balance's colours.
+
+    ``reinhard`` on all three channels took KRD-WBC's darker basophil session away (better
+    from KRD-WBC to PBC-dev) but turned PBC-dev's orange granules grey-brown (worse the other
+    way): this keeps the first and not the second.
+    """
+    return lab_transfer(surround_balance(crop), LIGHTNESS_MEAN, LIGHTNESS_STD, channels=(0,))

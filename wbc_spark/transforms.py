@@ -25,6 +25,7 @@ from wbc_spark.stain import (
     FieldStain,
     background_white,
     field_stain,
+    lightness,
     reinhard,
     standardise,
     crop_lab,
@@ -136,7 +137,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
         mask = again if again is not None else mask
     elif stain == "white":
         measured = background_white(small)
-    elif stain not in ("none", "surround", "reinhard"):
+    elif stain not in ("none", "surround", "reinhard", "lightness"):
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
         side = min(w, h)
@@ -195,6 +196,8 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
         crop = surround_balance(crop)
     elif stain == "reinhard":
         crop = reinhard(crop)
+    elif stain == "lightness":
+        crop = lightness(crop)
     return crop, box, mask
 
 
@@ -227,7 +230,17 @@ def reference_from_krd_wbc() -> FieldStain:
 def reinhard_reference_from_krd_wbc() -> tuple[np.ndarray, np.ndarray]:
     """Median CIELAB mean and standard deviation of KRD-WBC's unstandardised crops (how
     ``REINHARD_MEAN`` and ``REINHARD_STD`` were set)."""
-    stats = [crop_lab(cell_crop(Image.open(path), 224)[0])
+    return _median_lab("none")
+
+
+def lightness_reference_from_krd_wbc() -> tuple[np.ndarray, np.ndarray]:
+    """The same over KRD-WBC's surround-balanced crops (how ``LIGHTNESS_MEAN`` and
+    ``LIGHTNESS_STD`` were set; their L entries are used)."""
+    return _median_lab("surround")
+
+
+def _median_lab(stain: str) -> tuple[np.ndarray, np.ndarray]:
+    stats = [crop_lab(cell_crop(Image.open(path), 224, stain=stain)[0])
              for path in sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))]
     return (np.median([m for m, _ in stats], 0).round(1),
             np.median([s for _, s in stats], 0).round(1))
@@ -236,3 +249,4 @@ def reinhard_reference_from_krd_wbc() -> tuple[np.ndarray, np.ndarray]:
 if __name__ == "__main__":
     print(reference_from_krd_wbc())
     print("Reinhard mean, std:", *reinhard_reference_from_krd_wbc())
+    print("lightness mean, std:", *lightness_reference_from_krd_wbc())
