@@ -24,11 +24,11 @@ from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import (
     FieldStain,
     background_white,
+    crop_lab,
     field_stain,
     lightness,
     reinhard,
     standardise,
-    crop_lab,
     surround_balance,
     white_balance,
 )
@@ -137,7 +137,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
         mask = again if again is not None else mask
     elif stain == "white":
         measured = background_white(small)
-    elif stain not in ("none", "surround", "reinhard", "lightness"):
+    elif stain not in STAIN_MODES:  # the other modes need nothing measured on the field
         raise ValueError(f"stain={stain!r}; choose one of {', '.join(STAIN_MODES)}")
     if mask is None or not mask.any():
         side = min(w, h)
