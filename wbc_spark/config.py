@@ -372,9 +372,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")
     if config.train.use_gpu:
-        # The process group would be nccl while the model, batches and cached features stay
-        # on the CPU: the first all-reduce would fail minutes into the job. Refused until the
-        # device placement is written and run on a GPU (none was available to test it).
+        # The model, batches and cached features stay on the CPU and the processes talk over
+        # gloo: a GPU would sit idle. Refused until the device placement and the nccl process
+        # group are written and run on a GPU (none was available to test them).
         raise ConfigError("train.use_gpu=true: GPU training is not implemented yet (the model "
                           "and its batches stay on the CPU); set train.use_gpu=false")
     if config.data.stain not in STAIN_MODES:

@@ -128,22 +128,21 @@ class LabDetector:
 def embed(model, frozen: torch.Tensor, batch: int = 256
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, head-space features, frozen pooled features) of frozen-layer outputs."""
-    logits, cell, lab = [], [], []
+    logits, cell = [], []
     with torch.inference_mode():
         for i in range(0, len(frozen), batch):
-            f = frozen[i:i + batch].float()
-            pen = model.trainable(f)
+            pen = model.trainable(frozen[i:i + batch].float())
             logits.append(model.fc(pen))  # dropout is the identity in eval mode
             cell.append(pen)
-            lab.append(f.mean((2, 3)))
-    return tuple(torch.cat(t).numpy() for t in (logits, cell, lab))
+    return torch.cat(logits).numpy(), torch.cat(cell).numpy(), pooled(frozen, batch)
 
 
 def pooled(frozen: torch.Tensor, batch: int = 256) -> np.ndarray:
     """Frozen-layer outputs averaged over space: what the lab detector compares (the third
     part of ``embed``'s answer, without the trained blocks)."""
-    return torch.cat([frozen[i:i + batch].float().mean((2, 3))
-                      for i in range(0, len(frozen), batch)]).numpy()
+    with torch.inference_mode():
+        return torch.cat([frozen[i:i + batch].float().mean((2, 3))
+                          for i in range(0, len(frozen), batch)]).numpy()
 
 
 def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target: float

@@ -53,7 +53,6 @@ class TrainingJob:
     cache_gib: float
     frozen_precision: str
     augment: AugmentSettings
-    use_gpu: bool
     local_mode: bool
     review: ReviewSettings
     n_train: int
@@ -193,10 +192,10 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     recipe = job.recipe
     torch.manual_seed(recipe.seed)
     world = world_size()
-    if job.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("train.use_gpu is true but no CUDA device is visible to this process")
     if world > 1:
-        dist.init_process_group("nccl" if job.use_gpu else "gloo")
+        # CPU processes only: config.validate refuses train.use_gpu until the model and its
+        # batches are moved to the process's device (nccl needs both there).
+        dist.init_process_group("gloo")
     classes = job.classes
     pretrained = load_pretrained(job.model_source, job.weights_dir or None)
     model = build_classifier(pretrained, len(classes), freeze_until=job.freeze_until,
@@ -285,7 +284,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
         test_feats, labels = test
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
         run = {"processes": world, "local_mode": job.local_mode,
-               "backend": ("nccl" if job.use_gpu else "gloo") if world > 1 else None,
+               "backend": "gloo" if world > 1 else None,
                "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
                "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
