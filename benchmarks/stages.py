@@ -46,7 +46,7 @@ from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.score import classify_frame, review_model
 from wbc_spark.sources.krd_wbc import default_root
-from wbc_spark.stain import surround_balance
+from wbc_spark.stain import CROP_STAINS
 from wbc_spark.transforms import crop_box, locate_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,9 +141,9 @@ def main() -> int:
         lambda: [locate_cell(im, context=pre.context, stain=pre.stain)[0] for im in decoded])
     crops, t["crop and resize"] = timed(
         lambda: [crop_box(im, box, pre.crop_size) for im, box in zip(decoded, located)])
-    if pre.stain == "surround":
-        crops, t["stain standardisation (surround)"] = timed(
-            lambda: [surround_balance(c) for c in crops])
+    if pre.stain in CROP_STAINS:
+        crops, t[f"stain standardisation ({pre.stain})"] = timed(
+            lambda: [CROP_STAINS[pre.stain](c) for c in crops])
     batch = torch.from_numpy(np.stack(crops))
     frozen = {}
     for precision in (other, chosen):  # the chosen one last, so ``run`` is left in it

@@ -101,6 +101,21 @@ def test_lab_conversion_agrees_with_scikit_image_and_round_trips():
     assert np.abs(lab_to_rgb(rgb_to_lab(rgb)) - rgb).max() < 1e-9
 
 
+def test_uint8_lab_paths_agree_with_the_float64_ones_within_one_level():
+    from wbc_spark.colour import lab_to_rgb, lab_to_u8, rgb_to_lab, u8_to_lab
+
+    rgb = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    exact = rgb_to_lab(rgb / 255.0)
+    assert u8_to_lab(rgb).dtype == np.float32
+    assert np.abs(u8_to_lab(rgb) - exact).max() < 1e-3
+    assert np.array_equal(lab_to_u8(u8_to_lab(rgb)), rgb)  # round trip, every level kept
+    moved = exact + np.array([5.0, -20.0, 30.0])  # some of it outside the gamut
+    want = np.clip(lab_to_rgb(moved) * 255 + 0.5, 0, 255).astype(np.uint8)
+    got = lab_to_u8(moved.astype(np.float32))
+    assert np.abs(got.astype(int) - want).max() <= 1
+    assert (got != want).mean() < 0.01
+
+
 def test_reinhard_gives_every_crop_the_reference_statistics_and_undoes_a_shift():
     from wbc_spark.stain import REINHARD_MEAN, REINHARD_STD, crop_lab, reinhard
 

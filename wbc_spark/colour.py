@@ -45,19 +45,59 @@ _WHITE = np.array([0.950456, 1.0, 1.088754])
 _EPSILON = (6 / 29) ** 3
 
 
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """float sRGB in 0..1 (... x 3) -> CIELAB (L in 0..100, a and b about -100..100)."""
-    linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ _RGB_TO_XYZ.T / _WHITE
-    f = np.where(xyz > _EPSILON, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+def _decode(rgb: np.ndarray) -> np.ndarray:
+    """sRGB in 0..1 -> linear light."""
+    return np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def _encode(linear: np.ndarray) -> np.ndarray:
+    """Linear light in 0..1 -> sRGB."""
+    return np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
+
+
+def _linear_to_lab(linear: np.ndarray) -> np.ndarray:
+    xyz = linear @ (_RGB_TO_XYZ.T / _WHITE).astype(linear.dtype)
+    # exp(log / 3) rather than np.cbrt: the same to float32's precision, about 4x faster.
+    cube_root = np.exp(np.log(np.maximum(xyz, _EPSILON)) / 3)
+    f = np.where(xyz > _EPSILON, cube_root, xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
                      200 * (f[..., 1] - f[..., 2])], -1)
 
 
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB -> float sRGB, clipped to 0..1 (colours outside the gamut are clipped)."""
+def _lab_to_linear(lab: np.ndarray) -> np.ndarray:
+    """CIELAB -> linear light, clipped to 0..1."""
     fy = (lab[..., 0] + 16) / 116
     f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
-    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _WHITE
-    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0, 1)
-    return np.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    return np.clip(xyz @ (_XYZ_TO_RGB * _WHITE).T.astype(lab.dtype), 0, 1)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """float sRGB in 0..1 (... x 3) -> CIELAB (L in 0..100, a and b about -100..100)."""
+    return _linear_to_lab(_decode(rgb))
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB -> float sRGB, clipped to 0..1 (colours outside the gamut are clipped)."""
+    return _encode(_lab_to_linear(lab))
+
+
+# The uint8 paths below do the same in float32, with the sRGB curves as tables: 256 inputs
+# one way; 65,536 steps of linear light the other (at most 0.05 of a level between steps, so
+# a pixel differs from the float64 path by at most one level). About 3x faster: the curves'
+# powers were most of the time of the stain modes that work in CIELAB.
+_DECODE_U8 = _decode(np.arange(256) / 255.0).astype(np.float32)
+_ENCODE_STEPS = 65535
+_ENCODE_U8 = np.clip(_encode(np.arange(_ENCODE_STEPS + 1) / _ENCODE_STEPS) * 255 + 0.5,
+                     0, 255).astype(np.uint8)
+
+
+def u8_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 sRGB (... x 3) -> float32 CIELAB."""
+    return _linear_to_lab(_DECODE_U8[rgb])
+
+
+def lab_to_u8(lab: np.ndarray) -> np.ndarray:
+    """float32 CIELAB -> uint8 sRGB (colours outside the gamut clipped)."""
+    linear = _lab_to_linear(lab.astype(np.float32, copy=False))
+    return _ENCODE_U8[(linear * _ENCODE_STEPS + 0.5).astype(np.int32)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wbc_spark.colour import hsv_to_rgb, lab_to_rgb, rgb_to_hsv, rgb_to_lab
+from wbc_spark.colour import hsv_to_rgb, lab_to_u8, rgb_to_hsv, rgb_to_lab, u8_to_lab
 from wbc_spark.config import STAIN_MODES as MODES
 
 #: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
@@ -158,12 +158,13 @@ def lab_transfer(crop: np.ndarray, mean: np.ndarray, std: np.ndarray,
     """Shift and scale the CIELAB ``channels`` of a uint8 RGB crop so that their mean and
     standard deviation over the crop are ``mean`` and ``std`` (indexed like the channels,
     spread factor capped at ``REINHARD_FACTORS``); the other channels are kept."""
-    lab = rgb_to_lab(crop.astype(np.float64) / 255.0)
-    flat = lab.reshape(-1, 3)
+    lab = u8_to_lab(crop)
     for c in channels:
-        factor = np.clip(std[c] / max(flat[:, c].std(), 1e-6), *REINHARD_FACTORS)
-        lab[..., c] = (lab[..., c] - flat[:, c].mean()) * factor + mean[c]
-    return np.clip(lab_to_rgb(lab) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        plane = lab[..., c]
+        factor = float(np.clip(std[c] / max(float(plane.std(dtype=np.float64)), 1e-6),
+                               *REINHARD_FACTORS))
+        lab[..., c] = (plane - float(plane.mean(dtype=np.float64))) * factor + float(mean[c])
+    return lab_to_u8(lab)
 
 
 def reinhard(crop: np.ndarray) -> np.ndarray:
@@ -197,3 +198,8 @@ def lightness(crop: np.ndarray) -> np.ndarray:
     way): this keeps the first and not the second.
     """
     return lab_transfer(surround_balance(crop), LIGHTNESS_MEAN, LIGHTNESS_STD, channels=(0,))
+
+
+#: The stain modes that work on the crop alone, with what they do to it (the others measure
+#: the field first: see ``transforms.cell_crop``).
+CROP_STAINS = {"surround": surround_balance, "reinhard": reinhard, "lightness": lightness}

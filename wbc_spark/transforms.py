@@ -22,12 +22,11 @@ from scipy import ndimage
 from wbc_spark.config import STAIN_MODES
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import (
+    CROP_STAINS,
     FieldStain,
     background_white,
     crop_lab,
     field_stain,
-    lightness,
-    reinhard,
     standardise,
     surround_balance,
     white_balance,
@@ -192,12 +191,8 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
         crop = standardise(crop, measured)
     elif measured is not None:
         crop = white_balance(crop, measured)
-    elif stain == "surround":
-        crop = surround_balance(crop)
-    elif stain == "reinhard":
-        crop = reinhard(crop)
-    elif stain == "lightness":
-        crop = lightness(crop)
+    elif stain in CROP_STAINS:
+        crop = CROP_STAINS[stain](crop)
     return crop, box, mask
 
 
