@@ -193,6 +193,9 @@ def main() -> int:
                         help="parts 1 and 2 also scored on the mean of N flips/rotations")
     parser.add_argument("--heads", type=int, default=1, metavar="K",
                         help="parts 1 and 2 also scored by the mean of K heads (seeds)")
+    parser.add_argument("--view-seed", type=int, default=1234,
+                        help="seed of the augmented views (another draw of the training crops' "
+                             "jitter; train.seed=N draws the heads' initialisation and batches)")
     parser.add_argument("--json", default=str(REPO / "runs" / "crosslab.json"))
     parser.add_argument("--figure", default=str(REPO / "runs" / "crops_per_lab.png"))
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
@@ -227,7 +230,8 @@ def main() -> int:
     t = config.train
     crops = crossval.crops_of(df)
     view_feats = crossval.augmented_view_features(
-        model, crops, t.views, seed=1234, settings=AugmentSettings(**config.augment.__dict__),
+        model, crops, t.views, seed=args.view_seed,
+        settings=AugmentSettings(**config.augment.__dict__),
         precision=t.frozen_precision)
     eval_feats = {"original": crossval.features_of(model, crops, t.frozen_precision)}
     if args.tta > 1:  # views x images x ...: train_and_test averages the views' probabilities
@@ -384,12 +388,13 @@ def main() -> int:
                                  classes))
 
     wall = time.perf_counter() - start
-    print(f"recipe {json.dumps(base.__dict__)} views={t.views} "
+    print(f"recipe {json.dumps(base.__dict__)} views={t.views} view_seed={args.view_seed} "
           f"freeze_until={config.model.freeze_until} stain={config.data.stain} "
           f"context={config.data.context} augment={json.dumps(config.augment.__dict__)}; "
           f"frozen features {cache_seconds:.0f} s; wall time {wall:.0f} s")
     out.update(wall_seconds=wall, cache_seconds=cache_seconds, recipe=base.__dict__,
-               views=t.views, stain=config.data.stain, augment=config.augment.__dict__)
+               views=t.views, view_seed=args.view_seed, stain=config.data.stain,
+               augment=config.augment.__dict__)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, default=float, indent=1))
     return 0
