@@ -27,10 +27,12 @@ def cluster(tmp_path_factory):
 def test_ingest_and_score_on_two_executors(cluster, tmp_path, tiny_artifact):
     cluster, state = cluster
     lake = tmp_path / "lake"
-    for cls in ("Neutrophil", "Lymphocyte"):
+    for c, cls in enumerate(("Neutrophil", "Lymphocyte")):
         (lake / cls).mkdir(parents=True)
         for i in range(4):
-            smear(seed=hash((cls, i)) % 997).save(lake / cls / f"{i}.jpg")
+            # Fixed, distinct seeds: hash() changes with each process, and two equal seeds
+            # would make two images one (the same bytes).
+            smear(seed=10 * c + i).save(lake / cls / f"{i}.jpg")
     (lake / "Lymphocyte" / "bad.jpg").write_text("nope")
     ingest = spark_submit("ingest", "--config", "conf/cluster.yaml", "data.source=folder",
                           f"data.lake={lake}", f"data.dataset={tmp_path / 'ds'}",
