@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wbc_spark.colour import hsv_to_rgb, lab_to_u8, rgb_to_hsv, rgb_to_lab, u8_to_lab
+from wbc_spark.colour import hsv_to_rgb, lab_to_u8, rgb_to_hsv, u8_to_lab
 from wbc_spark.config import STAIN_MODES as MODES
 
 #: Largest corrections applied. Lab-to-lab stain differences are well inside them; a field
@@ -149,8 +149,8 @@ REINHARD_FACTORS = (0.5, 2.0)
 
 def crop_lab(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CIELAB mean and standard deviation per channel of a uint8 RGB crop."""
-    lab = rgb_to_lab(crop.reshape(-1, 3).astype(np.float64) / 255.0)
-    return lab.mean(0), lab.std(0)
+    lab = u8_to_lab(crop).reshape(-1, 3)
+    return lab.mean(0, dtype=np.float64), lab.std(0, dtype=np.float64)
 
 
 def lab_transfer(crop: np.ndarray, mean: np.ndarray, std: np.ndarray,
