@@ -17,10 +17,10 @@ seconds per image and its share of the sum, the whole ``classify_frame`` for com
 network alone at the scoring batch size in each precision, the frozen layers' operators by
 share of CPU time (torch.profiler), and the instruction set oneDNN reports
 (``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran;
-with ``--ingest``, the same for the ingest job's per-file work. int8 is
-not measured: torch 2.14 has no ``torch.ao.quantization.quantize_fx``, and its x86 int8 path
-(PT2E quantisation) runs through ``torch.compile``, which failed on this network with
-freezing on (docs/PERFORMANCE.md).
+with ``--ingest``, the same for the ingest job's per-file work. int8 has a benchmark of its
+own, ``benchmarks/int8.py`` (eager static quantisation of the frozen layers: torch 2.14 has no
+``quantize_fx``, and its PT2E path runs through ``torch.compile``, which failed on this network
+with freezing on; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def main() -> int:
     print(f"frozen layers ({chosen}) by operator, share of self CPU time: " + ", ".join(
         f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / op_total:.0%}" for e in ops[:7]))
     print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
-          f"{torch.backends.mkldnn.is_available()}; int8: not measured")
+          f"{torch.backends.mkldnn.is_available()}; int8: benchmarks/int8.py")
     if args.ingest:
         krd = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))
         ingest_breakdown(krd[:args.images])

@@ -187,3 +187,27 @@ def test_frozen_layers_in_chunks_give_the_whole_batch_s_output(monkeypatch):
         assert calls[3:] == [5]
     assert chunked.shape == whole.shape and torch.allclose(chunked, whole, atol=1e-4)
     assert net.embed_frozen(images[:0]).shape[0] == 0
+
+
+def test_int8_frozen_layers_quantise_every_convolution_and_stay_close_to_fp32():
+    from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+
+    from wbc_spark.model.quantize import quantize_frozen
+
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5, freeze_until="inception3b").eval()
+    calibration = torch.randint(0, 255, (4, 96, 96, 3), dtype=torch.uint8)
+    int8 = quantize_frozen(net, calibration)
+    convs = [m for m in int8.modules() if isinstance(m, ConvReLU2d)]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in net.frozen.modules()) == 15
+    images = torch.randint(0, 255, (3, 96, 96, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        full, low = net.embed_frozen(images), int8(images)
+    assert low.shape == full.shape and low.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(full.flatten(1), low.flatten(1))
+    assert cosine.min() > 0.98
+    # The fp32 model is left as it was (the int8 network is a copy).
+    assert all(isinstance(m, torch.nn.Conv2d) for m in net.frozen.modules()
+               if "Conv" in type(m).__name__)
+    with pytest.raises(ValueError, match="at least one image"):
+        quantize_frozen(net, calibration[:0])

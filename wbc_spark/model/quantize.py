@@ -1,0 +1,98 @@
+"""int8 frozen layers: PyTorch's eager-mode static quantisation on its x86 (fbgemm) backend.
+
+torch 2.14 has neither ``quantize_fx`` nor the PT2E quantiser outside ``torch.compile``, so
+the frozen part is rebuilt for the eager path: each convolution is fused with its ReLU, the
+Inception blocks concatenate through ``FloatFunctional`` (so the concatenation has its own
+observed scale), and the LocalResponseNorm layers run in float between a dequantise and a
+quantise. Activation scales come from calibration images; weights are quantised per channel.
+
+Measurement only for now (``benchmarks/int8.py``): the scoring job does not offer int8 until
+its accuracy on images the model did not train on has been checked (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.nn.quantized import FloatFunctional
+
+from wbc_spark.model.googlenet import Inception, LocalResponseNorm
+from wbc_spark.model.transfer import WBCNet
+
+BACKEND = "x86"
+
+
+class _QuantInception(nn.Module):
+    """An ``Inception`` block whose concatenation carries its own quantisation scale."""
+
+    def __init__(self, block: Inception) -> None:
+        super().__init__()
+        self.branch1, self.branch2 = block.branch1, block.branch2
+        self.branch3, self.branch4 = block.branch3, block.branch4
+        self.cat = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cat.cat([self.branch1(x), self.branch2(x), self.branch3(x),
+                             self.branch4(x)], 1)
+
+
+class _FloatIsland(nn.Module):
+    """Runs ``module`` in float inside a quantised network."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.dequant, self.module, self.quant = tq.DeQuantStub(), module, tq.QuantStub()
+        self.module.qconfig = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
+
+
+class Int8Frozen(nn.Module):
+    """uint8 N x H x W x 3 images -> the frozen part's float output, computed in int8."""
+
+    def __init__(self, model: WBCNet) -> None:
+        super().__init__()
+        self.normalize = copy.deepcopy(model.normalize)
+        self.quant = tq.QuantStub()
+        self.body = _rebuild(copy.deepcopy(model.frozen))
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.quant(self.normalize(images).contiguous(memory_format=torch.channels_last))
+        return self.dequant(self.body(x)).contiguous()
+
+
+def _rebuild(module: nn.Module) -> nn.Module:
+    """Swap in the quantisable blocks and fuse every convolution with its ReLU, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, Inception):
+            setattr(module, name, _rebuild(_QuantInception(child)))
+        elif isinstance(child, (LocalResponseNorm, nn.LocalResponseNorm)):
+            setattr(module, name, _FloatIsland(child))
+        elif (isinstance(child, nn.Sequential) and len(child) == 2
+              and isinstance(child[0], nn.Conv2d) and isinstance(child[1], nn.ReLU)):
+            tq.fuse_modules(child, [["0", "1"]], inplace=True)
+        else:
+            _rebuild(child)
+    return module
+
+
+def quantize_frozen(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
+                    ) -> Int8Frozen:
+    """The frozen part of ``model`` in int8, its activation ranges observed on
+    ``calibration`` (uint8 N x H x W x 3 images of the kind it will see)."""
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one image")
+    torch.backends.quantized.engine = BACKEND
+    net = Int8Frozen(model).eval()
+    net.qconfig = tq.get_default_qconfig(BACKEND)
+    net.normalize.qconfig = None
+    tq.prepare(net, inplace=True)
+    with torch.no_grad():
+        for i in range(0, len(calibration), chunk):
+            net(calibration[i:i + chunk])
+    return tq.convert(net, inplace=True)
