@@ -1,6 +1,6 @@
 """int8 frozen layers against fp32: the network alone's speed, and what int8 changes.
 
-    .venv/bin/python benchmarks/int8.py [--images 192] [--calibration 64] [--threads 2]
+    .venv/bin/python benchmarks/int8.py [--images 192] [--calibration 256] [--threads 2]
     .venv/bin/python benchmarks/int8.py --model runs/model/model.pt --dataset runs/dataset
 
 The int8 path is ``wbc_spark.model.quantize`` (PyTorch eager static quantisation, x86
@@ -83,7 +83,7 @@ def dataset_crops(dataset: str, test_ids: set[str], n_calibration: int, seed: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="")
