@@ -14,8 +14,10 @@ shown on the ImageNet network (pretrained classifier on top of the fp32 upper bl
 agreement and the largest probability difference, and the frozen output's cosine to fp32.
 
 With ``--model`` and ``--dataset`` (the model's training dataset): the model's test fold (its
-``test_predictions.csv``, images it did not train on) is measured, the calibration images are
-drawn from the rest; prints macro-F1 and balanced accuracy per lab for both paths and how many
+``test_predictions.csv``, images it did not train on) is measured; the int8 network is the
+scoring job's, from the calibration stored in the model (``train.int8_calibration``), or, for
+a model trained without one, calibrated on ``--calibration`` crops drawn from the other rows;
+prints macro-F1 and balanced accuracy per lab for both paths and how many
 predictions differ. That is the accuracy check a reduced-precision scoring path must pass.
 """
 
@@ -33,8 +35,8 @@ import torch
 
 from wbc_spark import artifact, images, metrics, review
 from wbc_spark.config import Config
-from wbc_spark.model.quantize import BACKEND, quantize_frozen
-from wbc_spark.model.transfer import build_classifier
+from wbc_spark.model.quantize import BACKEND, from_calibration, quantize_frozen
+from wbc_spark.model.transfer import build_classifier, in_chunks
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.krd_wbc import default_root
@@ -44,7 +46,7 @@ from wbc_spark.transforms import cell_crop
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        return in_chunks(fn, x, chunk)
 
 
 def timed(fn, x: torch.Tensor, chunk: int, repeats: int) -> tuple[torch.Tensor, float]:
@@ -114,7 +116,12 @@ def main() -> int:
         what = f"{len(x)} KRD-WBC crops (calibration: the {len(calibration)} before them)"
     model.eval()
     start = time.perf_counter()
-    int8 = quantize_frozen(model, calibration)
+    if args.model and meta.get("int8"):
+        int8 = from_calibration(model, meta["int8"])
+        what = (f"{len(x)} test-fold crops of {args.model} (calibration: the model's own, "
+                f"{meta['int8']['images']} training crops)")
+    else:
+        int8 = quantize_frozen(model, calibration)
     calibrate_s = time.perf_counter() - start
     chunk = model.chunk_per_thread * args.threads
     print(f"{what}; torch threads {args.threads}, {chunk} images per pass; quantised engine "

@@ -6,8 +6,9 @@
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
    slide folders; ``--slides K`` times the paths on the first K folders only.
 2. Precision: the model's predictions on its held-out test-fold images (``test_predictions.csv``
-   beside the model; without it, the 600 KRD-WBC images) in fp32 and in bf16 (agreement,
-   macro-F1 of each per lab), since the scoring job runs in ``score.precision``.
+   beside the model; without it, the 600 KRD-WBC images) in fp32, in bf16 (where the CPU has it
+   natively) and, where the model has its calibration, in int8 (agreement with fp32, macro-F1 of each per lab), since the
+   scoring job runs in ``score.precision`` (``--precision`` sets it for this run).
 3. Scoring, in images per second (median of ``--repeats`` runs each, paths interleaved):
    - the scoring job (wbc_spark.score.run_scoring: iterator pandas UDF, model loaded once per
      worker, ``score.precision``, tables written), each repeat into a fresh results table;
@@ -49,10 +50,10 @@ import torch
 from PIL import Image
 
 from wbc_spark import artifact, metrics
-from wbc_spark.config import load_config, shared_lake
+from wbc_spark.config import SCORE_PRECISIONS, load_config, shared_lake
 from wbc_spark.model.googlenet import use_torch_lrn
 from wbc_spark.model.transfer import resolve_precision
-from wbc_spark.score import classify_frame
+from wbc_spark.score import classify_frame, frozen_pass
 from wbc_spark.sources.krd_wbc import default_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,23 +125,30 @@ def held_out(model_path: str, classes: list[str]
 
 
 def precision_check(model_path: str) -> str:
-    """Predictions on the model's held-out images with fp32 and with bf16 arithmetic."""
+    """Predictions on the model's held-out images in fp32, bf16 and (where the model has its
+    calibration) int8 arithmetic."""
     model, meta = artifact.load(model_path)
     classes = list(meta["classes"])
     files, y, what, labs = held_out(model_path, classes)
     data = [f.read_bytes() for f in files]
     preds = {}
-    for precision in ("fp32", "bf16"):
+    # bf16 where the CPU computes it (emulated elsewhere: about 5x slower, and never chosen).
+    native_bf16 = resolve_precision("auto") == "bf16"
+    for precision in ["fp32"] + ["bf16"] * native_bf16 + ["int8"] * bool(meta.get("int8")):
         out = pd.concat([classify_frame(pd.Series(data[i:i + 64]), model, meta, "image",
                                         precision) for i in range(0, len(data), 64)])
         preds[precision] = np.array([classes.index(c) for c in out.predicted_class])
-    agree = (preds["fp32"] == preds["bf16"]).mean()
-    lines = [f"precision: bf16 and fp32 predictions agree on {agree:.1%} of {what}"]
+    low = [p for p in preds if p != "fp32"]
+    lines = [f"precision: {p} and fp32 predictions agree on "
+             f"{(preds['fp32'] == preds[p]).mean():.1%} of {what}" for p in low]
+    if not native_bf16:
+        lines.append("precision: bf16 not checked (this CPU would emulate it)")
     for lab in sorted(set(labs)):
         at = labs == lab
         f1 = {k: metrics.macro_f1(y[at], v[at], len(classes)) for k, v in preds.items()}
-        lines.append(f"  {lab}: macro-F1 fp32 {f1['fp32']:.4f}, bf16 {f1['bf16']:.4f} "
-                     f"(difference {f1['bf16'] - f1['fp32']:+.4f}; target within 0.005)")
+        lines.append(f"  {lab}: macro-F1 fp32 {f1['fp32']:.4f}" + "".join(
+            f", {p} {f1[p]:.4f} ({f1[p] - f1['fp32']:+.4f})" for p in low)
+            + " (target: within 0.005 of fp32)")
     return "\n".join(lines)
 
 
@@ -148,17 +156,14 @@ def network_alone(model_path: str, precision: str, threads: int, n: int = 256) -
     """Images/s of the whole network (frozen layers in ``precision``, the rest in fp32, as
     scoring runs it) on random crops, batch 64, after a warm-up batch."""
     from wbc_spark import review
-    from wbc_spark.model.transfer import inference_precision
 
     torch.set_num_threads(threads)
-    model, _ = artifact.load(model_path)
+    model, meta = artifact.load(model_path)
     crops = torch.randint(0, 256, (n, 224, 224, 3), dtype=torch.uint8)
 
     def batch(x):
         with torch.inference_mode():
-            with inference_precision(precision):
-                frozen = model.embed_frozen(x)
-            review.embed(model, frozen)
+            review.embed(model, frozen_pass(model, meta, x, precision))
     batch(crops[:64])
     start = time.perf_counter()
     for i in range(0, n, 64):
@@ -367,6 +372,9 @@ def main() -> int:
                         help=f"time the paths on the first K of the {SLIDES} slide folders")
     parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=SCORE_PRECISIONS, default=None,
+                        help="score.precision of the scoring job and plain loop (default: "
+                             "conf/local.yaml's)")
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
     parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
     parser.add_argument("--no-stages", action="store_true",
@@ -377,7 +385,7 @@ def main() -> int:
     parser.add_argument("--accuracy-json", default=str(REPO / "runs" / "accuracy.json"))
     args = parser.parse_args()
     local = REPO / "conf" / "local.yaml"
-    cfg = load_config(local)
+    cfg = load_config(local, [f"score.precision={args.precision}"] if args.precision else [])
     lake = Path(args.lake)
     t = time.perf_counter()
     build_lake(lake, args.images)
@@ -389,7 +397,8 @@ def main() -> int:
     print(precision_check(args.model))
 
     res = REPO / "runs" / "bench_results"
-    score_args = [f"score.input={timed}", f"score.model={args.model}", f"score.results={res}"]
+    score_args = [f"score.input={timed}", f"score.model={args.model}", f"score.results={res}",
+                  f"score.precision={cfg.score.precision}"]
     rates: dict[str, list[float]] = {"scoring job": [], "naive job": [], "plain loop": []}
     memory: dict[str, float] = {}
     for _ in range(args.repeats):

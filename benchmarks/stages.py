@@ -7,20 +7,22 @@ On the same images (the first ``--images`` of KRD-WBC, or ``--lake``) and the sa
 torch threads as one scoring worker (``score.threads_per_worker``, default 1), times each
 stage of ``wbc_spark.score.classify_frame`` on its own: file read, JPEG decode (with the
 conversion to RGB), cell location (downscale and stain mask), crop and resize, stain
-standardisation, the frozen layers (in fp32 and bf16, and in the scoring precision with the
-whole batch in one pass instead of ``WBCNet.chunk_per_thread`` images per thread), the
+standardisation, the frozen layers (in fp32, bf16 and, where the model has its calibration,
+int8; and in the scoring precision with the whole batch in one pass instead of
+``WBCNet.chunk_per_thread`` images per thread), the
 trained layers and head, the review distances, and turning the result into Arrow and Parquet.
 The stages add up along the path the scoring job takes: ``--precision`` (default ``auto``,
-as ``score.precision``: bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere); the other
-precision's frozen layers are shown beside it. Prints each stage's
+as ``score.precision``: bf16 on CPUs with AVX512-BF16 or AMX, fp32 elsewhere; or int8); the
+other precisions' frozen layers are shown beside it. Prints each stage's
 seconds per image and its share of the sum, the whole ``classify_frame`` for comparison, the
 network alone at the scoring batch size in each precision, the frozen layers' operators by
 share of CPU time (torch.profiler), and the instruction set oneDNN reports
 (``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran;
-with ``--ingest``, the same for the ingest job's per-file work. int8 has a benchmark of its
-own, ``benchmarks/int8.py`` (eager static quantisation of the frozen layers: torch 2.14 has no
-``quantize_fx``, and its PT2E path runs through ``torch.compile``, which failed on this network
-with freezing on; docs/PERFORMANCE.md).
+with ``--ingest``, the same for the ingest job's per-file work. int8 is the scoring job's own
+path (``wbc_spark.score.frozen_pass``: eager static quantisation of the frozen layers from the
+model's calibration; torch 2.14 has no ``quantize_fx``, and its PT2E path runs through
+``torch.compile``, which failed on this network with freezing on); ``benchmarks/int8.py``
+checks its accuracy (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ import pyarrow.parquet as pq
 import torch
 
 from wbc_spark import artifact, images, review
-from wbc_spark.config import PRECISIONS
-from wbc_spark.model.transfer import inference_precision, resolve_precision
+from wbc_spark.config import SCORE_PRECISIONS
+from wbc_spark.model.transfer import resolve_precision
 from wbc_spark.preprocessing import Preprocessing
-from wbc_spark.score import classify_frame, review_model
+from wbc_spark.score import classify_frame, frozen_pass, int8_frozen, review_model
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import CROP_STAINS
 from wbc_spark.transforms import crop_box, locate_cell
@@ -117,7 +119,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--model", default=str(REPO / "runs" / "model" / "model.pt"))
     parser.add_argument("--lake", default="", help="image folder (default: KRD-WBC's images)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+    parser.add_argument("--precision", default="auto", choices=SCORE_PRECISIONS,
                         help="the path the stages add up along (auto: as the scoring job "
                              "chooses on this CPU)")
     parser.add_argument("--ingest", action="store_true",
@@ -125,8 +127,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     chosen = resolve_precision(args.precision)
-    other = "bf16" if chosen == "fp32" else "fp32"
     model, meta = artifact.load(args.model)
+    # The chosen one last, so ``run`` is left in it.
+    precisions = [p for p in ("fp32", "bf16", "int8")
+                  if p != chosen and (p != "int8" or meta.get("int8"))] + [chosen]
     pre = Preprocessing.from_artifact(meta)
     detectors = review_model(meta)
     folder = Path(args.lake) if args.lake else default_root() / "Dataset" / "image"
@@ -146,10 +150,10 @@ def main() -> int:
             lambda: [CROP_STAINS[pre.stain](c) for c in crops])
     batch = torch.from_numpy(np.stack(crops))
     frozen = {}
-    for precision in (other, chosen):  # the chosen one last, so ``run`` is left in it
+    for precision in precisions:
         def run(p=precision):
-            with torch.inference_mode(), inference_precision(p):
-                return torch.cat([model.embed_frozen(batch[i:i + args.batch])
+            with torch.inference_mode():
+                return torch.cat([frozen_pass(model, meta, batch[i:i + args.batch], p)
                                   for i in range(0, n, args.batch)])
         run()  # warm-up (oneDNN primitive creation)
         frozen[precision], t[f"frozen layers ({precision})"] = timed(run)
@@ -157,10 +161,11 @@ def main() -> int:
         run()
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     op_total = sum(e.self_cpu_time_total for e in ops)
-    chunk = model.chunk_per_thread
-    model.chunk_per_thread = args.batch  # the whole scoring batch in one pass, as before
+    frozen_net = int8_frozen(model, meta) if chosen == "int8" else model
+    chunk = frozen_net.chunk_per_thread
+    frozen_net.chunk_per_thread = args.batch  # the whole scoring batch in one pass, as before
     _, t[f"frozen layers ({chosen}, unchunked)"] = timed(run)
-    model.chunk_per_thread = chunk
+    frozen_net.chunk_per_thread = chunk
     (logits, cell_f, lab_f), t["trained layers + head"] = timed(
         lambda: review.embed(model, frozen[chosen]))
     _, t["review distances"] = timed(lambda: detectors.distances(cell_f, lab_f))
@@ -172,7 +177,8 @@ def main() -> int:
         pq.write_table(table, io.BytesIO())
     _, t["Arrow + Parquet write"] = timed(arrow_and_write)
 
-    whole_stages = {k: v for k, v in t.items() if other not in k and "unchunked" not in k}
+    whole_stages = {k: v for k, v in t.items()
+                    if not any(f"({p})" in k for p in precisions[:-1]) and "unchunked" not in k}
     total = sum(whole_stages.values())
     _, whole = timed(lambda: [classify_frame(pd.Series(data[i:i + args.batch]), model, meta,
                                              "image", chosen)
@@ -189,14 +195,16 @@ def main() -> int:
           f"{n / total:.1f} images/s")
     print(f"{f'classify_frame, {chosen}, as the UDF runs':<36} {1000 * whole / n:9.2f}   -> "
           f"{n / whole:.1f} images/s")
-    for precision in ("fp32", "bf16"):
+    for precision in sorted(precisions):
         rate = n / t[f"frozen layers ({precision})"]
-        print(f"network alone, frozen layers {precision}: {rate:.1f} images/s; oneDNN: "
-              f"{onednn_isa(precision)}")
+        isa = (f"quantised engine {torch.backends.quantized.engine} (fbgemm kernels)"
+               if precision == "int8" else f"oneDNN: {onednn_isa(precision)}")
+        print(f"network alone, frozen layers {precision}: {rate:.1f} images/s; {isa}")
     print(f"frozen layers ({chosen}) by operator, share of self CPU time: " + ", ".join(
         f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / op_total:.0%}" for e in ops[:7]))
     print(f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}; mkldnn available: "
-          f"{torch.backends.mkldnn.is_available()}; int8: benchmarks/int8.py")
+          f"{torch.backends.mkldnn.is_available()}"
+          + ("" if meta.get("int8") else "; int8: the model has no calibration"))
     if args.ingest:
         krd = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))
         ingest_breakdown(krd[:args.images])

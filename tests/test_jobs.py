@@ -195,3 +195,14 @@ def test_scoring_refuses_a_model_for_other_classes(tmp_path, tiny_artifact):
     assert proc.returncode == 1
     assert "model is for classes" in proc.stdout + proc.stderr
     assert not (tmp_path / "res").exists()
+
+
+def test_int8_scoring_refuses_a_model_without_its_calibration(tmp_path, tiny_artifact):
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    smear().save(lake / "a.jpg")
+    proc = spark_submit("score", *score_args(tmp_path, lake, tiny_artifact),
+                        "score.precision=int8")
+    assert proc.returncode == 1
+    assert f"{tiny_artifact}: no int8 calibration in the model" in proc.stdout + proc.stderr
+    assert not (tmp_path / "res").exists()

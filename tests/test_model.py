@@ -211,3 +211,26 @@ def test_int8_frozen_layers_quantise_every_convolution_and_stay_close_to_fp32():
                if "Conv" in type(m).__name__)
     with pytest.raises(ValueError, match="at least one image"):
         quantize_frozen(net, calibration[:0])
+
+
+def test_int8_calibration_stored_as_plain_tensors_rebuilds_the_same_network():
+    import io
+
+    from wbc_spark.model.quantize import calibration_state, from_calibration, quantize_frozen
+
+    torch.manual_seed(1)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5, freeze_until="inception3b").eval()
+    calibration = torch.randint(0, 255, (4, 96, 96, 3), dtype=torch.uint8)
+    state = calibration_state(net, calibration)
+    assert state["images"] == 4 and state["observers"]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    rebuilt = from_calibration(net, torch.load(buf, weights_only=True))
+    direct = quantize_frozen(net, calibration)
+    images = torch.randint(0, 255, (3, 96, 96, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt.embed_frozen(images), direct(images))
+    other = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 5, freeze_until="inception4a").eval()
+    with pytest.raises(ValueError, match="does not fit this model"):
+        from_calibration(other, state)

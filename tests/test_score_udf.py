@@ -44,3 +44,38 @@ def test_iterator_loads_the_model_once(tiny_artifact, monkeypatch):
     batches = (pd.Series([jpeg_bytes(smear(seed=s))]) for s in range(3))
     outs = list(classify_batches(batches, str(tiny_artifact), "image"))
     assert len(outs) == 3 and len(calls) == 1
+
+
+def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifact, tmp_path):
+    import pytest
+    import torch
+
+    from wbc_spark import score
+    from wbc_spark.model.quantize import calibration_state
+    from wbc_spark.model.weights import InputConvention
+    from wbc_spark.transforms import cell_crop
+
+    model, meta = artifact.load(tiny_artifact)
+    data = pd.Series([jpeg_bytes(smear(seed=s)) for s in (4, 5, 6)])
+    with pytest.raises(artifact.ArtifactError, match="no int8 calibration"):
+        classify_frame(data, model, meta, "image", "int8")
+
+    calibration = torch.from_numpy(np.stack([cell_crop(smear(seed=200 + i), 224)[0]
+                                             for i in range(6)]))
+    path = tmp_path / "int8.pt"
+    model_id = artifact.save(
+        path, model, classes=CLASSES, source=meta["architecture"]["source"],
+        convention=InputConvention.from_dict(meta["preprocessing"]["input_convention"]),
+        preprocessing=meta["preprocessing"], config={},
+        provenance={}, metrics={}, review=meta["review"], confusion=meta["confusion"],
+        int8=calibration_state(model, calibration))
+    assert model_id != meta["model_id"]  # the calibration is part of the model's identity
+    model8, meta8 = artifact.load(path)
+    assert meta8["int8"]["images"] == 6
+    fp32 = classify_frame(data, model8, meta8, "image", "fp32")
+    int8 = classify_frame(data, model8, meta8, "image", "int8")
+    assert model_id in score._INT8
+    probs = [f"p_{c}" for c in CLASSES]
+    assert int8.error.isna().all()
+    assert np.abs(int8[probs].to_numpy() - fp32[probs].to_numpy()).max() < 0.05
+    assert not np.array_equal(int8[probs].to_numpy(), fp32[probs].to_numpy())

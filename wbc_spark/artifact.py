@@ -46,12 +46,14 @@ def versions() -> dict:
 def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: str,
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
          metrics: dict, temperature: float = 1.0, trained_on: dict | None = None,
-         review: dict | None = None, confusion: dict | None = None) -> str:
+         review: dict | None = None, confusion: dict | None = None,
+         int8: dict | None = None) -> str:
     """Atomically write the artifact; return its model ID (see ``model_digest``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     review = review or {}
     confusion = confusion or {}
-    model_id = model_digest(state, temperature, review, preprocessing, confusion)
+    int8 = int8 or {}
+    model_id = model_digest(state, temperature, review, preprocessing, confusion, int8)
     payload = {
         "format": FORMAT,
         "model_id": model_id,
@@ -73,6 +75,9 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         # Held-out test-fold confusion for the corrected differential
         # (wbc_spark.differential.Confusion.to_state).
         "confusion": confusion,
+        # int8 activation ranges (wbc_spark.model.quantize.calibration_state); empty: the
+        # model cannot score in int8.
+        "int8": int8,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -92,10 +97,10 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
 
 
 def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict,
-                 confusion: dict | None = None) -> str:
+                 confusion: dict | None = None, int8: dict | None = None) -> str:
     """The model ID: a digest of everything that changes a prediction, a flag or a corrected
     share (weights, temperature, review detectors and thresholds, preprocessing, held-out
-    confusion), so a recalibrated model is a new model whose results do not mix with the old
+    confusion, int8 calibration), so a recalibrated model is a new model whose results do not mix with the old
     one's."""
     digest = hashlib.sha256()
     for k in sorted(state):
@@ -117,6 +122,8 @@ def model_digest(state: dict, temperature: float, review: dict, preprocessing: d
     walk("preprocessing", preprocessing)
     if confusion:
         walk("confusion", confusion)
+    if int8:
+        walk("int8", int8)
     return digest.hexdigest()[:16]
 
 

@@ -26,6 +26,9 @@ STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround", "reinhard"
 # Frozen layers' arithmetic (model/transfer.py); "auto" is bf16 where the CPU computes it
 # natively (AVX512-BF16 or AMX), fp32 elsewhere.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+# Scoring may also run the frozen layers in int8 (model/quantize.py), from the calibration a
+# model was trained with; never chosen by "auto".
+SCORE_PRECISIONS: tuple[str, ...] = PRECISIONS + ("int8",)
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class")  # wbc_spark/train.py
 
@@ -141,6 +144,10 @@ class TrainConfig:
     # where each process's CPU has AVX512-BF16 or AMX, fp32 elsewhere; logged). The
     # training steps themselves always run in fp32.
     frozen_precision: str = "auto"
+    # Unaugmented training crops whose activation ranges are stored in the artifact, so that
+    # score.precision=int8 can run its frozen layers in int8 (256 kept macro-F1 within 0.005
+    # of fp32, 64 did not: docs/PERFORMANCE.md); 0: no int8 for this model.
+    int8_calibration: int = 256
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 
@@ -190,7 +197,8 @@ class ScoreConfig:
     # (Spark's default parallelism), so no core idles while another finishes a larger task.
     tasks_per_core: int = 4
     # Frozen layers in "bf16" (CPU autocast), "fp32" or "auto" (as train.frozen_precision,
-    # chosen by each Python worker's CPU); the trained layers always in fp32.
+    # chosen by each Python worker's CPU), or "int8" (x86 quantisation, from the calibration
+    # stored in the model; asked for, never chosen); the trained layers always in fp32.
     precision: str = "auto"
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
 
@@ -384,10 +392,14 @@ def validate(config: Config) -> None:
                         ("score.outside_links", config.score.outside_links)):
         if value not in ("refuse", "follow"):
             raise ConfigError(f"{name}={value!r}; choose refuse or follow")
-    for name, value in (("train.frozen_precision", config.train.frozen_precision),
-                        ("score.precision", config.score.precision)):
-        if value not in PRECISIONS:
-            raise ConfigError(f"{name}={value!r}; choose {' or '.join(PRECISIONS)}")
+    for name, value, choices in (
+            ("train.frozen_precision", config.train.frozen_precision, PRECISIONS),
+            ("score.precision", config.score.precision, SCORE_PRECISIONS)):
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r}; choose {' or '.join(choices)}")
+    if config.train.int8_calibration < 0:
+        raise ConfigError(f"train.int8_calibration={config.train.int8_calibration}: a number "
+                          "of training crops, 0 for none")
     if not 0 <= config.augment.frame_edge <= 1:
         raise ConfigError(f"augment.frame_edge={config.augment.frame_edge}: a probability, "
                           "0..1")

@@ -42,7 +42,6 @@ from pyspark.sql import types as T
 
 from wbc_spark import artifact, explain, images, score, tables
 from wbc_spark.config import Config
-from wbc_spark.model.transfer import inference_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.folder import local_path
 from wbc_spark.transforms import cell_crop
@@ -300,8 +299,10 @@ def render_cells(rows: pd.DataFrame, model, meta: dict, size: int, precision: st
             tile["problem"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         tiles.append(tile)
     if crops:
-        with torch.inference_mode(), inference_precision(precision):
-            frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
+        with torch.inference_mode():
+            # As scoring computed them, so the map explains the prediction in the table.
+            frozen = score.frozen_pass(model, meta, torch.from_numpy(np.stack(crops)),
+                                       precision)
         maps, _ = explain.class_activation_maps(model, frozen.float())
         up = explain.upsample(maps, pre.crop_size)
         shown = iter(range(len(crops)))

@@ -76,6 +76,7 @@ from wbc_spark import artifact, differential, images, preprocessing, review, tab
 from wbc_spark.config import Config
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import wilson
+from wbc_spark.model import quantize
 from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
@@ -159,6 +160,37 @@ def load_model_once(path: str, threads: int = 1):
     return _cached_model(path, os.path.getmtime(path), threads)
 
 
+_INT8: dict[str, torch.nn.Module] = {}
+
+
+def require_int8(meta: dict, what: str) -> None:
+    if not meta.get("int8"):
+        raise artifact.ArtifactError(
+            f"{what}: no int8 calibration in the model (trained with train.int8_calibration=0, "
+            "or before int8 existed); score with score.precision=fp32, bf16 or auto, or train "
+            "it again")
+
+
+def int8_frozen(model, meta: dict) -> torch.nn.Module:
+    """The model's frozen layers in int8, built once per process from the calibration its
+    training stored; refuses a model trained without one."""
+    model_id = meta["model_id"]
+    if model_id not in _INT8:
+        require_int8(meta, f"model {model_id}")
+        _INT8.clear()  # one model per worker at a time
+        _INT8[model_id] = quantize.from_calibration(model, meta["int8"]).eval()
+    return _INT8[model_id]
+
+
+def frozen_pass(model, meta: dict, crops: torch.Tensor, precision: str) -> torch.Tensor:
+    """The frozen layers' output for uint8 ``crops``, in ``precision`` ("int8" or as
+    ``inference_precision``)."""
+    if precision == "int8":
+        return int8_frozen(model, meta).embed_frozen(crops)
+    with inference_precision(precision):
+        return model.embed_frozen(crops)
+
+
 def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, bool]:
     pre = Preprocessing.from_artifact(meta)
     size = pre.crop_size
@@ -227,8 +259,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         with torch.inference_mode():
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
-            with inference_precision(precision):
-                frozen = model.embed_frozen(torch.from_numpy(np.stack(crops)))
+            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
         logits, cell_features, lab_features = review.embed(model, frozen)
         probs = softmax(logits, float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
@@ -445,6 +476,8 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
         raise artifact.ArtifactError(f"{model_path}: model has no held-out confusion matrix "
                                      "for the corrected differential (trained before it "
                                      "existed); train it again")
+    if s.precision == "int8":
+        require_int8(meta, model_path)
     thresholds = thresholds_of(meta, config.review)
     lab = review.LabDetector.from_state(meta["review"]["lab"])
     log.info("review thresholds: %s (lab_threshold 0: per training lab %s); shift alarm above "
@@ -481,9 +514,15 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     todo = (frame.join(done, "sha256", "left_anti")
             .withColumn("_n", first).where(F.col("_n") == 1).drop("_n")
             .repartition(tasks))
+    detail = ""
+    if s.precision == "auto":
+        detail = (f" ({resolve_precision('auto')} on the driver's CPU; each Python worker "
+                  "chooses by its own)")
+    elif s.precision == "int8":
+        detail = (f" ({meta['int8']['backend']} quantisation, activation ranges from "
+                  f"{meta['int8']['images']} training crops)")
     log.info("scoring with model %s, frozen layers in %s%s, trained layers in fp32", model_id,
-             s.precision, f" ({resolve_precision('auto')} on the driver's CPU; each Python "
-             "worker chooses by its own)" if s.precision == "auto" else "")
+             s.precision, detail)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
                    thresholds)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]

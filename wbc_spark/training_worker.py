@@ -27,6 +27,7 @@ import torch.distributed as dist
 from wbc_spark import artifact, differential, metrics, review
 from wbc_spark.augment import AugmentSettings, augment
 from wbc_spark.config import ReviewConfig as ReviewSettings
+from wbc_spark.model import quantize
 from wbc_spark.model.transfer import build_classifier, parameter_summary, resolve_precision
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.sources.folder import local_path
@@ -52,6 +53,7 @@ class TrainingJob:
     views: int
     cache_gib: float
     frozen_precision: str
+    int8_calibration: int  # unaugmented training crops for int8's activation ranges
     augment: AugmentSettings
     local_mode: bool
     review: ReviewSettings
@@ -164,14 +166,37 @@ PLAIN_BATCHES = 16
 
 
 def plain_sample(model, job: TrainingJob, precision: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The lab detector's training data: the first ``PLAIN_BATCHES`` unaugmented training
-    crops through the frozen layers, pooled (``review.pooled``), with their labels and labs.
-    Small enough to send from one rank to another."""
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The lab detector's training data: the first ``PLAIN_BATCHES`` batches of unaugmented
+    training crops through the frozen layers, pooled (``review.pooled``), with their labels
+    and labs; and the int8 calibration (``quantize.calibration_state``, empty when
+    ``job.int8_calibration`` is 0) from evenly spaced crops of the same batches. Small
+    enough to send from one rank to another."""
     rows: list[int] = []
-    frozen, labels = frozen_features(model, itertools.islice(
-        converter_batches(job.conv_train, job.crop_size, rows), PLAIN_BATCHES), precision)
-    return review.pooled(frozen), labels, np.asarray([job.sources[r] for r in rows])
+    kept: list[torch.Tensor] = []
+
+    def batches() -> Iterator[Batch]:
+        # The batches are as the Parquet files' row groups cut them (some under 64 crops),
+        # so the sample's size is known only at its end: keep its crops (at most
+        # PLAIN_BATCHES x 64 x 150 KB) until then.
+        for images, labels in itertools.islice(
+                converter_batches(job.conv_train, job.crop_size, rows), PLAIN_BATCHES):
+            if job.int8_calibration:
+                kept.append(images)
+            yield images, labels
+
+    frozen, labels = frozen_features(model, batches(), precision)
+    int8 = {}
+    if kept:
+        sample = torch.cat(kept)
+        kept.clear()
+        pick = np.unique(np.linspace(0, len(sample) - 1, job.int8_calibration).round()
+                         .astype(int))
+        start = time.perf_counter()
+        int8 = quantize.calibration_state(model, sample[torch.from_numpy(pick)])
+        log.info("int8 calibration on %d unaugmented training crops in %.1f s",
+                 int8["images"], time.perf_counter() - start)
+    return review.pooled(frozen), labels, np.asarray([job.sources[r] for r in rows]), int8
 
 
 def distributed_worker(job: TrainingJob) -> dict | None:
@@ -274,7 +299,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     if main:
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
-        plain_pooled, plain_labels, plain_labs = plain
+        plain_pooled, plain_labels, plain_labs, int8 = plain
         detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
                                result.temperature, len(classes), job.review,
                                plain_pooled=plain_pooled, plain_labels=plain_labels,
@@ -288,7 +313,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
                "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
-                                   parameter_summary(model), detectors, run)
+                                   parameter_summary(model), detectors, run, int8)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -301,7 +326,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
 
 def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, test_feats: torch.Tensor,
                      labels: np.ndarray, rows: list[int], params: dict,
-                     detectors: review.ReviewModel, run: dict) -> dict:
+                     detectors: review.ReviewModel, run: dict, int8: dict | None = None
+                     ) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
     classes = job.classes
     out = Path(job.output)
@@ -342,7 +368,7 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, tes
                                                   "macro_f1", "ece")},
                  "best_val_macro_f1": result.best_val_macro_f1},
         temperature=result.temperature, trained_on=job.trained_on,
-        review=detectors.to_state(), confusion=confusion.to_state(),
+        review=detectors.to_state(), confusion=confusion.to_state(), int8=int8,
     )
     evaluation["model_id"] = model_id
     ids = [job.image_ids[r] for r in rows]

@@ -6,8 +6,12 @@ Inception blocks concatenate through ``FloatFunctional`` (so the concatenation h
 observed scale), and the LocalResponseNorm layers run in float between a dequantise and a
 quantise. Activation scales come from calibration images; weights are quantised per channel.
 
-Measurement only for now (``benchmarks/int8.py``): the scoring job does not offer int8 until
-its accuracy on images the model did not train on has been checked (docs/PERFORMANCE.md).
+Training calibrates on unaugmented training crops and stores the activation observers'
+state in the artifact (``calibration_state``: float tensors only, so the artifact still loads
+with ``weights_only=True``); ``score.precision=int8`` rebuilds the same int8 network from it
+(``from_calibration``). The weights' scales are recomputed from the float weights, per channel,
+so the two give the same network. Accuracy against fp32: ``benchmarks/int8.py``
+(docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch.ao import quantization as tq
 from torch.ao.nn.quantized import FloatFunctional
 
 from wbc_spark.model.googlenet import Inception, LocalResponseNorm
-from wbc_spark.model.transfer import WBCNet
+from wbc_spark.model.transfer import WBCNet, in_chunks
 
 BACKEND = "x86"
 
@@ -60,10 +64,15 @@ class Int8Frozen(nn.Module):
         self.quant = tq.QuantStub()
         self.body = _rebuild(copy.deepcopy(model.frozen))
         self.dequant = tq.DeQuantStub()
+        self.chunk_per_thread = model.chunk_per_thread
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.quant(self.normalize(images).contiguous(memory_format=torch.channels_last))
         return self.dequant(self.body(x)).contiguous()
+
+    def embed_frozen(self, images: torch.Tensor) -> torch.Tensor:
+        """As ``WBCNet.embed_frozen``: in chunks of ``chunk_per_thread`` x torch threads."""
+        return in_chunks(self, images, self.chunk_per_thread * torch.get_num_threads())
 
 
 def _rebuild(module: nn.Module) -> nn.Module:
@@ -81,18 +90,57 @@ def _rebuild(module: nn.Module) -> nn.Module:
     return module
 
 
-def quantize_frozen(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
-                    ) -> Int8Frozen:
-    """The frozen part of ``model`` in int8, its activation ranges observed on
-    ``calibration`` (uint8 N x H x W x 3 images of the kind it will see)."""
-    if len(calibration) == 0:
-        raise ValueError("int8 calibration needs at least one image")
+def _observed(model: WBCNet) -> Int8Frozen:
+    """``model``'s frozen part rebuilt for quantisation, with an observer after each op."""
+    if BACKEND not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"int8 needs PyTorch's {BACKEND} quantisation engine, which this "
+                           f"CPU or build lacks (it has {torch.backends.quantized.supported_engines}"
+                           "); use score.precision=fp32 or bf16")
     torch.backends.quantized.engine = BACKEND
     net = Int8Frozen(model).eval()
     net.qconfig = tq.get_default_qconfig(BACKEND)
     net.normalize.qconfig = None
-    tq.prepare(net, inplace=True)
-    with torch.no_grad():
-        for i in range(0, len(calibration), chunk):
-            net(calibration[i:i + chunk])
+    return tq.prepare(net, inplace=True)
+
+
+def _observe(model: WBCNet, calibration: torch.Tensor, chunk: int) -> Int8Frozen:
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one image")
+    net = _observed(model)
+    in_chunks(net, calibration, chunk)
+    return net
+
+
+def quantize_frozen(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
+                    ) -> Int8Frozen:
+    """The frozen part of ``model`` in int8, its activation ranges observed on
+    ``calibration`` (uint8 N x H x W x 3 images of the kind it will see)."""
+    return tq.convert(_observe(model, calibration, chunk), inplace=True)
+
+
+OBSERVER = "activation_post_process"
+
+
+def calibration_state(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
+                      ) -> dict:
+    """What int8 learns from ``calibration``, for the artifact: the activation observers'
+    state (float tensors) and how many images it saw. ``from_calibration`` turns it back
+    into ``quantize_frozen(model, calibration)``'s network."""
+    net = _observe(model, calibration, chunk)
+    observers = {k: v.detach().clone() for k, v in net.state_dict().items()
+                 if f".{OBSERVER}." in f".{k}"}
+    return {"backend": BACKEND, "images": int(len(calibration)), "observers": observers}
+
+
+def from_calibration(model: WBCNet, state: dict) -> Int8Frozen:
+    """The int8 frozen part of ``model`` from ``calibration_state``'s output; refuses a state
+    that does not fit the model's layers."""
+    net = _observed(model)
+    expected = {k for k in net.state_dict() if f".{OBSERVER}." in f".{k}"}
+    given = set(state.get("observers", {}))
+    if state.get("backend") != BACKEND or given != expected:
+        raise ValueError(f"int8 calibration does not fit this model ({len(given)} observer "
+                         f"tensors for {len(expected)}, backend {state.get('backend')!r}); "
+                         "train the model again")
+    net.load_state_dict(state["observers"], strict=False)
     return tq.convert(net, inplace=True)

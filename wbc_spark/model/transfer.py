@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
-from wbc_spark.config import PRECISIONS
+from wbc_spark.config import SCORE_PRECISIONS
 from wbc_spark.model.weights import (InputConvention, Normalize, PretrainedModel,
                                      build_architecture)
 
@@ -45,9 +45,10 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> str:
     """``precision`` as it runs on a CPU with ``flags`` (default: this process's): "auto"
     becomes "bf16" where the CPU has AVX512-BF16 or AMX and "fp32" elsewhere (logged once
-    per process); "fp32" and "bf16" stay as asked."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
+    per process); "fp32", "bf16" and "int8" (scoring only) stay as asked."""
+    if precision not in SCORE_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; choose one of "
+                         f"{', '.join(SCORE_PRECISIONS)}")
     if precision != "auto":
         return precision
     native = sorted(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
@@ -63,6 +64,9 @@ def inference_precision(precision: str) -> contextlib.AbstractContextManager:
     matrix products in bfloat16 through CPU autocast; fast on CPUs with AVX512-BF16 or AMX,
     slow elsewhere) or "auto" (``resolve_precision``). Training steps always run in fp32."""
     precision = resolve_precision(precision)
+    if precision == "int8":
+        raise ValueError("int8 is not an autocast context: run the frozen layers through "
+                         "wbc_spark.score.frozen_pass")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -99,6 +103,14 @@ def googlenet_stages(net: nn.Module) -> OrderedDict[str, nn.Module]:
     stages["inception5b"] = net.inception5b
     stages["avgpool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     return stages
+
+
+def in_chunks(fn, images: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn(images)`` without gradient, computed ``chunk`` images at a time."""
+    with torch.no_grad():
+        if len(images) <= chunk:
+            return fn(images)
+        return torch.cat([fn(images[i:i + chunk]) for i in range(0, len(images), chunk)])
 
 
 class WBCNet(nn.Module):
@@ -146,12 +158,8 @@ class WBCNet(nn.Module):
     def embed_frozen(self, images: torch.Tensor) -> torch.Tensor:
         """Output of the frozen part for uint8 N x H x W x 3 images (no gradient), computed
         ``chunk_per_thread`` x torch threads images at a time."""
-        chunk = self.chunk_per_thread * torch.get_num_threads()
-        with torch.no_grad():
-            if len(images) <= chunk:
-                return self.frozen(self.normalize(images))
-            return torch.cat([self.frozen(self.normalize(images[i:i + chunk]))
-                              for i in range(0, len(images), chunk)])
+        return in_chunks(lambda x: self.frozen(self.normalize(x)), images,
+                         self.chunk_per_thread * torch.get_num_threads())
 
     def head(self, frozen_out: torch.Tensor) -> torch.Tensor:
         """Trainable part: frozen-part output -> class logits."""
