@@ -1,6 +1,7 @@
 """Speed and scale: scoring, ingest and training, each path against its baseline in one run.
 
     .venv/bin/python benchmarks/speed.py [--images 10000] [--slides 20] [--repeats 3]
+    .venv/bin/python benchmarks/speed.py --job-only fp32,int8 [--images 2000] [--repeats 1]
 
 1. Builds a benchmark lake of distinct 512 x 512 JPEGs from KRD-WBC (flips, rotations and
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
@@ -375,6 +376,9 @@ def main() -> int:
     parser.add_argument("--precision", choices=SCORE_PRECISIONS, default=None,
                         help="score.precision of the scoring job and plain loop (default: "
                              "conf/local.yaml's)")
+    parser.add_argument("--job-only", default="", metavar="PRECISIONS",
+                        help="time only the scoring job, once per comma-separated precision "
+                             "(e.g. fp32,int8), and stop")
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
     parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
     parser.add_argument("--no-stages", action="store_true",
@@ -394,11 +398,19 @@ def main() -> int:
     timed = sub_lake(lake, args.slides)
     paths = sorted(timed.rglob("*.jpg"))
     print(f"paths timed on {len(paths)} images ({timed})")
-    print(precision_check(args.model))
-
     res = REPO / "runs" / "bench_results"
     score_args = [f"score.input={timed}", f"score.model={args.model}", f"score.results={res}",
                   f"score.precision={cfg.score.precision}"]
+    if args.job_only:
+        for precision in args.job_only.split(","):
+            rates_p = [run_path("job", local, [*score_args, f"score.precision={precision}"],
+                                [res])[0] for _ in range(args.repeats)]
+            print(f"scoring job, score.precision={precision}: "
+                  f"{statistics.median(rates_p):.1f} images/s "
+                  f"(runs: {', '.join(f'{x:.1f}' for x in rates_p)})")
+        return 0
+    print(precision_check(args.model))
+
     rates: dict[str, list[float]] = {"scoring job": [], "naive job": [], "plain loop": []}
     memory: dict[str, float] = {}
     for _ in range(args.repeats):
