@@ -8,8 +8,9 @@
    slide folders; ``--slides K`` times the paths on the first K folders only.
 2. Precision: the model's predictions on its held-out test-fold images (``test_predictions.csv``
    beside the model; without it, the 600 KRD-WBC images) in fp32, in bf16 (where the CPU has it
-   natively) and, where the model has its calibration, in int8 (agreement with fp32, macro-F1 of each per lab), since the
-   scoring job runs in ``score.precision`` (``--precision`` sets it for this run).
+   natively) and, where the model has its calibration, in int8 (agreement with fp32, macro-F1
+   of each per lab), since the scoring job runs in ``score.precision`` (``--precision`` sets it
+   for this run).
 3. Scoring, in images per second (median of ``--repeats`` runs each, paths interleaved):
    - the scoring job (wbc_spark.score.run_scoring: iterator pandas UDF, model loaded once per
      worker, ``score.precision``, tables written), each repeat into a fresh results table;

@@ -100,8 +100,8 @@ def model_digest(state: dict, temperature: float, review: dict, preprocessing: d
                  confusion: dict | None = None, int8: dict | None = None) -> str:
     """The model ID: a digest of everything that changes a prediction, a flag or a corrected
     share (weights, temperature, review detectors and thresholds, preprocessing, held-out
-    confusion, int8 calibration), so a recalibrated model is a new model whose results do not mix with the old
-    one's."""
+    confusion, int8 calibration), so a recalibrated model is a new model whose results do not
+    mix with the old one's."""
     digest = hashlib.sha256()
     for k in sorted(state):
         digest.update(k.encode())

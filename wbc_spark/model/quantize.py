@@ -92,10 +92,11 @@ def _rebuild(module: nn.Module) -> nn.Module:
 
 def _observed(model: WBCNet) -> Int8Frozen:
     """``model``'s frozen part rebuilt for quantisation, with an observer after each op."""
-    if BACKEND not in torch.backends.quantized.supported_engines:
+    engines = torch.backends.quantized.supported_engines
+    if BACKEND not in engines:
         raise RuntimeError(f"int8 needs PyTorch's {BACKEND} quantisation engine, which this "
-                           f"CPU or build lacks (it has {torch.backends.quantized.supported_engines}"
-                           "); use score.precision=fp32 or bf16")
+                           f"CPU or build lacks (it has {engines}); use score.precision=fp32 "
+                           "or bf16")
     torch.backends.quantized.engine = BACKEND
     net = Int8Frozen(model).eval()
     net.qconfig = tq.get_default_qconfig(BACKEND)
