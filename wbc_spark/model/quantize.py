@@ -122,14 +122,18 @@ def quantize_frozen(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
 OBSERVER = "activation_post_process"
 
 
+def _observer_state(net: Int8Frozen) -> dict[str, torch.Tensor]:
+    """The activation observers' entries of an observed network's state."""
+    return {k: v for k, v in net.state_dict().items() if f".{OBSERVER}." in f".{k}"}
+
+
 def calibration_state(model: WBCNet, calibration: torch.Tensor, *, chunk: int = 16
                       ) -> dict:
     """What int8 learns from ``calibration``, for the artifact: the activation observers'
     state (float tensors) and how many images it saw. ``from_calibration`` turns it back
     into ``quantize_frozen(model, calibration)``'s network."""
     net = _observe(model, calibration, chunk)
-    observers = {k: v.detach().clone() for k, v in net.state_dict().items()
-                 if f".{OBSERVER}." in f".{k}"}
+    observers = {k: v.detach().clone() for k, v in _observer_state(net).items()}
     return {"backend": BACKEND, "images": int(len(calibration)), "observers": observers}
 
 
@@ -137,7 +141,7 @@ def from_calibration(model: WBCNet, state: dict) -> Int8Frozen:
     """The int8 frozen part of ``model`` from ``calibration_state``'s output; refuses a state
     that does not fit the model's layers."""
     net = _observed(model)
-    expected = {k for k in net.state_dict() if f".{OBSERVER}." in f".{k}"}
+    expected = set(_observer_state(net))
     given = set(state.get("observers", {}))
     if state.get("backend") != BACKEND or given != expected:
         raise ValueError(f"int8 calibration does not fit this model ({len(given)} observer "
