@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/speed.py [--images 10000] [--slides 20] [--repeats 3]
     .venv/bin/python benchmarks/speed.py --job-only fp32,int8 [--images 2000] [--repeats 1]
+    (each precision: the job's rate, then its fixed cost per run and marginal rate per image)
 
 1. Builds a benchmark lake of distinct 512 x 512 JPEGs from KRD-WBC (flips, rotations and
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
@@ -19,8 +20,9 @@
    - the scoring job's inference code (decode, locate, crop, classify) in one plain process.
    While the jobs run, the peak resident memory of every Python worker is sampled.
    Then the network alone at the scoring precision (random crops, two threads) and the job's
-   share of it, and ``benchmarks/stages.py``'s breakdown of one worker's time per image by
-   stage (``--no-stages`` skips it).
+   share of it; the job once more on the first slide folder alone, which splits a run's time
+   into a fixed cost per run and a marginal rate per image; and ``benchmarks/stages.py``'s
+   breakdown of one worker's time per image by stage (``--no-stages`` skips it).
 4. The model's FLOPs per image (torch's FlopCounterMode) times images/s over the machine's
    peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
 5. Scale-out: ingest and scoring on a local standalone cluster with one and with two one-core
@@ -171,6 +173,35 @@ def network_alone(model_path: str, precision: str, threads: int, n: int = 256) -
     for i in range(0, n, 64):
         batch(crops[i:i + 64])
     return n / (time.perf_counter() - start)
+
+
+def per_run_split(big: tuple[int, float], small: tuple[int, float]) -> tuple[float, float]:
+    """A run's fixed cost (s) and the job's marginal rate (images/s) from (images, images/s)
+    of two runs on different lake sizes, taking a run's time as fixed + images / marginal."""
+    (n_big, rate_big), (n_small, rate_small) = big, small
+    t_big, t_small = n_big / rate_big, n_small / rate_small
+    if n_big <= n_small or t_big <= t_small:
+        raise ValueError(f"cannot split {big} and {small}: the larger run must take longer")
+    marginal = (n_big - n_small) / (t_big - t_small)
+    return t_small - n_small / marginal, marginal
+
+
+def split_line(lake: Path, score_args: list[str], rate: float, n: int, alone: float) -> str:
+    """Time the scoring job once more on the lake's first slide folder and say how its time
+    divides into a per-run fixed cost and a per-image (marginal) rate."""
+    small = sub_lake(lake, 1)
+    n_small = len(list(small.rglob("*.jpg")))
+    if n_small >= n:
+        return "  per run: not split (the timed lake is no larger than one slide folder)"
+    res = REPO / "runs" / "bench_results_small"
+    args = [a for a in score_args if not a.startswith(("score.input=", "score.results="))]
+    rate_small = run_path("job", REPO / "conf" / "local.yaml",
+                          [*args, f"score.input={small}", f"score.results={res}"], [res])[0]
+    fixed, marginal = per_run_split((n, rate), (n_small, rate_small))
+    return (f"  per run: {fixed:.1f} s fixed (listing, copies, worker start-up, tables; from "
+            f"{n_small} images at {rate_small:.1f} images/s beside {n} at {rate:.1f}), then "
+            f"{marginal:.1f} images/s per image: {marginal / alone:.0%} of the network alone "
+            f"({alone:.1f} images/s)")
 
 
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
@@ -404,11 +435,13 @@ def main() -> int:
                   f"score.precision={cfg.score.precision}"]
     if args.job_only:
         for precision in args.job_only.split(","):
-            rates_p = [run_path("job", local, [*score_args, f"score.precision={precision}"],
-                                [res])[0] for _ in range(args.repeats)]
-            print(f"scoring job, score.precision={precision}: "
-                  f"{statistics.median(rates_p):.1f} images/s "
+            args_p = [*score_args, f"score.precision={precision}"]
+            rates_p = [run_path("job", local, args_p, [res])[0] for _ in range(args.repeats)]
+            rate = statistics.median(rates_p)
+            print(f"scoring job, score.precision={precision}: {rate:.1f} images/s "
                   f"(runs: {', '.join(f'{x:.1f}' for x in rates_p)})")
+            print(split_line(lake, args_p, rate, len(paths),
+                             network_alone(args.model, precision, threads=2)), flush=True)
         return 0
     print(precision_check(args.model))
 
@@ -433,6 +466,7 @@ def main() -> int:
           "frozen layers, fp32 trained layers, 2 threads, "
           f"random 224 x 224 crops): {alone:.1f} images/s; scoring job / network alone: "
           f"{med['scoring job'] / alone:.0%} (target >= 80%)")
+    print(split_line(lake, score_args, med["scoring job"], len(paths), alone))
     for k, mib in memory.items():
         print(f"{k:<12} peak Python worker memory {mib:.0f} MiB over {len(paths)} images "
               "(target < 1536 MiB)")

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from wbc_spark.metrics import wilson
 
@@ -51,6 +50,10 @@ class Gaussian:
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int) -> Gaussian:
+        # Imported here: scikit-learn costs every scoring worker about a second at start-up,
+        # and only training fits.
+        from sklearn.covariance import LedoitWolf
+
         x = np.asarray(x, np.float64)
         present = [c for c in range(num_classes) if (y == c).any()]
         means = np.stack([x[y == c].mean(0) for c in present])

@@ -1,0 +1,34 @@
+"""The arithmetic the benchmarks print (their timings are measured by running them)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_run_split_recovers_fixed_cost_and_marginal_rate(speed):
+    fixed, marginal = 17.0, 26.0
+
+    def run(n):  # (images, images/s) of a run that costs fixed + n / marginal seconds
+        return n, n / (fixed + n / marginal)
+
+    got_fixed, got_marginal = speed.per_run_split(run(2000), run(100))
+    assert got_fixed == pytest.approx(fixed)
+    assert got_marginal == pytest.approx(marginal)
+
+
+def test_per_run_split_refuses_runs_that_cannot_be_split(speed):
+    with pytest.raises(ValueError, match="larger run must take longer"):
+        speed.per_run_split((100, 10.0), (2000, 20.0))
+    with pytest.raises(ValueError, match="larger run must take longer"):
+        speed.per_run_split((2000, 400.0), (100, 10.0))  # 5 s against 10 s
