@@ -206,3 +206,9 @@ def test_int8_scoring_refuses_a_model_without_its_calibration(tmp_path, tiny_art
     assert proc.returncode == 1
     assert f"{tiny_artifact}: no int8 calibration in the model" in proc.stdout + proc.stderr
     assert not (tmp_path / "res").exists()
+    # The report's activation maps run the same frozen pass: refused on the driver too.
+    report = spark_submit("report", *score_args(tmp_path, lake, tiny_artifact),
+                          "score.precision=int8", f"report.output={tmp_path / 'report'}")
+    assert report.returncode == 1
+    assert f"{tiny_artifact}: no int8 calibration in the model" in report.stdout + report.stderr
+    assert not (tmp_path / "report").exists()

@@ -377,6 +377,8 @@ def run_report(spark: SparkSession, config: Config) -> dict:
     s, r = config.score, config.report
     model_path = str(Path(s.model).resolve())
     _, meta = artifact.load(model_path, expected_classes=list(config.classes))
+    if s.precision == "int8":  # refused here, not in every Python worker
+        score.require_int8(meta, model_path)
     model_id, classes = meta["model_id"], list(meta["classes"])
     schema = score.results_schema(classes)
     stored = tables.read(spark, s.results, T.StructType(
