@@ -14,6 +14,8 @@ import pytest
 from conftest import jpeg_bytes, smear, spark_submit
 from PIL import Image
 
+from wbc_spark.model.transfer import resolve_precision
+
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
 
@@ -148,6 +150,8 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     good = res[res.error.isna()]
     assert good.predicted_class.notna().all() and set(good.slide) == {"s1", "s2"}
     assert good.lab_distance.notna().all() and good.beyond_lab_range.notna().all()
+    # score.precision=auto, resolved by each worker's CPU (this machine's) and recorded.
+    assert (good.precision == resolve_precision("auto")).all() and broken.precision is None
     per = pd.read_parquet(tmp_path / "res_per_class")
     overall = per[per.slide.isna()]
     assert overall["count"].sum() == 7 and (overall.classified == 7).all()

@@ -20,6 +20,7 @@ def test_classify_frame_scores_good_and_flags_bad(tiny_artifact):
     assert good.predicted_class.isna().sum() == 0
     assert out.loc[1, "predicted_class"] is None and np.isnan(out.loc[1, "p_Basophil"])
     assert out.loc[0, "sha256"] and out.loc[1, "sha256"]
+    assert list(out.precision) == ["fp32", None, None, "fp32"]  # null where nothing ran
 
 
 def test_stored_crops_are_scored_like_images(tiny_artifact):
@@ -77,5 +78,6 @@ def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifa
     assert model_id in score._INT8
     probs = [f"p_{c}" for c in CLASSES]
     assert int8.error.isna().all()
+    assert (int8.precision == "int8").all() and (fp32.precision == "fp32").all()
     assert np.abs(int8[probs].to_numpy() - fp32[probs].to_numpy()).max() < 0.05
     assert not np.array_equal(int8[probs].to_numpy(), fp32[probs].to_numpy())

@@ -105,6 +105,9 @@ def prediction_schema(classes: list[str]) -> T.StructType:
         T.StructField("needs_review", T.BooleanType()),
         T.StructField("review_reason", T.StringType()),
         T.StructField("error", T.StringType()),
+        # What the frozen layers ran in for this image (fp32, bf16 or int8; "auto" resolved
+        # by the worker's own CPU); null where the network did not run.
+        T.StructField("precision", T.StringType()),
     ])
 
 
@@ -239,7 +242,8 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                         "lab_distance": np.full(n, np.nan), "beyond_lab_range": [None] * n,
                         "nearest_lab": [None] * n,
                         "needs_review": [True] * n,
-                        "review_reason": ["unreadable"] * n, "error": [None] * n})
+                        "review_reason": ["unreadable"] * n, "error": [None] * n,
+                        "precision": [None] * n})
     crops, ok = [], []
     for i, blob in enumerate(data):
         if blob is not None and kind == "image":
@@ -256,6 +260,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         ok.append(i)
         out.at[i, "cell_found"] = found
     if crops:
+        precision = resolve_precision(precision)  # "auto" as this worker's CPU decides
         with torch.inference_mode():
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
@@ -276,6 +281,7 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                                out.loc[idx, "cell_found"].to_numpy(bool), detectors)
         out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
         out.loc[idx, "needs_review"] = [r is not None for r in reasons]
+        out.loc[idx, "precision"] = precision
     return out
 
 
