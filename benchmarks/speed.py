@@ -21,7 +21,7 @@
    While the jobs run, the peak resident memory of every Python worker is sampled.
    Then the network alone at the scoring precision (random crops, two threads) and the job's
    share of it; the job once more on the first slide folder alone, which splits a run's time
-   into a fixed cost per run and a marginal rate per image; and ``benchmarks/stages.py``'s
+   into a fixed cost per run and a marginal rate per image (ingest too, below); and ``benchmarks/stages.py``'s
    breakdown of one worker's time per image by stage (``--no-stages`` skips it).
 4. The model's FLOPs per image (torch's FlopCounterMode) times images/s over the machine's
    peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
@@ -186,22 +186,35 @@ def per_run_split(big: tuple[int, float], small: tuple[int, float]) -> tuple[flo
     return t_small - n_small / marginal, marginal
 
 
-def split_line(lake: Path, score_args: list[str], rate: float, n: int, alone: float) -> str:
-    """Time the scoring job once more on the lake's first slide folder and say how its time
-    divides into a per-run fixed cost and a per-image (marginal) rate."""
+def split_line(kind: str, lake: Path, args_for, rate: float, n: int,
+               alone: float | None = None) -> str:
+    """Run ``kind`` (job or ingest) once more on the lake's first slide folder and say how a
+    run's time divides into a fixed cost and a per-image (marginal) rate; ``args_for(lake,
+    out)`` gives its overrides for a lake and an output table."""
     small = sub_lake(lake, 1)
     n_small = len(list(small.rglob("*.jpg")))
     if n_small >= n:
-        return "  per run: not split (the timed lake is no larger than one slide folder)"
-    res = REPO / "runs" / "bench_results_small"
-    args = [a for a in score_args if not a.startswith(("score.input=", "score.results="))]
-    rate_small = run_path("job", REPO / "conf" / "local.yaml",
-                          [*args, f"score.input={small}", f"score.results={res}"], [res])[0]
+        return f"  {kind} per run: not split (the timed lake is no larger than one slide folder)"
+    out = REPO / "runs" / f"bench_{kind}_small"
+    rate_small = run_path(kind, REPO / "conf" / "local.yaml", args_for(small, out),
+                          [out, Path(f"{out}_quarantine")])[0]
     fixed, marginal = per_run_split((n, rate), (n_small, rate_small))
-    return (f"  per run: {fixed:.1f} s fixed (listing, copies, worker start-up, tables; from "
-            f"{n_small} images at {rate_small:.1f} images/s beside {n} at {rate:.1f}), then "
-            f"{marginal:.1f} images/s per image: {marginal / alone:.0%} of the network alone "
-            f"({alone:.1f} images/s)")
+    line = (f"  {kind} per run: {fixed:.1f} s fixed (listing, start-up, tables; from {n_small} "
+            f"images at {rate_small:.1f} images/s beside {n} at {rate:.1f}), then "
+            f"{marginal:.1f} images/s per image")
+    if alone:
+        line += f": {marginal / alone:.0%} of the network alone ({alone:.1f} images/s)"
+    return line
+
+
+def score_args_for(model: str, precision: str):
+    return lambda lake, out: [f"score.input={lake}", f"score.model={model}",
+                              f"score.results={out}", f"score.precision={precision}"]
+
+
+def ingest_args_for(lake: Path, out: Path) -> list[str]:
+    return ["data.source=folder", f"data.lake={lake}", f"data.dataset={out}",
+            f"data.quarantine={out}_quarantine"]
 
 
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
@@ -431,16 +444,17 @@ def main() -> int:
     paths = sorted(timed.rglob("*.jpg"))
     print(f"paths timed on {len(paths)} images ({timed})")
     res = REPO / "runs" / "bench_results"
-    score_args = [f"score.input={timed}", f"score.model={args.model}", f"score.results={res}",
-                  f"score.precision={cfg.score.precision}"]
+    score_for = score_args_for(args.model, cfg.score.precision)
+    score_args = score_for(timed, res)
     if args.job_only:
         for precision in args.job_only.split(","):
-            args_p = [*score_args, f"score.precision={precision}"]
-            rates_p = [run_path("job", local, args_p, [res])[0] for _ in range(args.repeats)]
+            args_for = score_args_for(args.model, precision)
+            rates_p = [run_path("job", local, args_for(timed, res), [res])[0]
+                       for _ in range(args.repeats)]
             rate = statistics.median(rates_p)
             print(f"scoring job, score.precision={precision}: {rate:.1f} images/s "
                   f"(runs: {', '.join(f'{x:.1f}' for x in rates_p)})")
-            print(split_line(lake, args_p, rate, len(paths),
+            print(split_line("job", lake, args_for, rate, len(paths),
                              network_alone(args.model, precision, threads=2)), flush=True)
         return 0
     print(precision_check(args.model))
@@ -466,7 +480,7 @@ def main() -> int:
           "frozen layers, fp32 trained layers, 2 threads, "
           f"random 224 x 224 crops): {alone:.1f} images/s; scoring job / network alone: "
           f"{med['scoring job'] / alone:.0%} (target >= 80%)")
-    print(split_line(lake, score_args, med["scoring job"], len(paths), alone))
+    print(split_line("job", lake, score_for, med["scoring job"], len(paths), alone))
     for k, mib in memory.items():
         print(f"{k:<12} peak Python worker memory {mib:.0f} MiB over {len(paths)} images "
               "(target < 1536 MiB)")
@@ -485,11 +499,11 @@ def main() -> int:
                        check=True, cwd=REPO)
 
     ingest_dir = REPO / "runs" / "bench_ingest"
-    ingest_args = ["data.source=folder", f"data.lake={timed}", f"data.dataset={ingest_dir}",
-                   f"data.quarantine={ingest_dir}_quarantine"]
+    ingest_args = ingest_args_for(timed, ingest_dir)
     scratch = [ingest_dir, Path(f"{ingest_dir}_quarantine")]
     rate, mib = run_path("ingest", local, ingest_args, scratch)
     print(f"ingest (local[2]) {rate:7.1f} images/s, peak Python worker memory {mib:.0f} MiB")
+    print(split_line("ingest", lake, ingest_args_for, rate, len(paths)), flush=True)
     if not args.no_cluster:
         cluster = REPO / "conf" / "cluster.yaml"
         out: dict[int, dict[str, float]] = {}
