@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from wbc_spark.model.googlenet import BLOCKS  # the architecture's block names (a leaf module)
+from wbc_spark.model.blocks import BLOCKS  # the architecture's block names (no torch)
 
 CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
 
