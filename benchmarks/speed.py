@@ -21,8 +21,9 @@
    While the jobs run, the peak resident memory of every Python worker is sampled.
    Then the network alone at the scoring precision (random crops, two threads) and the job's
    share of it; the job once more on the first slide folder alone, which splits a run's time
-   into a fixed cost per run and a marginal rate per image (ingest too, below); and ``benchmarks/stages.py``'s
-   breakdown of one worker's time per image by stage (``--no-stages`` skips it).
+   into a fixed cost per run and a marginal rate per image (ingest too, below); and
+   ``benchmarks/stages.py``'s breakdown of one worker's time per image by stage
+   (``--no-stages`` skips it).
 4. The model's FLOPs per image (torch's FlopCounterMode) times images/s over the machine's
    peak (cores x clock x FLOPs per cycle from the CPU's vector width, read from lscpu).
 5. Scale-out: ingest and scoring on a local standalone cluster with one and with two one-core
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -186,8 +188,8 @@ def per_run_split(big: tuple[int, float], small: tuple[int, float]) -> tuple[flo
     return t_small - n_small / marginal, marginal
 
 
-def split_line(kind: str, lake: Path, args_for, rate: float, n: int,
-               alone: float | None = None) -> str:
+def split_line(kind: str, lake: Path, args_for: Callable[[Path, Path], list[str]], rate: float,
+               n: int, alone: float | None = None) -> str:
     """Run ``kind`` (job or ingest) once more on the lake's first slide folder and say how a
     run's time divides into a fixed cost and a per-image (marginal) rate; ``args_for(lake,
     out)`` gives its overrides for a lake and an output table."""
@@ -207,7 +209,7 @@ def split_line(kind: str, lake: Path, args_for, rate: float, n: int,
     return line
 
 
-def score_args_for(model: str, precision: str):
+def score_args_for(model: str, precision: str) -> Callable[[Path, Path], list[str]]:
     return lambda lake, out: [f"score.input={lake}", f"score.model={model}",
                               f"score.results={out}", f"score.precision={precision}"]
 
