@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -163,8 +164,14 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     out = log.read_text()
-    # Both faults hit the run (Spark saw them) and it still completed.
-    assert "Python worker exited unexpectedly" in out and "Lost executor" in out, out[-3000:]
+    # Both faults hit the run (Spark saw them) and it still completed. Spark words the killed
+    # worker's lost task by what the executor was doing at that moment: "Python worker exited
+    # unexpectedly" when it reads the end of the stream, "Connection reset" when the socket is
+    # torn down under it (seen once, with the worker feeding an aggregation).
+    lost = re.findall(r"Lost task .*", out)
+    assert any("Python worker exited unexpectedly" in line or "Connection reset" in line
+               for line in lost), out[-3000:]
+    assert "Lost executor" in out, out[-3000:]
     assert f"scored {n} new images (0 with errors)" in out, out[-3000:]
     res = pd.read_parquet(tmp_path / "res")
     assert len(res) == n and res.sha256.is_unique and res.predicted_class.notna().all()
