@@ -165,12 +165,12 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
             os.killpg(job.pid, signal.SIGKILL)
     out = log.read_text()
     # Both faults hit the run (Spark saw them) and it still completed. Spark words the killed
-    # worker's lost task by what the executor was doing at that moment: "Python worker exited
-    # unexpectedly" when it reads the end of the stream, "Connection reset" when the socket is
-    # torn down under it (seen once, with the worker feeding an aggregation).
+    # worker's lost task by what the executor was doing with its socket at that moment:
+    # "Python worker exited unexpectedly" (reading the end of the stream), "Connection reset"
+    # (reading) or "Broken pipe" (writing); each was seen on this machine.
+    worker_gone = ("Python worker exited unexpectedly", "Connection reset", "Broken pipe")
     lost = re.findall(r"Lost task .*", out)
-    assert any("Python worker exited unexpectedly" in line or "Connection reset" in line
-               for line in lost), out[-3000:]
+    assert any(w in line for line in lost for w in worker_gone), out[-3000:]
     assert "Lost executor" in out, out[-3000:]
     assert f"scored {n} new images (0 with errors)" in out, out[-3000:]
     res = pd.read_parquet(tmp_path / "res")
