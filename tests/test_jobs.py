@@ -216,3 +216,29 @@ def test_int8_scoring_refuses_a_model_without_its_calibration(tmp_path, tiny_art
     assert report.returncode == 1
     assert f"{tiny_artifact}: no int8 calibration in the model" in report.stdout + report.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_training_twice_on_the_same_data_gives_the_same_model(tmp_path, fake_weights):
+    """Seeded training is reproducible: petastorm's reader threads deliver the row groups in
+    a varying order, and neither the augmented views nor the batches may follow it. The two
+    runs' model_id digests the weights, temperature and review detectors."""
+    import json
+
+    from conftest import CLASSES
+
+    lake = tmp_path / "lake"
+    for c, cls in enumerate(CLASSES):
+        (lake / cls).mkdir(parents=True)
+        for i in range(8):
+            smear(seed=70 * c + i, radius=20 + 3 * c, hue_shift=8 * c).save(lake / cls / f"{i}.jpg")
+    paths = [f"data.dataset={tmp_path / 'ds'}", f"data.quarantine={tmp_path / 'q'}"]
+    run_ok("ingest", "data.source=folder", f"data.lake={lake}", *paths)
+    evaluations = []
+    for run in ("a", "b"):
+        run_ok("train_distributed", *paths, f"model.weights_dir={fake_weights}",
+               f"train.output={tmp_path / run}", f"train.petastorm_cache={tmp_path / 'cache'}",
+               "train.views=3", "train.epochs=2", "train.num_processes=2")
+        evaluations.append(json.loads((tmp_path / run / "evaluation.json").read_text()))
+    a, b = evaluations
+    assert a["model_id"] == b["model_id"]
+    assert a["test"] == b["test"]

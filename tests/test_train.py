@@ -153,17 +153,19 @@ def test_converter_batches_read_cached_parquet(tmp_path):
 
     from wbc_spark.training_worker import converter_batches
 
-    crops = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
-    pd.DataFrame({"crop": [c.tobytes() for c in crops], "label_index": [0, 1, 2, 1, 0],
-                  "row": [10, 11, 12, 13, 14]}).to_parquet(tmp_path / "part-0.parquet")
+    crops = np.random.default_rng(0).integers(0, 255, (7, 4, 4, 3), dtype=np.uint8)
+    frame = pd.DataFrame({"crop": [c.tobytes() for c in crops],
+                          "label_index": [0, 1, 2, 1, 0, 2, 2], "row": list(range(10, 17))})
+    frame[:5].to_parquet(tmp_path / "part-0.parquet")
+    frame[5:].to_parquet(tmp_path / "part-1.parquet")
 
-    class Converter:
-        file_urls = [(tmp_path / "part-0.parquet").as_uri()]
+    class Converter:  # files listed out of order: they are read in the order of their names
+        file_urls = [(tmp_path / f"part-{i}.parquet").as_uri() for i in (1, 0)]
 
     rows = []
     batches = list(converter_batches(Converter(), 4, rows, batch=2))
-    assert [len(b[1]) for b in batches] == [2, 2, 1]
-    assert rows == [10, 11, 12, 13, 14]
+    assert [len(b[1]) for b in batches] == [2, 2, 1, 2]
+    assert rows == list(range(10, 17))
     assert np.array_equal(torch.cat([b[0] for b in batches]).numpy(), crops)
 
 
@@ -177,6 +179,43 @@ def test_cached_views_fit_the_memory_budget():
     assert cached_views(4, 20_000, view, 4.0) == 2
     with pytest.raises(MemoryError, match="raise train.num_processes"):
         cached_views(4, 80_000, view, 4.0)
+
+
+def _row_groups(crops, rows):
+    import pandas as pd
+
+    return pd.DataFrame({"crop": [crops[r].tobytes() for r in rows],
+                         "label_index": [r % 3 for r in rows], "row": rows})
+
+
+def test_training_views_do_not_depend_on_the_read_order():
+    """petastorm's reader threads deliver row groups in a different order each run: a view's
+    pixels, and the cached views' final order, must not follow it."""
+    from wbc_spark.training_worker import canonical_order, transform_spec
+
+    crops = np.random.default_rng(0).integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+    groups = [[0, 1, 2], [3, 4, 5]]
+    two_epochs = groups + groups  # num_epochs=2: every row group is read twice
+
+    def read(order, seed=7):
+        transform = transform_spec(16, train=True, seed=seed).func
+        outs = [transform(_row_groups(crops, two_epochs[i])) for i in order]
+        rows = np.concatenate([o["row"] for o in outs])
+        views = np.concatenate([o["view"] for o in outs])
+        images = np.stack([im for o in outs for im in o["image"]])
+        return images[canonical_order(rows, views)], rows, views
+
+    a, rows, views = read([0, 1, 2, 3])
+    b, rows_b, _ = read([3, 1, 2, 0])
+    assert not np.array_equal(rows, rows_b)  # read in another order ...
+    assert np.array_equal(a, b)  # ... the same views in the same order
+    # every row twice, as view 0 and view 1; the two views differ (augmented anew)
+    assert sorted(zip(rows.tolist(), views.tolist())) == [(r, v) for r in range(6)
+                                                          for v in (0, 1)]
+    assert not np.array_equal(a[0], a[1])
+    assert not np.array_equal(read([0, 1, 2, 3], seed=8)[0], a)  # the seed matters
+    with pytest.raises(ValueError, match="3 rows but 2 view numbers"):
+        canonical_order([1, 2, 3], [0, 0])
 
 
 def test_frozen_bytes_of_the_default_cut(fake_weights):

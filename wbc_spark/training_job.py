@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from wbc_spark import preprocessing, tables
@@ -28,7 +28,7 @@ def _uri(path: str) -> str:
 
 def run_training(spark: SparkSession, config: Config) -> dict:
     """Train on the ingested dataset with TorchDistributor; return rank 0's summary."""
-    from petastorm.spark import SparkDatasetConverter, make_spark_converter
+    from petastorm.spark import SparkDatasetConverter
     from pyspark.ml.torch.distributor import TorchDistributor
 
     t = config.train
@@ -85,10 +85,8 @@ def run_training(spark: SparkSession, config: Config) -> dict:
     converters = {}
     try:
         for role in ("train", "val", "test"):
-            part = joined.where(F.col("role") == role).drop("role")
-            # Small row groups: petastorm shards by row group, so each rank needs several.
-            converters[role] = make_spark_converter(
-                part.repartition(max(2, 2 * world)), parquet_row_group_size_bytes=1 << 20)
+            converters[role] = _converter(spark, joined.where(F.col("role") == role)
+                                          .drop("role"), world)
         job = TrainingJob(
             classes=classes, recipe=Recipe.from_config(t), model_source=config.model.source,
             weights_dir=weights_dir, freeze_until=config.model.freeze_until,
@@ -111,3 +109,30 @@ def run_training(spark: SparkSession, config: Config) -> dict:
         for conv in converters.values():
             conv.delete()
     return summary
+
+
+# Parquet checks a row group's size only every this many rows (100 by default, about 15 MB
+# of crops): without it a 1 MiB row group held 100 crops, a small split's file one row group,
+# and one rank's shard could get nearly three times the other's.
+_ROW_GROUP_CHECK = "parquet.page.size.row.check.min"
+
+
+def _converter(spark: SparkSession, part: DataFrame, world: int):
+    """A petastorm converter of ``part`` whose shards are the same in every run, and even.
+
+    petastorm shards by row group, in the order of the converter's file list: the rows are
+    hash-partitioned by row number and sorted within each file, the row groups kept small
+    (about 7 crops: each rank gets many), and the file list sorted (Spark lists the files in
+    no fixed order). A round-robin repartition would depend on the order in which a shuffle's
+    blocks were fetched.
+    """
+    from petastorm.spark import make_spark_converter
+
+    part = part.repartition(max(2, 2 * world), "row").sortWithinPartitions("row")
+    spark.conf.set(_ROW_GROUP_CHECK, "1")
+    try:
+        conv = make_spark_converter(part, parquet_row_group_size_bytes=1 << 20)
+    finally:
+        spark.conf.unset(_ROW_GROUP_CHECK)
+    conv.file_urls = sorted(conv.file_urls)
+    return conv

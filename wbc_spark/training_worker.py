@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,26 +95,49 @@ def decode_crops(crops: Iterable[bytes], size: int) -> np.ndarray:
 
 def transform_spec(size: int, *, train: bool, seed: int,
                    settings: AugmentSettings = AugmentSettings()):
-    """petastorm TransformSpec: crop bytes -> uint8 image array (augmented when training)."""
+    """petastorm TransformSpec: crop bytes -> uint8 image array (augmented when training).
+
+    Each image's view is numbered by how often its row was read before, and its
+    augmentation drawn from a generator seeded by (``seed``, row, view). So a view's pixels
+    do not depend on the order in which petastorm's reader threads deliver row groups
+    (which varies run to run), and the output's ``view`` column lets the caller put the
+    views into one canonical order (:func:`canonical_order`).
+    """
     from petastorm import TransformSpec
 
-    counter = itertools.count()
+    seen: dict[int, int] = {}
+    lock = threading.Lock()  # petastorm calls the transform from its reader threads
 
     def transform(pdf: pd.DataFrame) -> pd.DataFrame:
-        rng = np.random.default_rng([seed, rank(), next(counter)])
+        rows = pdf["row"].to_numpy(np.int64)
+        with lock:
+            views = np.array([seen.get(r, 0) for r in rows.tolist()], dtype=np.int64)
+            for r in rows.tolist():
+                seen[r] = seen.get(r, 0) + 1
         images = decode_crops(pdf["crop"], size)
         if train:
-            images = np.stack([augment(im, rng, settings) for im in images])
+            images = np.stack([augment(im, np.random.default_rng([seed, r, v]), settings)
+                               for im, r, v in zip(images, rows.tolist(), views.tolist())])
         return pd.DataFrame({"image": list(images),
                              "label": pdf["label_index"].astype(np.int64),
-                             "row": pdf["row"].astype(np.int64)})
+                             "row": rows, "view": views})
 
     return TransformSpec(
         transform,
         edit_fields=[("image", np.uint8, (size, size, 3), False),
-                     ("label", np.int64, (), False), ("row", np.int64, (), False)],
-        selected_fields=["image", "label", "row"],
+                     ("label", np.int64, (), False), ("row", np.int64, (), False),
+                     ("view", np.int64, (), False)],
+        selected_fields=["image", "label", "row", "view"],
     )
+
+
+def canonical_order(rows: Iterable[int], views: Iterable[int]) -> np.ndarray:
+    """The permutation that sorts training views by (row, view): cached features in this
+    order make training independent of the order in which they were read."""
+    rows, views = np.asarray(list(rows), np.int64), np.asarray(list(views), np.int64)
+    if len(rows) != len(views):
+        raise ValueError(f"{len(rows)} rows but {len(views)} view numbers")
+    return np.lexsort((views, rows))
 
 
 def frozen_bytes(model, size: int) -> int:
@@ -136,10 +160,13 @@ def cached_views(views: int, images_per_process: float, view_bytes: int, budget_
     return min(views, fit)
 
 
-def _loader_batches(loader, rows: list | None = None) -> Iterator[Batch]:
+def _loader_batches(loader, rows: list | None = None, views: list | None = None
+                    ) -> Iterator[Batch]:
     for batch in loader:
         if rows is not None:
             rows.extend(batch["row"].tolist())
+        if views is not None:
+            views.extend(batch["view"].tolist())
         yield batch["image"], batch["label"]
 
 
@@ -149,7 +176,9 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
     pyarrow (for the small validation and test sets)."""
     import pyarrow.dataset as pads
 
-    data = pads.dataset([local_path(u) for u in converter.file_urls], format="parquet")
+    # Sorted: the converter lists its files in no fixed order, and the order is the batches'
+    # (the first training batches are the int8 calibration and the lab detector's sample).
+    data = pads.dataset(sorted(local_path(u) for u in converter.file_urls), format="parquet")
     # Streamed in record batches: the test fold of a large dataset never sits in memory whole.
     for record_batch in data.to_batches(columns=["crop", "label_index", "row"],
                                         batch_size=batch):
@@ -267,7 +296,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                               settings=job.augment),
                 shuffling_queue_capacity=0) as loader:
             train_rows: list[int] = []
-            stream = _loader_batches(loader, train_rows)
+            train_views: list[int] = []
+            stream = _loader_batches(loader, train_rows, train_views)
             first = next(stream, None)
             if first is not None or attempt == 2:
                 head = [first] if first is not None else []
@@ -275,6 +305,10 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                     model, itertools.chain(head, stream), precision)
                 break
         log.warning("petastorm delivered no training rows to rank %d; reading again", rank())
+    # The reader's order varies run to run; training draws its batches from this order.
+    order = canonical_order(train_rows, train_views)
+    train_feats, train_labels = train_feats[torch.from_numpy(order)], train_labels[order]
+    train_rows = np.asarray(train_rows)[order]
     train_labs = np.asarray([job.sources[r] for r in train_rows])
     expected = views * job.n_train / world
     if len(train_feats) < 0.5 * expected:
