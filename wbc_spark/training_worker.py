@@ -172,21 +172,36 @@ def _loader_batches(loader, rows: list | None = None, views: list | None = None
 
 def converter_batches(converter, size: int, rows: list | None = None, batch: int = 64
                       ) -> Iterator[Batch]:
-    """Unaugmented batches from a petastorm converter's cached Parquet files, read with
-    pyarrow (for the small validation and test sets)."""
+    """Unaugmented batches of ``batch`` crops (the last one smaller) from a petastorm
+    converter's cached Parquet files, read with pyarrow, files in name order."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
+
+    def emit(table: pa.Table) -> Batch:
+        part = table.to_pandas()
+        if rows is not None:
+            rows.extend(part["row"].tolist())
+        return (torch.from_numpy(decode_crops(part["crop"], size)),
+                torch.from_numpy(part["label_index"].to_numpy(np.int64)))
 
     # Sorted: the converter lists its files in no fixed order, and the order is the batches'
     # (the first training batches are the int8 calibration and the lab detector's sample).
     data = pads.dataset(sorted(local_path(u) for u in converter.file_urls), format="parquet")
-    # Streamed in record batches: the test fold of a large dataset never sits in memory whole.
+    # Streamed: the test fold of a large dataset never sits in memory whole. pyarrow cuts its
+    # record batches at row groups (about 5 crops each), so they are gathered into full ones.
+    pending: list[pa.RecordBatch] = []
+    held = 0
     for record_batch in data.to_batches(columns=["crop", "label_index", "row"],
                                         batch_size=batch):
-        part = record_batch.to_pandas()
-        if rows is not None:
-            rows.extend(part["row"].tolist())
-        yield (torch.from_numpy(decode_crops(part["crop"], size)),
-               torch.from_numpy(part["label_index"].to_numpy(np.int64)))
+        pending.append(record_batch)
+        held += record_batch.num_rows
+        while held >= batch:
+            table = pa.Table.from_batches(pending)
+            yield emit(table.slice(0, batch))
+            rest = table.slice(batch)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield emit(pa.Table.from_batches(pending))
 
 
 # Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
