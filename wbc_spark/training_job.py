@@ -122,7 +122,7 @@ def _converter(spark: SparkSession, part: DataFrame, world: int):
 
     petastorm shards by row group, in the order of the converter's file list: the rows are
     hash-partitioned by row number and sorted within each file, the row groups kept small
-    (about 7 crops: each rank gets many), and the file list sorted (Spark lists the files in
+    (about 5 crops: each rank gets many), and the file list sorted (Spark lists the files in
     no fixed order). A round-robin repartition would depend on the order in which a shuffle's
     blocks were fetched.
     """

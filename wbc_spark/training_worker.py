@@ -110,10 +110,10 @@ def transform_spec(size: int, *, train: bool, seed: int,
 
     def transform(pdf: pd.DataFrame) -> pd.DataFrame:
         rows = pdf["row"].to_numpy(np.int64)
+        views = np.empty(len(rows), np.int64)
         with lock:
-            views = np.array([seen.get(r, 0) for r in rows.tolist()], dtype=np.int64)
-            for r in rows.tolist():
-                seen[r] = seen.get(r, 0) + 1
+            for i, r in enumerate(rows.tolist()):
+                views[i] = seen[r] = seen.get(r, -1) + 1
         images = decode_crops(pdf["crop"], size)
         if train:
             images = np.stack([augment(im, np.random.default_rng([seed, r, v]), settings)
