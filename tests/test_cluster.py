@@ -164,13 +164,15 @@ def test_a_killed_python_worker_and_a_killed_executor_are_retried(cluster, tmp_p
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     out = log.read_text()
-    # Both faults hit the run (Spark saw them) and it still completed. Spark words the killed
-    # worker's lost task by what the executor was doing with its socket at that moment:
-    # "Python worker exited unexpectedly" (reading the end of the stream), "Connection reset"
-    # (reading) or "Broken pipe" (writing); each was seen on this machine.
-    worker_gone = ("Python worker exited unexpectedly", "Connection reset", "Broken pipe")
+    # Both faults hit the run (Spark saw them) and it still completed. The killed worker's task
+    # is lost while its executor lives on, so Spark reports it with the exception the executor
+    # met on the worker's socket. Its wording depends on what the executor was doing at that
+    # instant ("Python worker exited unexpectedly", "Connection reset", "Broken pipe" were all
+    # seen here), so the test asks for a lost task that is not an executor's loss.
     lost = re.findall(r"Lost task .*", out)
-    assert any(w in line for line in lost for w in worker_gone), out[-3000:]
+    by_worker = [line for line in lost if "ExecutorLostFailure" not in line]
+    assert by_worker, "no task lost to the killed worker; lost tasks: %s\n%s" % (
+        lost, out[-3000:])
     assert "Lost executor" in out, out[-3000:]
     assert f"scored {n} new images (0 with errors)" in out, out[-3000:]
     res = pd.read_parquet(tmp_path / "res")
