@@ -199,7 +199,7 @@ def test_training_views_do_not_depend_on_the_read_order():
     two_epochs = groups + groups  # num_epochs=2: every row group is read twice
 
     def read(order, seed=7):
-        transform = transform_spec(16, train=True, seed=seed).func
+        transform = transform_spec(16, seed=seed).func
         outs = [transform(_row_groups(crops, two_epochs[i])) for i in order]
         rows = np.concatenate([o["row"] for o in outs])
         views = np.concatenate([o["view"] for o in outs])

@@ -93,9 +93,9 @@ def decode_crops(crops: Iterable[bytes], size: int) -> np.ndarray:
     return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3) for b in crops])
 
 
-def transform_spec(size: int, *, train: bool, seed: int,
-                   settings: AugmentSettings = AugmentSettings()):
-    """petastorm TransformSpec: crop bytes -> uint8 image array (augmented when training).
+def transform_spec(size: int, *, seed: int, settings: AugmentSettings = AugmentSettings()):
+    """petastorm TransformSpec for training: crop bytes -> augmented uint8 image array (the
+    unaugmented passes read the cached Parquet directly: :func:`converter_batches`).
 
     Each image's view is numbered by how often its row was read before, and its
     augmentation drawn from a generator seeded by (``seed``, row, view). So a view's pixels
@@ -114,10 +114,9 @@ def transform_spec(size: int, *, train: bool, seed: int,
         with lock:
             for i, r in enumerate(rows.tolist()):
                 views[i] = seen[r] = seen.get(r, -1) + 1
-        images = decode_crops(pdf["crop"], size)
-        if train:
-            images = np.stack([augment(im, np.random.default_rng([seed, r, v]), settings)
-                               for im, r, v in zip(images, rows.tolist(), views.tolist())])
+        images = np.stack([augment(im, np.random.default_rng([seed, r, v]), settings)
+                           for im, r, v in zip(decode_crops(pdf["crop"], size),
+                                               rows.tolist(), views.tolist())])
         return pd.DataFrame({"image": list(images),
                              "label": pdf["label_index"].astype(np.int64),
                              "row": rows, "view": views})
@@ -307,7 +306,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
         with job.conv_train.make_torch_dataloader(
                 batch_size=64, num_epochs=views, workers_count=2, cur_shard=rank(),
                 shard_count=world,
-                transform_spec=transform_spec(size, train=True, seed=recipe.seed,
+                transform_spec=transform_spec(size, seed=recipe.seed,
                                               settings=job.augment),
                 shuffling_queue_capacity=0) as loader:
             train_rows: list[int] = []
