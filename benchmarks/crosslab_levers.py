@@ -9,6 +9,8 @@ the model is fed (training views and test crops alike) or to the training views 
   (``augment.stain_density``) so that the cell's density against its surroundings (90th
   percentile over the central disc, as ``crosslab.py`` measures it) becomes ``--density-ref``;
 * ``gray``: every crop turned to luminance (three equal channels);
+* ``lowpass``: every crop low-passed, down to half its side and back (box filter down,
+  bilinear up), so that no lab's crops are crisper than another's;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
 * ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels).
 
@@ -39,12 +41,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
 
-LEVERS = ("densnorm", "gray", "jpeg", "noise")
+LEVERS = ("densnorm", "gray", "jpeg", "lowpass", "noise")
 
 
 def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
     factor = reference / max(cell_density(crop), 0.05)
     return aug.stain_density(crop, float(np.clip(factor, 0.25, 4.0)))
+
+
+def low_passed(crop: np.ndarray) -> np.ndarray:
+    side = crop.shape[0]
+    small = Image.fromarray(crop).resize((side // 2, side // 2), Image.Resampling.BOX)
+    return np.asarray(small.resize((side, side), Image.Resampling.BILINEAR))
 
 
 def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -63,6 +71,8 @@ def install(levers: set[str], density_ref: float) -> None:
             crops = np.stack([density_normalised(c, density_ref) for c in crops])
         if "gray" in levers:
             crops = np.stack([aug.grey(c) for c in crops])
+        if "lowpass" in levers:
+            crops = np.stack([low_passed(c) for c in crops])
         return crops
 
     def lever_augment(image, rng, settings=aug.AugmentSettings()):

@@ -32,3 +32,20 @@ def test_per_run_split_refuses_runs_that_cannot_be_split(speed):
         speed.per_run_split((100, 10.0), (2000, 20.0))
     with pytest.raises(ValueError, match="larger run must take longer"):
         speed.per_run_split((2000, 400.0), (100, 10.0))  # 5 s against 10 s
+
+
+def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse(monkeypatch):
+    import numpy as np
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_levers", bench / "crosslab_levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    yy, xx = np.mgrid[:64, :64]
+    checker = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    ramp = np.repeat((xx * 4).astype(np.uint8)[..., None], 3, axis=2)
+    out = levers.low_passed(checker)
+    assert out.shape == checker.shape and out.dtype == np.uint8
+    assert out.std() < 3 and abs(float(out.mean()) - 127.5) < 3  # period-2 detail: grey
+    assert np.abs(levers.low_passed(ramp).astype(int) - ramp).max() <= 6  # a slope stays
