@@ -50,9 +50,7 @@ def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
 
 
 def low_passed(crop: np.ndarray) -> np.ndarray:
-    side = crop.shape[0]
-    small = Image.fromarray(crop).resize((side // 2, side // 2), Image.Resampling.BOX)
-    return np.asarray(small.resize((side, side), Image.Resampling.BILINEAR))
+    return aug.resample(crop, 0.5, down=Image.BOX)
 
 
 def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -3,17 +3,23 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ loaded as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark("speed")
 
 
 def test_per_run_split_recovers_fixed_cost_and_marginal_rate(speed):
@@ -34,14 +40,8 @@ def test_per_run_split_refuses_runs_that_cannot_be_split(speed):
         speed.per_run_split((2000, 400.0), (100, 10.0))  # 5 s against 10 s
 
 
-def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse(monkeypatch):
-    import numpy as np
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("bench_levers", bench / "crosslab_levers.py")
-    levers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(levers)
+def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
+    levers = _benchmark("crosslab_levers")
     yy, xx = np.mgrid[:64, :64]
     checker = np.repeat((((yy + xx) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
     ramp = np.repeat((xx * 4).astype(np.uint8)[..., None], 3, axis=2)

@@ -152,11 +152,12 @@ def frame_edges(image: np.ndarray, rng: np.random.Generator, width: float,
     return image
 
 
-def resample(image: np.ndarray, factor: float) -> np.ndarray:
-    """Down to ``factor`` of the side and back up (bilinear): the same crop, less sharp."""
+def resample(image: np.ndarray, factor: float, down: int = Image.BILINEAR) -> np.ndarray:
+    """Down to ``factor`` of the side (filter ``down``) and back up (bilinear): the same crop,
+    less sharp."""
     size = image.shape[0]
     small = max(8, int(round(size * factor)))
-    low = Image.fromarray(image).resize((small, small), Image.BILINEAR)
+    low = Image.fromarray(image).resize((small, small), down)
     return np.asarray(low.resize((size, size), Image.BILINEAR))
 
 
