@@ -40,7 +40,6 @@ from wbc_spark.model.transfer import build_classifier, in_chunks
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.krd_wbc import default_root
-from wbc_spark.train import softmax
 from wbc_spark.transforms import cell_crop
 
 
@@ -148,7 +147,7 @@ def main() -> int:
     predicted = {}
     for name, frozen in (("fp32", f32), ("int8", i8)):
         logits = review.embed(model, frozen)[0]
-        predicted[name] = softmax(logits, float(meta["temperature"])).argmax(1)
+        predicted[name] = metrics.softmax(logits, float(meta["temperature"])).argmax(1)
     changed = int((predicted["fp32"] != predicted["int8"]).sum())
     print(f"predictions changed by int8: {changed} of {len(labels)}")
     print(f"{'lab':<10} {'n':>5} {'path':<5} {'bal. acc.':>22} {'macro-F1':>22}")

@@ -55,7 +55,7 @@ from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, split_groups, train_val_test
-from wbc_spark.train import Recipe, softmax
+from wbc_spark.train import Recipe
 from wbc_spark.transforms import cell_crop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def non_blood(df: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[str, l
 def scored(model, detectors: review.ReviewModel, feats: torch.Tensor, temperature: float,
            found: np.ndarray) -> dict:
     logits, cell_f, lab_f = review.embed(model, feats)
-    probs = softmax(logits, temperature)
+    probs = metrics.softmax(logits, temperature)
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, found, detectors)
     return {"probs": probs, "cell_d": cell_d, "beyond": beyond,

@@ -10,6 +10,7 @@ from wbc_spark.metrics import (
     confusion_png,
     expected_calibration_error,
     macro_f1,
+    softmax,
     wilson,
 )
 
@@ -19,6 +20,19 @@ def test_wilson_known_values():
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
     assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
     assert all(math.isnan(v) for v in wilson(0, 0))
+
+
+def test_softmax_matches_torch_and_survives_large_logits():
+    import torch
+
+    logits = np.array([[2.0, -1.0, 0.5], [1000.0, 999.0, -1000.0]])
+    p = softmax(logits, temperature=0.5)
+    expected = torch.softmax(torch.as_tensor(logits) / 0.5, dim=1).numpy()
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    # A higher temperature flattens: the top class loses probability.
+    assert softmax(logits[:1], 2.0)[0, 0] < softmax(logits[:1], 1.0)[0, 0] < p[0, 0]
 
 
 def test_scores_match_sklearn():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from wbc_spark.metrics import softmax
 from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.model.transfer import WBCNet
 from wbc_spark.model.weights import CAFFE_CONVENTION
@@ -19,7 +20,6 @@ from wbc_spark.train import (
     fit_temperature,
     frozen_features,
     make_optimizer,
-    softmax,
 )
 
 

@@ -18,6 +18,14 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, flo
     return (float(ci.low), float(ci.high))
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities of ``logits`` (rows) at ``temperature``, computed stably."""
+    z = logits / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
     m = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -75,12 +75,11 @@ from pyspark.sql import types as T
 from wbc_spark import artifact, differential, images, preprocessing, review, tables
 from wbc_spark.config import Config
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
-from wbc_spark.metrics import wilson
+from wbc_spark.metrics import softmax, wilson
 from wbc_spark.model import quantize
 from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
-from wbc_spark.train import softmax
 from wbc_spark.transforms import cell_crop
 
 log = logging.getLogger(__name__)

@@ -152,13 +152,6 @@ def head_logits(model, features: torch.Tensor, batch_size: int = 128) -> np.ndar
                       for i in range(0, len(features), batch_size)]).numpy()
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising the validation negative log-likelihood: SciPy's bounded scalar
     search over log T in [log 0.05, log 20] (the NLL is unimodal in log T)."""
@@ -268,4 +261,4 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
 
 def predict_probs(model, features: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
     """Calibrated class probabilities from frozen features."""
-    return softmax(head_logits(model, features), temperature)
+    return metrics.softmax(head_logits(model, features), temperature)

@@ -33,7 +33,7 @@ from wbc_spark.model.transfer import build_classifier, parameter_summary, resolv
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.sources.folder import local_path
 from wbc_spark.train import (Batch, FitResult, HeadOnly, Recipe, feature_batches, fit,
-                             frozen_features, softmax)
+                             frozen_features)
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, tes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     logits, cell_f, lab_f = review.embed(model, test_feats)
-    probs = softmax(logits, result.temperature)
+    probs = metrics.softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job.sources[r] for r in rows])
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
