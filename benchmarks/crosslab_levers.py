@@ -12,7 +12,11 @@ the model is fed (training views and test crops alike) or to the training views 
 * ``lowpass``: every crop low-passed, down to half its side and back (box filter down,
   bilinear up), so that no lab's crops are crisper than another's;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
-* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels).
+* ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
+* ``align``: the frozen layers' outputs of every lab mapped, channel by channel, to the mean
+  and spread that the training images' outputs have (each lab's own mean and spread measured
+  on all of its unaugmented crops, labels unused): unsupervised alignment of a new lab's
+  features, as a scoring job could measure it on a lab's first unlabelled images.
 
 (The per-stain jitter and grey training views, once levers here, are now the recipe's
 ``augment.hed`` and ``augment.grey``: ``benchmarks/crosslab.py augment.hed=0.6
@@ -32,6 +36,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from wbc_spark import augment as aug
@@ -41,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
 
-LEVERS = ("densnorm", "gray", "jpeg", "lowpass", "noise")
+LEVERS = ("align", "densnorm", "gray", "jpeg", "lowpass", "noise")
 
 
 def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
@@ -59,9 +64,56 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
+def channel_moments(feats: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of N x C x H x W features, over images and
+    positions."""
+    total = torch.zeros(feats.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(feats), chunk):
+        x = feats[i:i + chunk].double()
+        total += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = len(feats) * feats.shape[2] * feats.shape[3]
+    mean = total / n
+    return mean.float(), (squares / n - mean ** 2).clamp_min(0).sqrt().float()
+
+
+def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
+                labs: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray):
+    """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
+    that order), with each lab's features mapped channel by channel to the moments of the
+    training rows' unaugmented features. A lab's own moments come from all of its rows'
+    unaugmented features. The outputs stay non-negative, as the ReLU outputs they replace."""
+    rows = np.concatenate([tr, va, te])
+    original = eval_feats["original"]
+    ref_mean, ref_sd = channel_moments(original[tr])
+    maps = {}
+    for lab in np.unique(labs[rows]):
+        mean, sd = channel_moments(original[np.flatnonzero(labs == lab)])
+        scale = ref_sd / sd.clamp_min(1e-6)
+        maps[lab] = (scale.view(1, -1, 1, 1), (ref_mean - mean * scale).view(1, -1, 1, 1))
+
+    def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (N or V x N) x ...
+        out = feats[:, index].clone() if feats.dim() == 5 else feats[index].clone()
+        for lab, (scale, shift) in maps.items():
+            at = torch.from_numpy(np.flatnonzero(labs[index] == lab))
+            if out.dim() == 5:
+                out[:, at] = (out[:, at].float() * scale + shift).clamp_min(0).to(out.dtype)
+            else:
+                out[at] = (out[at].float() * scale + shift).clamp_min(0).to(out.dtype)
+        return out
+
+    n_tr, n_va = len(tr), len(va)
+    return (mapped(view_feats, tr), {k: mapped(v, rows) for k, v in eval_feats.items()},
+            labels[rows], labs[rows], np.arange(n_tr), n_tr + np.arange(n_va),
+            n_tr + n_va + np.arange(len(te)))
+
+
 def install(levers: set[str], density_ref: float) -> None:
-    """Wrap ``crossval.crops_of`` (every crop) and ``crossval.augment`` (training views)."""
+    """Wrap ``crossval.crops_of`` (every crop), ``crossval.augment`` (training views) and,
+    for ``align``, ``crossval.train_and_test``."""
     crops_of, augment = crossval.crops_of, crossval.augment
+    train_and_test = crossval.train_and_test
 
     def lever_crops(df):
         crops = crops_of(df)
@@ -82,7 +134,18 @@ def install(levers: set[str], density_ref: float) -> None:
             out = np.clip(noisy, 0, 255).astype(np.uint8)
         return out
 
+    def aligned_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,
+                               num_classes, run=0, labs=None, inspect=None):
+        if labs is None:
+            raise ValueError("align needs the lab of every image")
+        v, e, y, lab, tr2, va2, te2 = lab_aligned(view_feats, eval_feats, labels,
+                                                  np.asarray(labs), tr, va, te)
+        return train_and_test(model, v, e, y, tr2, va2, te2, recipe, num_classes, run=run,
+                              labs=lab, inspect=inspect)
+
     crossval.crops_of, crossval.augment = lever_crops, lever_augment
+    if "align" in levers:
+        crossval.train_and_test = aligned_train_and_test
 
 
 def main() -> None:

@@ -49,3 +49,31 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
     assert out.shape == checker.shape and out.dtype == np.uint8
     assert out.std() < 3 and abs(float(out.mean()) - 127.5) < 3  # period-2 detail: grey
     assert np.abs(levers.low_passed(ramp).astype(int) - ramp).max() <= 6  # a slope stays
+
+
+def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
+    import torch
+
+    levers = _benchmark("crosslab_levers")
+    rng = np.random.default_rng(0)
+    labs = np.array(["A"] * 40 + ["B"] * 30)
+    feats = rng.gamma(2.0, 1.0, (70, 3, 4, 4))
+    feats[labs == "B"] = feats[labs == "B"] * np.array([3.0, 0.5, 1.0])[:, None, None] + 2.0
+    original = torch.tensor(feats, dtype=torch.float16)
+    views = torch.stack([original, original * 1.1])
+    labels = np.arange(70) % 5
+    tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)  # B: the new lab
+
+    v, e, y, lab, tr2, va2, te2 = levers.lab_aligned(views, {"original": original}, labels,
+                                                     labs, tr, va, te)
+    assert v.shape == (2, 30, 3, 4, 4) and e["original"].shape == (70, 3, 4, 4)
+    assert (tr2 == np.arange(30)).all() and (te2 == 40 + np.arange(30)).all()
+    assert (y[te2] == labels[te]).all() and (lab[te2] == "B").all()
+    ref_mean, ref_sd = levers.channel_moments(original[tr])
+    got_mean, got_sd = levers.channel_moments(e["original"][te2])
+    before_mean, _ = levers.channel_moments(original[te])
+    assert (got_mean - ref_mean).abs().max() < 0.1 < (before_mean - ref_mean).abs().max()
+    assert (got_sd / ref_sd - 1).abs().max() < 0.1
+    assert (e["original"] >= 0).all()
+    # The training lab's rows are mapped by its own moments (all of A), close to unchanged.
+    assert (e["original"][tr2].float() - original[tr].float()).abs().mean() < 0.2
