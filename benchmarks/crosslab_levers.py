@@ -13,10 +13,13 @@ the model is fed (training views and test crops alike) or to the training views 
   bilinear up), so that no lab's crops are crisper than another's;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
 * ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
-* ``align``: the frozen layers' outputs of every lab mapped, channel by channel, to the mean
-  and spread that the training images' outputs have (each lab's own mean and spread measured
-  on all of its unaugmented crops, labels unused): unsupervised alignment of a new lab's
-  features, as a scoring job could measure it on a lab's first unlabelled images.
+* ``align``: beside every plain training, a second one on the same features, seeds and
+  rows, with every lab's frozen-layer outputs mapped channel by channel to the mean and
+  spread that the training images' outputs have (each lab's own mean and spread measured on
+  all of its unaugmented crops, labels unused): unsupervised alignment of a new lab's
+  features, as a scoring job could measure it on a lab's unlabelled images. Printed as the
+  variant ``[aligned]`` under each plain line of parts 1 and 2, so the pair shares one
+  frozen pass.
 
 (The per-stain jitter and grey training views, once levers here, are now the recipe's
 ``augment.hed`` and ``augment.grey``: ``benchmarks/crosslab.py augment.hed=0.6
@@ -83,14 +86,15 @@ def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
     """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
     that order), with each lab's features mapped channel by channel to the moments of the
     training rows' unaugmented features. A lab's own moments come from all of its rows'
-    unaugmented features. The outputs stay non-negative, as the ReLU outputs they replace."""
+    unaugmented features; a channel's spread is scaled by 1/8 to 8 at most. The outputs stay
+    non-negative, as the ReLU outputs they replace."""
     rows = np.concatenate([tr, va, te])
     original = eval_feats["original"]
     ref_mean, ref_sd = channel_moments(original[tr])
     maps = {}
     for lab in np.unique(labs[rows]):
         mean, sd = channel_moments(original[np.flatnonzero(labs == lab)])
-        scale = ref_sd / sd.clamp_min(1e-6)
+        scale = (ref_sd / sd.clamp_min(1e-6)).clamp(1 / 8, 8)  # near-constant channels
         maps[lab] = (scale.view(1, -1, 1, 1), (ref_mean - mean * scale).view(1, -1, 1, 1))
 
     def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (N or V x N) x ...
@@ -138,10 +142,16 @@ def install(levers: set[str], density_ref: float) -> None:
                                num_classes, run=0, labs=None, inspect=None):
         if labs is None:
             raise ValueError("align needs the lab of every image")
+        probs, result, maps = train_and_test(model, view_feats, eval_feats, labels, tr, va,
+                                             te, recipe, num_classes, run=run, labs=labs,
+                                             inspect=inspect)
         v, e, y, lab, tr2, va2, te2 = lab_aligned(view_feats, eval_feats, labels,
                                                   np.asarray(labs), tr, va, te)
-        return train_and_test(model, v, e, y, tr2, va2, te2, recipe, num_classes, run=run,
-                              labs=lab, inspect=inspect)
+        aligned, _, _ = train_and_test(model, v, e, y, tr2, va2, te2, recipe, num_classes,
+                                       run=run, labs=lab)
+        probs.update({"aligned" if k == "original" else f"aligned+{k}": p
+                      for k, p in aligned.items()})
+        return probs, result, maps
 
     crossval.crops_of, crossval.augment = lever_crops, lever_augment
     if "align" in levers:

@@ -77,3 +77,34 @@ def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
     assert (e["original"] >= 0).all()
     # The training lab's rows are mapped by its own moments (all of A), close to unchanged.
     assert (e["original"][tr2].float() - original[tr].float()).abs().mean() < 0.2
+
+
+def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monkeypatch):
+    import torch
+
+    from wbc_spark.evaluation import crossval
+
+    levers = _benchmark("crosslab_levers")
+    calls = []
+
+    def fake_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,
+                            num_classes, run=0, labs=None, inspect=None):
+        calls.append((eval_feats["original"][te].float().mean().item(), list(labs[te])))
+        return {"original": np.full((len(te), 2), len(calls))}, None, None
+
+    for name in ("crops_of", "augment"):
+        monkeypatch.setattr(crossval, name, getattr(crossval, name))
+    monkeypatch.setattr(crossval, "train_and_test", fake_train_and_test)
+    levers.install({"align"}, 0.8)
+    labs = np.array(["A"] * 6 + ["B"] * 4)
+    feats = torch.ones(10, 2, 1, 1)
+    feats[6:] = 5.0  # lab B's features sit far above lab A's
+    feats[:6:2] = 0.0
+    probs, _, _ = crossval.train_and_test(None, feats[None], {"original": feats},
+                                          np.zeros(10, int), np.arange(4), np.arange(4, 6),
+                                          np.arange(6, 10), None, 2, labs=labs)
+    assert set(probs) == {"original", "aligned"}
+    assert (probs["original"] == 1).all() and (probs["aligned"] == 2).all()
+    (plain_mean, plain_labs), (aligned_mean, aligned_labs) = calls
+    assert plain_labs == aligned_labs == ["B"] * 4
+    assert plain_mean == 5.0 and aligned_mean < 1.0  # B's constant maps to A's training mean
