@@ -254,7 +254,7 @@ def main() -> int:
         protocol), and with ``--tta``/``--heads`` "tta", "heads", "heads+tta"."""
         members = []
         for m in range(heads):
-            recipe = Recipe(**{**base.__dict__, "seed": seed + 1000 * m})
+            recipe = Recipe(**{**base.__dict__, "seed": base.seed + seed + 1000 * m})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
                                                   va, te, recipe, len(classes), run=run_id,
                                                   labs=source)
@@ -377,7 +377,7 @@ def main() -> int:
             roles = train_val_test(sub, folds=args.folds, test_fold=fold,
                                    val_fraction=t.val_fraction, seed=0)
             tr, va, te = (rows[roles == r] for r in ("train", "val", "test"))
-            recipe = Recipe(**{**base.__dict__, "seed": 0})
+            recipe = Recipe(**{**base.__dict__, "seed": base.seed})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
                                                   va, te, recipe, len(classes), run=fold,
                                                   labs=source)
