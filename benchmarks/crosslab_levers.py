@@ -98,14 +98,12 @@ def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
         maps[lab] = (scale.view(1, -1, 1, 1), (ref_mean - mean * scale).view(1, -1, 1, 1))
 
     def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (N or V x N) x ...
-        out = feats[:, index].clone() if feats.dim() == 5 else feats[index].clone()
+        views = feats if feats.dim() == 5 else feats[None]
+        out = views[:, index].clone()
         for lab, (scale, shift) in maps.items():
             at = torch.from_numpy(np.flatnonzero(labs[index] == lab))
-            if out.dim() == 5:
-                out[:, at] = (out[:, at].float() * scale + shift).clamp_min(0).to(out.dtype)
-            else:
-                out[at] = (out[at].float() * scale + shift).clamp_min(0).to(out.dtype)
-        return out
+            out[:, at] = (out[:, at].float() * scale + shift).clamp_min(0).to(out.dtype)
+        return out if feats.dim() == 5 else out[0]
 
     n_tr, n_va = len(tr), len(va)
     return (mapped(view_feats, tr), {k: mapped(v, rows) for k, v in eval_feats.items()},
