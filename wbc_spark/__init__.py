@@ -11,13 +11,19 @@ It also hides the FutureWarnings raised from inside petastorm: petastorm 0.12 ca
 that pyarrow has deprecated, and its readers repeat the warning for every row group they read
 (314 such warnings, two thirds of ``make demo``'s output, buried the training job's own log).
 They are for petastorm to fix, not for our users; warnings from any other module still show.
+
+And on Python 3.10-3.12 it keeps the per-task ``importlib.invalidate_caches()`` of Spark's
+Python workers from re-reading ``pyspark.zip`` every task (``wbc_spark.zipcache``).
 """
 
 import warnings
 
 import pyarrow_hotfix  # noqa: F401  (installs itself on import)
 
+from wbc_spark import zipcache
+
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+zipcache.install()
 
 
 def hotfix_active() -> bool:
