@@ -54,3 +54,22 @@ def test_path_columns_match_path_metadata(spark):
                 .select("path", *[c.alias(n) for n, c in named.items()]).collect())
         for r in rows:
             assert r.asDict() == {"path": r.path, **path_metadata(r.path, base, classes)}
+
+
+def test_an_absent_table_reads_as_a_known_empty_frame_that_joins_without_a_shuffle(spark,
+                                                                                  tmp_path):
+    from pyspark.sql import types as T
+
+    from wbc_spark import tables
+
+    schema = T.StructType([T.StructField("path", T.StringType()),
+                           T.StructField("file_length", T.LongType()),
+                           T.StructField("blob", T.BinaryType())])
+    empty = tables.read(spark, str(tmp_path / "absent"), schema)
+    assert empty.schema == schema
+    assert empty.count() == 0
+    files = spark.createDataFrame([(f"p{i}", i, b"x") for i in range(50)], schema).repartition(4)
+    fresh = files.join(empty.select("path", "file_length"), ["path", "file_length"], "left_anti")
+    assert fresh.count() == 50
+    plan = fresh._jdf.queryExecution().executedPlan().toString()
+    assert "SortMergeJoin" not in plan and "BroadcastHashJoin" not in plan, plan

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,15 @@ def _local_empty_files(root: Path) -> list[tuple[str, datetime]]:
 
 
 def read(spark: SparkSession, table: str, schema: StructType) -> DataFrame:
-    """The table's committed rows with ``schema``, or an empty frame when it has none."""
+    """The table's committed rows with ``schema``, or an empty frame when it has none.
+
+    The empty frame is a local relation that Spark knows to be empty, so a join against it
+    is planned away: a first run does not shuffle its images to compare them with nothing
+    (``createDataFrame([])`` would be an RDD of unknown size, joined by a full shuffle).
+    """
     if not has_data(spark, table):
-        return spark.createDataFrame([], schema)
+        return spark.range(0).select(*(F.lit(None).cast(f.dataType).alias(f.name)
+                                       for f in schema.fields))
     return spark.read.schema(schema).parquet(table)
 
 
