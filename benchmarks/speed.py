@@ -219,6 +219,23 @@ def ingest_args_for(lake: Path, out: Path) -> list[str]:
             f"data.quarantine={out}_quarantine"]
 
 
+INGEST_DIR = REPO / "runs" / "bench_ingest"
+
+
+def ingest_lines(lake: Path, timed: Path, n: int, repeats: int) -> str:
+    """Time the ingest job ``repeats`` times on the ``timed`` part of the lake (a fresh table
+    each run), then once on one slide folder for the per-run split; the lines to print."""
+    args = ingest_args_for(timed, INGEST_DIR)
+    scratch = [INGEST_DIR, Path(f"{INGEST_DIR}_quarantine")]
+    runs = [run_path("ingest", REPO / "conf" / "local.yaml", args, scratch)
+            for _ in range(repeats)]
+    rate = statistics.median(r[0] for r in runs)
+    return (f"ingest (local[2]) {rate:7.1f} images/s (runs: "
+            f"{', '.join(f'{r[0]:.1f}' for r in runs)}), peak Python worker memory "
+            f"{max(r[1] for r in runs):.0f} MiB\n"
+            + split_line("ingest", lake, ingest_args_for, rate, n))
+
+
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
                precision: str) -> float:
     torch.set_num_threads(threads)
@@ -426,6 +443,8 @@ def main() -> int:
     parser.add_argument("--job-only", default="", metavar="PRECISIONS",
                         help="time only the scoring job, once per comma-separated precision "
                              "(e.g. fp32,int8), and stop")
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="time only the ingest job (and its per-run split), and stop")
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
     parser.add_argument("--no-cluster", action="store_true", help="skip the scale-out runs")
     parser.add_argument("--no-stages", action="store_true",
@@ -448,6 +467,9 @@ def main() -> int:
     res = REPO / "runs" / "bench_results"
     score_for = score_args_for(args.model, cfg.score.precision)
     score_args = score_for(timed, res)
+    if args.ingest_only:
+        print(ingest_lines(lake, timed, len(paths), args.repeats), flush=True)
+        return 0
     if args.job_only:
         for precision in args.job_only.split(","):
             args_for = score_args_for(args.model, precision)
@@ -500,12 +522,9 @@ def main() -> int:
                         args.model, "--images", "300", "--precision", cfg.score.precision],
                        check=True, cwd=REPO)
 
-    ingest_dir = REPO / "runs" / "bench_ingest"
-    ingest_args = ingest_args_for(timed, ingest_dir)
-    scratch = [ingest_dir, Path(f"{ingest_dir}_quarantine")]
-    rate, mib = run_path("ingest", local, ingest_args, scratch)
-    print(f"ingest (local[2]) {rate:7.1f} images/s, peak Python worker memory {mib:.0f} MiB")
-    print(split_line("ingest", lake, ingest_args_for, rate, len(paths)), flush=True)
+    print(ingest_lines(lake, timed, len(paths), 1), flush=True)
+    ingest_args = ingest_args_for(timed, INGEST_DIR)
+    scratch = [INGEST_DIR, Path(f"{INGEST_DIR}_quarantine")]
     if not args.no_cluster:
         cluster = REPO / "conf" / "cluster.yaml"
         out: dict[int, dict[str, float]] = {}
