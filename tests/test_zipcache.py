@@ -47,3 +47,24 @@ def test_the_package_installs_it():
     import wbc_spark  # noqa: F401
 
     assert zipimport.zipimporter.invalidate_caches is zipcache._invalidate_if_changed
+
+
+def test_every_importer_of_a_changed_zip_sees_the_change(tmp_path, monkeypatch):
+    # Importing a package from a zip adds a second importer for the same archive (its
+    # package folder); a change must reach both, not only the first one invalidated.
+    archive = tmp_path / "pkg.zip"
+    _write_zip(archive, {"zc_pkg/__init__": "", "zc_pkg/first": "VALUE = 1\n"})
+    monkeypatch.syspath_prepend(str(archive))
+    for name in ("zc_pkg", "zc_pkg.first", "zc_pkg.second"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert zipcache.install()
+    assert importlib.import_module("zc_pkg.first").VALUE == 1
+    importers = [f for f in sys.path_importer_cache.values()
+                 if isinstance(f, zipimport.zipimporter) and f.archive == str(archive)]
+    assert len(importers) >= 2
+    importlib.invalidate_caches()
+
+    _write_zip(archive, {"zc_pkg/__init__": "", "zc_pkg/first": "VALUE = 1\n",
+                         "zc_pkg/second": "VALUE = 2\n"})
+    importlib.invalidate_caches()
+    assert importlib.import_module("zc_pkg.second").VALUE == 2

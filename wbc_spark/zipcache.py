@@ -5,12 +5,14 @@ PySpark's worker calls ``importlib.invalidate_caches()`` before every task (Spar
 ``sys.path_importer_cache`` read its archive's whole directory again (CPython issue gh-103200,
 fixed in 3.13; SPARK-54744 on Spark's side, after 3.5). A worker's path holds Spark's
 ``pyspark.zip`` (793 files) and py4j's zip, with one importer per package imported from them,
-so every task paid about 0.18 s here before it ran a line of ours: 63 tasks (2,000 images)
-of ingest or scoring spent 6-8 s on it on two cores.
+so every task paid about 0.18 s here before it ran a line of ours: an ingest of 2,000 images
+(63 tasks) spent 6-8 s on it on two cores.
 
 ``install`` wraps ``zipimporter.invalidate_caches`` so that it reads an archive's directory
-again only when the archive changed on disk (its size, modification time or inode), which is
-the case the invalidation exists for; an unchanged archive keeps its cached directory.
+again only when the archive changed on disk (its size, modification time or inode) since that
+importer last read it, which is the case the invalidation exists for; an unchanged archive keeps
+its cached directory. Each importer keeps its own record: one archive has several importers
+(one per package in it), and each must see a change.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import sys
 import zipimport
 
 _ORIGINAL = zipimport.zipimporter.invalidate_caches
-# archive path -> its (size, mtime_ns, inode) when its directory was last read
-_READ_AT: dict[str, tuple[int, int, int]] = {}
 
 
 def _signature(archive: str) -> tuple[int, int, int] | None:
@@ -34,11 +34,10 @@ def _signature(archive: str) -> tuple[int, int, int] | None:
 
 def _invalidate_if_changed(self: zipimport.zipimporter) -> None:
     now = _signature(self.archive)
-    if now is not None and _READ_AT.get(self.archive) == now:
-        return  # unchanged on disk: the directory read before is still right
+    if now is not None and getattr(self, "_wbc_read_at", None) == now:
+        return  # unchanged on disk since this importer read it: its directory is still right
     _ORIGINAL(self)
-    if now is not None:
-        _READ_AT[self.archive] = now
+    self._wbc_read_at = now
 
 
 def needed() -> bool:
