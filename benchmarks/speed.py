@@ -220,14 +220,14 @@ def ingest_args_for(lake: Path, out: Path) -> list[str]:
 
 
 INGEST_DIR = REPO / "runs" / "bench_ingest"
+INGEST_SCRATCH = [INGEST_DIR, Path(f"{INGEST_DIR}_quarantine")]  # removed after each run
 
 
 def ingest_lines(lake: Path, timed: Path, n: int, repeats: int) -> str:
     """Time the ingest job ``repeats`` times on the ``timed`` part of the lake (a fresh table
     each run), then once on one slide folder for the per-run split; the lines to print."""
     args = ingest_args_for(timed, INGEST_DIR)
-    scratch = [INGEST_DIR, Path(f"{INGEST_DIR}_quarantine")]
-    runs = [run_path("ingest", REPO / "conf" / "local.yaml", args, scratch)
+    runs = [run_path("ingest", REPO / "conf" / "local.yaml", args, INGEST_SCRATCH)
             for _ in range(repeats)]
     rate = statistics.median(r[0] for r in runs)
     return (f"ingest (local[2]) {rate:7.1f} images/s (runs: "
@@ -524,7 +524,6 @@ def main() -> int:
 
     print(ingest_lines(lake, timed, len(paths), 1), flush=True)
     ingest_args = ingest_args_for(timed, INGEST_DIR)
-    scratch = [INGEST_DIR, Path(f"{INGEST_DIR}_quarantine")]
     if not args.no_cluster:
         cluster = REPO / "conf" / "cluster.yaml"
         out: dict[int, dict[str, float]] = {}
@@ -532,7 +531,7 @@ def main() -> int:
             local_cluster("start", workers)
             try:
                 out[workers] = {
-                    "ingest": run_path("ingest", cluster, ingest_args, scratch)[0],
+                    "ingest": run_path("ingest", cluster, ingest_args, INGEST_SCRATCH)[0],
                     "score": run_path("job", cluster, score_args, [res])[0],
                 }
             finally:
