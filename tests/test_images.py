@@ -94,3 +94,20 @@ def test_mask_png_round_trip_is_exact():
     assert Image.open(io.BytesIO(data)).mode == "1"
     back = images.decode_mask(data, (53, 37))
     assert back.dtype == bool and np.array_equal(back, mask)
+
+
+def test_decode_turns_by_exif_and_converts_to_rgb():
+    """EXIF orientation is applied in place (the turned size comes back) and every mode ends
+    as 8-bit RGB, greyscale and palette images included."""
+    wide = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    wide.save(buf, format="JPEG", exif=exif)
+    turned = images.decode(buf.getvalue())
+    assert turned.size == (40, 60) and turned.mode == "RGB"
+    assert 0x0112 not in turned.getexif()
+    for mode in ("L", "P", "RGBA"):
+        buf = io.BytesIO()
+        wide.convert(mode).save(buf, format="PNG")
+        assert images.decode(buf.getvalue()).mode == "RGB"

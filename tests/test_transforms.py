@@ -13,7 +13,9 @@ from wbc_spark.augment import (
     stain_shift,
 )
 from wbc_spark.colour import hsv_to_rgb, rgb_to_hsv
-from wbc_spark.transforms import cell_crop, dihedral, locate_cell
+from scipy import ndimage
+
+from wbc_spark.transforms import cell_crop, cell_mask, dihedral, fill_holes, locate_cell
 
 
 def test_locator_finds_the_purple_cell():
@@ -46,6 +48,31 @@ def test_crop_off_the_edge_is_reflected_not_black():
     crop, box, _ = cell_crop(smear(256, (20, 20), radius=18), 64)
     assert box.left < 0
     assert crop.min() > 20  # no black padding
+
+
+@pytest.mark.parametrize("density", [0.2, 0.45, 0.6, 0.8])
+def test_fill_holes_is_scipys(density):
+    """The one-labelling fill gives ``ndimage.binary_fill_holes``'s mask exactly, with holes
+    of every size, blobs touching the border and (at 0.8) background only in pockets."""
+    rng = np.random.default_rng(int(density * 100))
+    for _ in range(20):
+        mask = ndimage.uniform_filter(rng.random((64, 48)), 3) < density
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    for mask in (np.zeros((9, 9), bool), np.ones((9, 9), bool)):
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_the_locator_prefers_the_larger_central_blob():
+    """Of two purple cells, the larger one near the centre is chosen (blob sizes and centres
+    from counts), not a smaller one in a corner."""
+    yy, xx = np.mgrid[:128, :128]
+    field = np.zeros((128, 128, 3), np.uint8) + np.array([225, 205, 200], np.uint8)
+    field[(xx - 70) ** 2 + (yy - 60) ** 2 < 18 ** 2] = (100, 40, 150)
+    field[(xx - 15) ** 2 + (yy - 110) ** 2 < 9 ** 2] = (100, 40, 150)
+    mask = cell_mask(field)
+    ys, xs = np.nonzero(mask)
+    assert abs(xs.mean() - 70) < 2 and abs(ys.mean() - 60) < 2
+    assert not mask[110, 15]
 
 
 def test_dihedral_group():

@@ -53,8 +53,9 @@ def decode(data: bytes | None, *, min_side: int = 32, max_pixels: int = 40_000_0
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB as the camera saw it: EXIF orientation applied, 16-bit and float greyscale
     scaled by their range (not clipped), transparency laid on white, CMYK and palettes
-    converted. A multi-frame file (TIFF pages, GIF animation) gives its first frame."""
-    image = ImageOps.exif_transpose(image)
+    converted. A multi-frame file (TIFF pages, GIF animation) gives its first frame.
+    An 8-bit RGB image without an EXIF rotation is returned as it is, not copied."""
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
         lo, hi = (0.0, 65535.0) if image.mode.startswith("I;16") or a.max() > 255 else (0, 255)
@@ -64,7 +65,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:

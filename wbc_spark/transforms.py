@@ -55,6 +55,12 @@ class CellBox:
         return (self.left, self.top, self.left + self.side, self.top + self.side)
 
 
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB, converted only when it is in another mode (``convert`` copies even an
+    RGB image: two copies of each full frame per crop)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def purple_score(rgb: np.ndarray) -> np.ndarray:
     """How purple each pixel is: (R + B) / 2 - G, in 0..255 units (float32, H x W)."""
     rgb = rgb.astype(np.float32)
@@ -73,6 +79,18 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[int(np.argmax(between))])
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` by one labelling: the holes are the background's
+    4-connected parts that do not touch the border (``binary_fill_holes`` dilates the border's
+    background again and again until nothing changes, 4x slower on the locator's grid)."""
+    background, n = ndimage.label(~mask)
+    edges = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    filled = np.ones(n + 1, bool)
+    filled[edges] = False
+    filled[0] = True  # the mask itself
+    return filled[background]
+
+
 def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     """Estimate the white cell's mask on a small RGB image; None when nothing stands out."""
     score = ndimage.uniform_filter(purple_score(rgb_small), size=3)
@@ -85,11 +103,16 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     blobs, n = ndimage.label(nuclear)
     if n == 0:
         return None
-    sizes = ndimage.sum_labels(np.ones_like(score), blobs, index=np.arange(1, n + 1))
+    # Each blob's size and centre from three counts (ndimage's per-label sums and centres of
+    # mass give the same values, exact sums of integers, at a few times the cost).
+    flat = blobs.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
     # Prefer large blobs near the centre: a cut-off cell at the edge is rarely the subject.
     h, w = score.shape
-    centres = ndimage.center_of_mass(np.ones_like(score), blobs, np.arange(1, n + 1))
-    dist = np.array([np.hypot((cy - h / 2) / h, (cx - w / 2) / w) for cy, cx in centres])
+    yy, xx = np.indices((h, w))
+    cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / sizes
+    cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / sizes
+    dist = np.hypot((cy - h / 2) / h, (cx - w / 2) / w)
     best = int(np.argmax(sizes * (1.2 - dist))) + 1
     # At a high zoom (PBC's single-cell images) a neutrophil's lobes stay separate blobs even
     # after the closing: take in every nuclear blob within half the chosen blob's equivalent
@@ -101,11 +124,11 @@ def cell_mask(rgb_small: np.ndarray) -> np.ndarray | None:
     reach = max(1, int(round(0.5 * np.sqrt(chosen.sum()))))
     near = np.unique(blobs[ndimage.binary_dilation(chosen, iterations=reach) & (blobs > 0)])
     near = near[sizes[near - 1] >= MIN_LOBE * sizes[best - 1]]
-    nucleus = ndimage.binary_fill_holes(np.isin(blobs, near))
+    nucleus = fill_holes(np.isin(blobs, near))
     # Grow the nucleus by a margin proportional to its size to cover the cytoplasm.
     radius = max(1, int(round(GROW * np.sqrt(nucleus.sum()))))
     grown = ndimage.binary_dilation(nucleus, iterations=radius)
-    return ndimage.binary_fill_holes(grown)
+    return fill_holes(grown)
 
 
 def field_stain_around(small: np.ndarray, mask: np.ndarray | None) -> FieldStain:
@@ -125,7 +148,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
     the standardised field, so the locator sees the same colours whatever the lab.
     """
     w, h = image.size
-    small = np.asarray(image.convert("RGB").resize((LOCATE_SIZE, LOCATE_SIZE), Image.BILINEAR))
+    small = np.asarray(rgb(image).resize((LOCATE_SIZE, LOCATE_SIZE), Image.BILINEAR))
     mask = cell_mask(small)
     measured = None
     if stain == "field":
@@ -184,7 +207,7 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
 
     ``stain="field"`` standardises the crop's colours by its field's stain first.
     """
-    image = image.convert("RGB")
+    image = rgb(image)
     box, mask, measured = locate_cell(image, context=context, stain=stain)
     crop = crop_box(image, box, size)
     if isinstance(measured, FieldStain):
