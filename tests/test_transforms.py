@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from conftest import smear
 from PIL import Image
+from scipy import ndimage
 
 from wbc_spark.augment import (
     AugmentSettings,
@@ -13,9 +14,13 @@ from wbc_spark.augment import (
     stain_shift,
 )
 from wbc_spark.colour import hsv_to_rgb, rgb_to_hsv
-from scipy import ndimage
-
-from wbc_spark.transforms import cell_crop, cell_mask, dihedral, fill_holes, locate_cell
+from wbc_spark.transforms import (
+    cell_crop,
+    cell_mask,
+    dihedral,
+    fill_holes,
+    locate_cell,
+)
 
 
 def test_locator_finds_the_purple_cell():

@@ -344,6 +344,12 @@ def check_duplicate_labels(report: pd.DataFrame) -> None:
             )
 
 
+def listed_estimate(files: DataFrame) -> int:
+    """About how many files a catalog frame lists, from Spark's listing (no job): to size
+    the processing tasks, never reported."""
+    return max(1, len(files.inputFiles()))
+
+
 def run_ingest(spark: SparkSession, config: Config) -> IngestSummary:
     """Ingest the configured lake; idempotent (files already ingested or quarantined skip)."""
     run_id = tables.new_run_id()
@@ -365,14 +371,15 @@ def _ingest_locked(spark: SparkSession, config: Config, run_id: str) -> IngestSu
     # a file listed with a new size or time is read again and kept only if its content (or,
     # for a bad file, its problem) changed: a copied or touched lake adds nothing.
     key = ["path", "file_length", "file_mtime"]
+    has_rows = {t: tables.has_data(spark, t) for t in (dataset, quarantine)}
     known = (tables.read(spark, dataset, DATASET_SCHEMA).select(*key)
              .unionByName(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select(*key)))
-    listed = files.count()
     # Tasks of about IMAGES_PER_TASK images, and at least one per core: the listing's own
     # partitions hold ~30 small files each, and each Python task has a fixed cost (2,000
     # images in 63 tasks took 24-26 s to process, in 8 tasks 18 s).
-    fresh = files.join(known, key, "left_anti").coalesce(
-        max(spark.sparkContext.defaultParallelism, -(-listed // IMAGES_PER_TASK)))
+    tasks = max(spark.sparkContext.defaultParallelism,
+                -(-listed_estimate(files) // IMAGES_PER_TASK))
+    fresh = files.join(known, key, "left_anti").coalesce(tasks)
 
     processed = fresh.mapInPandas(lambda it: process_batch(it, settings), PROCESSED_SCHEMA)
     processed = processed.persist()
@@ -384,7 +391,15 @@ def _ingest_locked(spark: SparkSession, config: Config, run_id: str) -> IngestSu
                .join(tables.read(spark, quarantine, QUARANTINE_SCHEMA).select("path", "reason"),
                      ["path", "reason"], "left_anti")
                .select(*QUARANTINE_SCHEMA.fieldNames()))
-        n_good, n_bad = good.count(), bad.count()
+        # The counts come from the cached rows in one job; the anti-joins against the tables
+        # are counted only when there is a table to compare with (a first run has none), and
+        # the files skipped unread only when there were earlier runs.
+        ok = {r["ok"]: r["n"] for r in processed.groupBy(F.col("reason").isNull().alias("ok"))
+              .agg(F.count("*").alias("n")).collect()}
+        n_good = good.count() if has_rows[dataset] else ok.get(True, 0)
+        n_bad = bad.count() if has_rows[quarantine] else ok.get(False, 0)
+        unread = files.join(known, key, "left_semi").count() if any(has_rows.values()) else 0
+        listed = sum(ok.values()) + unread
         report = duplicate_report(good.select("sha256", "path", "label").unionByName(existing))
         check_duplicate_labels(report)
         for row in report.itertuples():
