@@ -6,6 +6,7 @@ code that called it, then lists the run's stages from Spark's REST API (tasks, w
 executor time). A run's fixed cost is the actions and stages that do not grow with the lake.
 
     .venv/bin/python benchmarks/ingest_actions.py --lake runs/bench_lake
+    .venv/bin/python benchmarks/ingest_actions.py --lake ../shared/data/PBC-dev/labels.csv
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def stages(spark) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", required=True, help="a folder of images (data.source=folder)")
+    parser.add_argument("--lake", required=True, help="a folder of images (data.source=folder), "
+                        "or a manifest .csv (data.source=manifest)")
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="list stages whose wall time is at least this")
     args = parser.parse_args()
@@ -80,7 +82,8 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="ingest_actions_"))
     try:
         cfg = load_config(REPO / "conf" / "local.yaml", [
-            "data.source=folder", f"data.lake={Path(args.lake).resolve()}",
+            f"data.source={'manifest' if args.lake.endswith('.csv') else 'folder'}",
+            f"data.lake={Path(args.lake).resolve()}",
             f"data.dataset={scratch / 'dataset'}", f"data.quarantine={scratch / 'quarantine'}"])
         spark = (spark_builder(cfg).config("spark.ui.enabled", "true").getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
