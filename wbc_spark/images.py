@@ -65,6 +65,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
+    return as_rgb(image)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB, converted only when it is in another mode (``convert`` copies even an
+    RGB image, a full frame per call)."""
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 
 from wbc_spark.config import STAIN_MODES
+from wbc_spark.images import as_rgb
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import (
     CROP_STAINS,
@@ -53,12 +54,6 @@ class CellBox:
 
     def as_tuple(self) -> tuple[int, int, int, int]:
         return (self.left, self.top, self.left + self.side, self.top + self.side)
-
-
-def rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB, converted only when it is in another mode (``convert`` copies even an
-    RGB image: two copies of each full frame per crop)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def purple_score(rgb: np.ndarray) -> np.ndarray:
@@ -148,7 +143,7 @@ def locate_cell(image: Image.Image, *, context: float = 1.5, stain: str = "none"
     the standardised field, so the locator sees the same colours whatever the lab.
     """
     w, h = image.size
-    small = np.asarray(rgb(image).resize((LOCATE_SIZE, LOCATE_SIZE), Image.BILINEAR))
+    small = np.asarray(as_rgb(image).resize((LOCATE_SIZE, LOCATE_SIZE), Image.BILINEAR))
     mask = cell_mask(small)
     measured = None
     if stain == "field":
@@ -207,7 +202,7 @@ def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
 
     ``stain="field"`` standardises the crop's colours by its field's stain first.
     """
-    image = rgb(image)
+    image = as_rgb(image)
     box, mask, measured = locate_cell(image, context=context, stain=stain)
     crop = crop_box(image, box, size)
     if isinstance(measured, FieldStain):
