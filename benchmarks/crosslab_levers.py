@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import augment as aug
+from wbc_spark.align import LabAlignment, Moments
 from wbc_spark.evaluation import crossval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,43 +68,22 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def channel_moments(feats: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of N x C x H x W features, over images and
-    positions."""
-    total = torch.zeros(feats.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for i in range(0, len(feats), chunk):
-        x = feats[i:i + chunk].double()
-        total += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    n = len(feats) * feats.shape[2] * feats.shape[3]
-    mean = total / n
-    return mean.float(), (squares / n - mean ** 2).clamp_min(0).sqrt().float()
-
-
 def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                 labs: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray):
     """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
-    that order), with each lab's features mapped channel by channel to the moments of the
-    training rows' unaugmented features. A lab's own moments come from all of its rows'
-    unaugmented features; a channel's spread is scaled by 1/8 to 8 at most. The outputs stay
-    non-negative, as the ReLU outputs they replace."""
+    that order), with each lab's features mapped channel by channel
+    (``wbc_spark.align``) to the moments of the training rows' unaugmented features. A lab's
+    own moments come from all of its rows' unaugmented features."""
     rows = np.concatenate([tr, va, te])
     original = eval_feats["original"]
-    ref_mean, ref_sd = channel_moments(original[tr])
-    maps = {}
-    for lab in np.unique(labs[rows]):
-        mean, sd = channel_moments(original[np.flatnonzero(labs == lab)])
-        scale = (ref_sd / sd.clamp_min(1e-6)).clamp(1 / 8, 8)  # near-constant channels
-        maps[lab] = (scale.view(1, -1, 1, 1), (ref_mean - mean * scale).view(1, -1, 1, 1))
+    labs = np.asarray(labs).astype(str)
+    alignment = LabAlignment(
+        Moments.of(original[tr]),
+        {lab: Moments.of(original[np.flatnonzero(labs == lab)]) for lab in np.unique(labs[rows])})
 
-    def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (N or V x N) x ...
-        views = feats if feats.dim() == 5 else feats[None]
-        out = views[:, index].clone()
-        for lab, (scale, shift) in maps.items():
-            at = torch.from_numpy(np.flatnonzero(labs[index] == lab))
-            out[:, at] = (out[:, at].float() * scale + shift).clamp_min(0).to(out.dtype)
-        return out if feats.dim() == 5 else out[0]
+    def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (V x) N x C x H x W
+        picked = feats[:, index] if feats.dim() == 5 else feats[index]  # a copy
+        return alignment.apply(picked, labs[index], inplace=True)
 
     n_tr, n_va = len(tr), len(va)
     return (mapped(view_feats, tr), {k: mapped(v, rows) for k, v in eval_feats.items()},

@@ -1,0 +1,140 @@
+"""Per-lab alignment of frozen-layer outputs, without labels.
+
+A lab's camera, stain and zoom shift the frozen layers' outputs of all its cells by a shared
+offset and scale per channel. ``LabAlignment`` maps each lab's outputs, channel by channel,
+to the mean and spread of a reference (the training images' outputs): an AdaBN-like
+alignment measured on a lab's unlabelled images (``docs/RESULTS.md``, "each lab's features
+aligned without labels").
+
+Moments are kept as sums (``Moments``), so that partial moments from Spark tasks or DDP
+ranks add up to the same answer as one pass over every image.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_SCALE = 8.0  # a channel's spread is scaled by 1/8 to 8 at most (near-constant channels)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel sums over images and positions of N x C x H x W outputs."""
+
+    count: int  # positions summed (images x H x W)
+    total: np.ndarray  # (C,) float64
+    squares: np.ndarray  # (C,) float64
+    images: int = 0
+
+    @classmethod
+    def of(cls, feats: torch.Tensor, chunk: int = 256) -> Moments:
+        if feats.dim() != 4:
+            raise ValueError(f"moments need N x C x H x W outputs, got shape {tuple(feats.shape)}")
+        total = torch.zeros(feats.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for i in range(0, len(feats), chunk):
+            x = feats[i:i + chunk].double()
+            total += x.sum((0, 2, 3))
+            squares += (x * x).sum((0, 2, 3))
+        return cls(len(feats) * feats.shape[2] * feats.shape[3], total.numpy(),
+                   squares.numpy(), len(feats))
+
+    def __add__(self, other: Moments) -> Moments:
+        if self.total.shape != other.total.shape:
+            raise ValueError(f"moments of {self.total.shape[0]} and {other.total.shape[0]} "
+                             "channels cannot be added")
+        return Moments(self.count + other.count, self.total + other.total,
+                       self.squares + other.squares, self.images + other.images)
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("moments of no image")
+        return self.total / self.count
+
+    @property
+    def sd(self) -> np.ndarray:
+        return np.sqrt(np.clip(self.squares / self.count - self.mean ** 2, 0, None))
+
+    def to_state(self) -> dict:
+        return {"count": int(self.count), "images": int(self.images),
+                "total": self.total.tolist(), "squares": self.squares.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Moments:
+        return cls(int(state["count"]), np.asarray(state["total"], np.float64),
+                   np.asarray(state["squares"], np.float64), int(state.get("images", 0)))
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """``x * scale + shift`` per channel, kept non-negative (the outputs are ReLU outputs)."""
+
+    scale: torch.Tensor  # (C,)
+    shift: torch.Tensor  # (C,)
+
+    @classmethod
+    def between(cls, source: Moments, reference: Moments) -> ChannelMap:
+        scale = np.clip(reference.sd / np.maximum(source.sd, 1e-6), 1 / MAX_SCALE, MAX_SCALE)
+        shift = reference.mean - source.mean * scale
+        return cls(torch.from_numpy(scale).float(), torch.from_numpy(shift).float())
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats``: ... x C x H x W (images, or views x images)."""
+        out = feats.float() * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1)
+        return out.clamp_min(0).to(feats.dtype)
+
+
+@dataclass
+class LabAlignment:
+    """The reference moments and each known lab's own moments."""
+
+    reference: Moments
+    labs: dict[str, Moments]
+
+    @classmethod
+    def fit(cls, feats: torch.Tensor, labs: np.ndarray) -> LabAlignment:
+        """Each lab's moments from its rows of ``feats``; the reference from all rows."""
+        labs = np.asarray(labs).astype(str)
+        if len(labs) != len(feats):
+            raise ValueError(f"{len(labs)} labs for {len(feats)} images")
+        per_lab = {lab: Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
+                   for lab in sorted(set(labs))}
+        return cls(functools.reduce(operator.add, per_lab.values()), per_lab)
+
+    def map_for(self, lab: str, moments: Moments | None = None) -> ChannelMap:
+        """The map of ``lab``: from ``moments`` when given (a lab measured on its own images),
+        else from the lab's stored moments; an unknown lab without moments is refused."""
+        if moments is None:
+            if lab not in self.labs:
+                raise KeyError(f"lab {lab!r} has no moments: known labs are "
+                               f"{', '.join(sorted(self.labs))}; measure it on its own images")
+            moments = self.labs[lab]
+        return ChannelMap.between(moments, self.reference)
+
+    def apply(self, feats: torch.Tensor, labs: np.ndarray, inplace: bool = False
+              ) -> torch.Tensor:
+        """``feats`` (N x C x H x W, or V x N x C x H x W for views) with image ``i`` mapped
+        by the map of ``labs[i]``; ``inplace`` overwrites ``feats`` instead of a copy."""
+        labs = np.asarray(labs).astype(str)
+        if len(labs) != feats.shape[-4]:
+            raise ValueError(f"{len(labs)} labs for {feats.shape[-4]} images")
+        out = feats if inplace else feats.clone()
+        for lab in np.unique(labs):
+            at = torch.from_numpy(np.flatnonzero(labs == lab))
+            out.index_copy_(-4, at, self.map_for(lab)(out.index_select(-4, at)))
+        return out
+
+    def to_state(self) -> dict:
+        return {"reference": self.reference.to_state(),
+                "labs": {k: v.to_state() for k, v in self.labs.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LabAlignment:
+        return cls(Moments.from_state(state["reference"]),
+                   {k: Moments.from_state(v) for k, v in state["labs"].items()})
