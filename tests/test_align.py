@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from wbc_spark.align import MAX_SCALE, ChannelMap, LabAlignment, Moments
+from wbc_spark.evaluation.align import MAX_SCALE, ChannelMap, LabAlignment, Moments
 
 
 def relu_features(n, seed, offset=0.0, spread=1.0, channels=6, side=3):

@@ -8,6 +8,9 @@ aligned without labels").
 
 Moments are kept as sums (``Moments``), so that partial moments from Spark tasks or DDP
 ranks add up to the same answer as one pass over every image.
+
+Measured by ``benchmarks/crosslab_levers.py align``; not part of the recipe yet (the training
+and scoring jobs do not import it).
 """
 
 from __future__ import annotations
