@@ -72,8 +72,8 @@ def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                 labs: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray):
     """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
     that order), with each lab's features mapped channel by channel
-    (``wbc_spark.evaluation.align``) to the moments of the training rows' unaugmented features. A lab's
-    own moments come from all of its rows' unaugmented features."""
+    (``wbc_spark.evaluation.align``) to the moments of the training rows' unaugmented
+    features. A lab's own moments come from all of its rows' unaugmented features."""
     rows = np.concatenate([tr, va, te])
     original = eval_feats["original"]
     labs = np.asarray(labs).astype(str)
