@@ -54,6 +54,8 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
 def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
     import torch
 
+    from wbc_spark.evaluation.align import Moments
+
     levers = _benchmark("crosslab_levers")
     rng = np.random.default_rng(0)
     labs = np.array(["A"] * 40 + ["B"] * 30)
@@ -69,11 +71,10 @@ def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
     assert v.shape == (2, 30, 3, 4, 4) and e["original"].shape == (70, 3, 4, 4)
     assert (tr2 == np.arange(30)).all() and (te2 == 40 + np.arange(30)).all()
     assert (y[te2] == labels[te]).all() and (lab[te2] == "B").all()
-    ref_mean, ref_sd = levers.channel_moments(original[tr])
-    got_mean, got_sd = levers.channel_moments(e["original"][te2])
-    before_mean, _ = levers.channel_moments(original[te])
-    assert (got_mean - ref_mean).abs().max() < 0.1 < (before_mean - ref_mean).abs().max()
-    assert (got_sd / ref_sd - 1).abs().max() < 0.1
+    ref, got = Moments.of(original[tr]), Moments.of(e["original"][te2])
+    before = Moments.of(original[te])
+    assert np.abs(got.mean - ref.mean).max() < 0.1 < np.abs(before.mean - ref.mean).max()
+    assert np.abs(got.sd / ref.sd - 1).max() < 0.1
     assert (e["original"] >= 0).all()
     # The training lab's rows are mapped by its own moments (all of A), close to unchanged.
     assert (e["original"][tr2].float() - original[tr].float()).abs().mean() < 0.2
