@@ -43,8 +43,8 @@ import torch
 from PIL import Image
 
 from wbc_spark import augment as aug
-from wbc_spark.evaluation.align import LabAlignment, Moments
 from wbc_spark.evaluation import crossval
+from wbc_spark.evaluation.align import LabAlignment, Moments
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -82,7 +82,7 @@ def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
         {lab: Moments.of(original[np.flatnonzero(labs == lab)]) for lab in np.unique(labs[rows])})
 
     def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (V x) N x C x H x W
-        picked = feats[:, index] if feats.dim() == 5 else feats[index]  # a copy
+        picked = feats.index_select(-4, torch.from_numpy(index))  # a copy
         return alignment.apply(picked, labs[index], inplace=True)
 
     n_tr, n_va = len(tr), len(va)
