@@ -151,10 +151,12 @@ class TrainConfig:
     # Per-lab alignment of the frozen layers' outputs (wbc_spark/align.py): each training
     # lab's outputs mapped, channel by channel, to the mean and spread of all training labs'
     # (measured on the unaugmented crops the lab detector sees); scoring then maps a new
-    # lab's images by its own measured moments. Off by default: with one lab held out it
-    # gained about 0.04 balanced accuracy, with both labs in training nothing
-    # (docs/RESULTS.md, "each lab's features aligned without labels").
-    align: bool = False
+    # lab's images by its own measured moments (score.lab). On by default: a lab the model
+    # never saw scored higher in 5 of 5 paired comparisons (+0.02 to +0.07 balanced
+    # accuracy; through the jobs, benchmarks/lab_route.py, 0.357 -> 0.421 and no basophil
+    # sink); with both labs in training it changed nothing (docs/RESULTS.md, "each lab's
+    # features aligned without labels"). false: no alignment, and scoring needs no profile.
+    align: bool = True
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 
