@@ -44,7 +44,7 @@ from PIL import Image
 
 from wbc_spark import augment as aug
 from wbc_spark.evaluation import crossval
-from wbc_spark.evaluation.align import LabAlignment, Moments
+from wbc_spark.align import LabAlignment, Moments
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -72,7 +72,7 @@ def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                 labs: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray):
     """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
     that order), with each lab's features mapped channel by channel
-    (``wbc_spark.evaluation.align``) to the moments of the training rows' unaugmented
+    (``wbc_spark.align``) to the moments of the training rows' unaugmented
     features. A lab's own moments come from all of its rows' unaugmented features."""
     rows = np.concatenate([tr, va, te])
     original = eval_feats["original"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from wbc_spark.evaluation.align import MAX_SCALE, ChannelMap, LabAlignment, Moments
+from wbc_spark.align import MAX_SCALE, ChannelMap, LabAlignment, Moments
 
 
 def relu_features(n, seed, offset=0.0, spread=1.0, channels=6, side=3):
@@ -65,6 +65,11 @@ def test_apply_maps_each_image_by_its_own_lab_views_too():
     np.testing.assert_allclose(mapped_views[1].numpy(), alignment.apply(x.flip(-1), labs).numpy())
     with pytest.raises(ValueError, match="labs for"):
         alignment.apply(x, labs[:3])
+    mixed = np.random.default_rng(0).permutation(labs)  # chunks of 7 cut the labs' runs
+    np.testing.assert_allclose(alignment.apply(x, mixed, chunk=7).numpy(),
+                               alignment.apply(x, mixed, chunk=1000).numpy())
+    in_place = x.clone()
+    assert alignment.apply(in_place, mixed, inplace=True, chunk=7) is in_place
 
 
 def test_an_unknown_lab_is_refused_unless_measured():
@@ -79,7 +84,9 @@ def test_an_unknown_lab_is_refused_unless_measured():
 def test_state_round_trip():
     x = relu_features(12, 9)
     alignment = LabAlignment.fit(x, np.array(["p"] * 5 + ["q"] * 7))
-    back = LabAlignment.from_state(alignment.to_state())
+    state = alignment.to_state()
+    assert all(type(k) is str for k in state["labs"])  # an artifact loads with weights_only
+    back = LabAlignment.from_state(state)
     assert sorted(back.labs) == ["p", "q"]
     for lab in ("p", "q"):
         assert torch.equal(back.map_for(lab).scale, alignment.map_for(lab).scale)

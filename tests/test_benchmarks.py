@@ -54,7 +54,7 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
 def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
     import torch
 
-    from wbc_spark.evaluation.align import Moments
+    from wbc_spark.align import Moments
 
     levers = _benchmark("crosslab_levers")
     rng = np.random.default_rng(0)

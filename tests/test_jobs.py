@@ -242,3 +242,63 @@ def test_training_twice_on_the_same_data_gives_the_same_model(tmp_path, fake_wei
     a, b = evaluations
     assert a["model_id"] == b["model_id"]
     assert a["test"] == b["test"]
+
+
+def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path, fake_weights):
+    """train.align: the artifact keeps each training lab's moments; scoring measures the
+    input's own lab profile once, keeps it, reuses it, and refuses what it cannot measure."""
+    import torch
+    from conftest import CLASSES
+
+    paths = [f"data.dataset={tmp_path / 'ds'}", f"data.quarantine={tmp_path / 'q'}"]
+    for lab, shift in (("north", 0), ("south", 25)):
+        lake = tmp_path / lab
+        for c, cls in enumerate(CLASSES):
+            (lake / cls).mkdir(parents=True)
+            for i in range(8):
+                smear(seed=300 * c + i + shift, radius=20 + 3 * c,
+                      hue_shift=8 * c + shift).save(lake / cls / f"{i}.jpg")
+        run_ok("ingest", "data.source=folder", f"data.lake={lake}", f"data.lab={lab}", *paths)
+    model = tmp_path / "model"
+    run_ok("train_distributed", *paths, f"model.weights_dir={fake_weights}",
+           f"train.output={model}", f"train.petastorm_cache={tmp_path / 'cache'}",
+           "train.views=2", "train.epochs=1", "train.num_processes=2", "train.align=true",
+           "train.int8_calibration=0")
+    state = torch.load(model / "model.pt", weights_only=True)["alignment"]
+    assert sorted(state["labs"]) == ["north", "south"]
+    assert state["reference"]["images"] == sum(m["images"] for m in state["labs"].values())
+
+    new_lab = tmp_path / "elsewhere"
+    new_lab.mkdir()
+    for i in range(34):
+        smear(seed=900 + i, radius=20 + i % 12, hue_shift=40).save(new_lab / f"{i}.jpg")
+    args = score_args(tmp_path, new_lab, model / "model.pt")
+    first = run_ok("score", *args)
+    assert "scored 34 new images (0 with errors)" in first.stdout
+    assert "a new lab profile of 34 images" in first.stdout + first.stderr
+    profiles = pd.read_parquet(tmp_path / "res_lab_profiles")
+    assert len(profiles) == 1 and profiles.images.iloc[0] == 34
+    smear(seed=2000, hue_shift=40).save(new_lab / "late.jpg")
+    second = run_ok("score", *args)
+    assert "scored 1 new images" in second.stdout
+    assert "the lab profile of 34 images" in second.stdout + second.stderr
+    assert len(pd.read_parquet(tmp_path / "res_lab_profiles")) == 1
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        smear(seed=950 + i).save(few / f"{i}.jpg")
+    refused = spark_submit("score", f"score.input={few}", f"score.model={model / 'model.pt'}",
+                           f"score.results={tmp_path / 'few_res'}")
+    assert refused.returncode == 1
+    assert "3 readable images to measure the lab's moments" in refused.stdout + refused.stderr
+    assert not list((tmp_path / "few_res").glob("run=*"))  # nothing scored
+    unknown = spark_submit("score", f"score.input={few}", f"score.model={model / 'model.pt'}",
+                           f"score.results={tmp_path / 'few_res'}", "score.lab=nowhere")
+    assert unknown.returncode == 1
+    assert "'nowhere' has no moments: known labs are north, south" in (unknown.stdout
+                                                                      + unknown.stderr)
+    known = run_ok("score", f"score.input={few}", f"score.model={model / 'model.pt'}",
+                   f"score.results={tmp_path / 'few_res'}", "score.lab=north")
+    assert "scored 3 new images" in known.stdout
+    assert "training lab north's stored moments" in known.stdout + known.stderr

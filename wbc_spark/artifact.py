@@ -47,13 +47,15 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
          metrics: dict, temperature: float = 1.0, trained_on: dict | None = None,
          review: dict | None = None, confusion: dict | None = None,
-         int8: dict | None = None) -> str:
+         int8: dict | None = None, alignment: dict | None = None) -> str:
     """Atomically write the artifact; return its model ID (see ``model_digest``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     review = review or {}
     confusion = confusion or {}
     int8 = int8 or {}
-    model_id = model_digest(state, temperature, review, preprocessing, confusion, int8)
+    alignment = alignment or {}
+    model_id = model_digest(state, temperature, review, preprocessing, confusion, int8,
+                            alignment)
     payload = {
         "format": FORMAT,
         "model_id": model_id,
@@ -78,6 +80,9 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
         # int8 activation ranges (wbc_spark.model.quantize.calibration_state); empty: the
         # model cannot score in int8.
         "int8": int8,
+        # Lab alignment (wbc_spark.align.LabAlignment.to_state): the training labs' and the
+        # reference's moments; empty: trained without train.align.
+        "alignment": alignment,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -97,10 +102,11 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
 
 
 def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict,
-                 confusion: dict | None = None, int8: dict | None = None) -> str:
+                 confusion: dict | None = None, int8: dict | None = None,
+                 alignment: dict | None = None) -> str:
     """The model ID: a digest of everything that changes a prediction, a flag or a corrected
     share (weights, temperature, review detectors and thresholds, preprocessing, held-out
-    confusion, int8 calibration), so a recalibrated model is a new model whose results do not
+    confusion, int8 calibration, lab alignment), so a recalibrated model is a new model whose results do not
     mix with the old one's."""
     digest = hashlib.sha256()
     for k in sorted(state):
@@ -124,6 +130,8 @@ def model_digest(state: dict, temperature: float, review: dict, preprocessing: d
         walk("confusion", confusion)
     if int8:
         walk("int8", int8)
+    if alignment:
+        walk("alignment", alignment)
     return digest.hexdigest()[:16]
 
 

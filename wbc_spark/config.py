@@ -148,6 +148,15 @@ class TrainConfig:
     # score.precision=int8 can run its frozen layers in int8 (256 kept macro-F1 within 0.005
     # of fp32, 64 did not: docs/PERFORMANCE.md); 0: no int8 for this model.
     int8_calibration: int = 256
+    # Per-lab alignment of the frozen layers' outputs (wbc_spark/align.py): each training
+    # lab's outputs mapped, channel by channel, to the mean and spread of all training labs'
+    # (measured on the unaugmented crops the lab detector sees); scoring then maps a new
+    # lab's images by its own measured moments (score.lab). On by default: a lab the model
+    # never saw scored higher in 5 of 5 paired comparisons (+0.02 to +0.07 balanced
+    # accuracy; through the jobs, benchmarks/lab_route.py, 0.357 -> 0.421 and no basophil
+    # sink); with both labs in training it changed nothing (docs/RESULTS.md, "each lab's
+    # features aligned without labels"). false: no alignment, and scoring needs no profile.
+    align: bool = True
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 
@@ -201,6 +210,13 @@ class ScoreConfig:
     # stored in the model; asked for, never chosen); the trained layers always in fp32.
     precision: str = "auto"
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
+    # A model trained with train.align=true maps every image by a lab's moments: "" (the
+    # default) measures them on score.lab_profile_images of the input's images (the smallest
+    # SHA-256s, so the same sample each time) and keeps them in <results>_lab_profiles, one
+    # row per model and score.input, which later runs of that input reuse; or the name of a
+    # lab the model was trained on, whose stored moments are used.
+    lab: str = ""
+    lab_profile_images: int = 256
 
 
 @dataclass
@@ -368,6 +384,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+# The fewest readable images a lab profile (score.lab_profile_images) is measured on.
+LAB_PROFILE_MIN = 32
+
+
 def validate(config: Config) -> None:
     """Refuse settings that cannot work, naming the valid choices."""
     if config.data.source not in ("krd_wbc", "folder", "manifest"):
@@ -400,6 +420,9 @@ def validate(config: Config) -> None:
     if config.train.int8_calibration < 0:
         raise ConfigError(f"train.int8_calibration={config.train.int8_calibration}: a number "
                           "of training crops, 0 for none")
+    if config.score.lab_profile_images < LAB_PROFILE_MIN:
+        raise ConfigError(f"score.lab_profile_images={config.score.lab_profile_images}: at "
+                          f"least {LAB_PROFILE_MIN} images measure a lab's moments")
     if not 0 <= config.augment.frame_edge <= 1:
         raise ConfigError(f"augment.frame_edge={config.augment.frame_edge}: a probability, "
                           "0..1")

@@ -204,7 +204,8 @@ class ReviewModel:
 def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
         val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,
         plain_pooled: np.ndarray, plain_labels: np.ndarray, plain_labs: np.ndarray,
-        val_labs: np.ndarray, max_train: int = 20_000, seed: int = 0) -> ReviewModel:
+        val_labs: np.ndarray, val_pooled: np.ndarray | None = None, max_train: int = 20_000,
+        seed: int = 0) -> ReviewModel:
     """Fit the detectors and set the thresholds on the validation split.
 
     The cell detector is fitted on training views (``train_frozen``, at most ``max_train``,
@@ -213,7 +214,8 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     labels and labs). Thresholds: the confidence threshold for ``settings.target_accuracy`` of
     the unflagged; the cell threshold at the ``settings.cell_quantile`` of validation cells;
     each lab's threshold at the ``settings.lab_quantile`` of its own validation cells
-    (``val_labs``).
+    (``val_labs``). ``val_pooled``: the validation cells' pooled outputs for the lab detector,
+    when ``val_frozen`` is aligned (``wbc_spark.align``) and they differ.
     """
     model.eval()
     pick = np.arange(len(train_frozen))
@@ -223,6 +225,8 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen)
+    if val_pooled is not None:
+        lab_va = val_pooled
     z = logits / temperature
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

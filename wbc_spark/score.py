@@ -59,6 +59,7 @@ updated_at             time
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -73,7 +74,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from wbc_spark import artifact, differential, images, preprocessing, review, tables
-from wbc_spark.config import Config
+from wbc_spark.align import ChannelMap, LabAlignment, Moments
+from wbc_spark.config import LAB_PROFILE_MIN, Config, ConfigError
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import softmax, wilson
 from wbc_spark.model import quantize
@@ -223,10 +225,13 @@ def thresholds_of(meta: dict, settings) -> dict:
 
 
 def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32",
-                   thresholds: dict | None = None) -> pd.DataFrame:
+                   thresholds: dict | None = None, channel_map: ChannelMap | None = None
+                   ) -> pd.DataFrame:
     """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
     the frozen layers in ``precision`` (see ``inference_precision``), and flag the cells that
-    need review (``wbc_spark.review``; ``thresholds`` replace the model's).
+    need review (``wbc_spark.review``; ``thresholds`` replace the model's). ``channel_map``:
+    the lab's alignment of the frozen outputs (a model trained with ``train.align``); the lab
+    detector still compares the unaligned outputs.
 
     A file that cannot be read gets an ``error``, no prediction and the review reason
     ``unreadable``; the batch goes on.
@@ -264,7 +269,12 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
             frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
-        logits, cell_features, lab_features = review.embed(model, frozen)
+        lab_features = None
+        if channel_map is not None:
+            lab_features = review.pooled(frozen)
+            frozen = channel_map(frozen)
+        logits, cell_features, pooled = review.embed(model, frozen)
+        lab_features = pooled if lab_features is None else lab_features
         probs = softmax(logits, float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
@@ -286,16 +296,18 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
 
 def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
                      threads: int = 1, precision: str = "fp32",
-                     thresholds: dict | None = None) -> Iterator[pd.DataFrame]:
+                     thresholds: dict | None = None, channel_map: ChannelMap | None = None
+                     ) -> Iterator[pd.DataFrame]:
     """Body of the iterator pandas UDF: the model is loaded once, then each batch scored."""
     model, meta = load_model_once(model_path, threads)
     for data in batches:
         yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision,
-                             thresholds)
+                             thresholds, channel_map)
 
 
 def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
-             precision: str = "fp32", thresholds: dict | None = None):
+             precision: str = "fp32", thresholds: dict | None = None,
+             channel_map: ChannelMap | None = None):
     """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
     from pyspark import SparkFiles
     from pyspark.sql.functions import pandas_udf
@@ -303,9 +315,104 @@ def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
     @pandas_udf(prediction_schema(classes))
     def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads,
-                                    precision, thresholds)
+                                    precision, thresholds, channel_map)
 
     return classify
+
+
+# A lab profile: the moments of a sample of one scored input's images (``wbc_spark.align``),
+# one row per model and score.input in <score.results>_lab_profiles; later runs of that input
+# (a lake that grows) reuse it, so a cell's class does not depend on which run scored it.
+PROFILE_SCHEMA = T.StructType([
+    T.StructField("model_id", T.StringType()),
+    T.StructField("input", T.StringType()),
+    T.StructField("images", T.LongType()),
+    T.StructField("moments", T.StringType()),  # Moments.to_state() as JSON
+    T.StructField("measured_at", T.TimestampType()),
+])
+MOMENTS_SCHEMA = T.StructType([
+    T.StructField("count", T.LongType()), T.StructField("images", T.LongType()),
+    T.StructField("total", T.ArrayType(T.DoubleType())),
+    T.StructField("squares", T.ArrayType(T.DoubleType())),
+])
+
+
+def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
+                    threads: int = 1, precision: str = "fp32") -> Iterator[pd.DataFrame]:
+    """Body of the ``mapInPandas`` that measures a lab profile: each batch's readable images
+    through the frozen layers, summed as ``Moments`` (unreadable ones are skipped here; the
+    scoring pass records them)."""
+    model, meta = load_model_once(model_path, threads)
+    precision = resolve_precision(precision)
+    for batch in batches:
+        crops = []
+        for blob in batch["data"]:
+            try:
+                crops.append(_prepare(blob, kind, meta)[0])
+            except Exception:  # noqa: BLE001 - recorded with its reason by the scoring pass
+                continue
+        if not crops:
+            continue
+        with torch.inference_mode():
+            m = Moments.of(frozen_pass(model, meta, torch.from_numpy(np.stack(crops)),
+                                       precision))
+        yield pd.DataFrame({"count": [m.count], "images": [m.images],
+                            "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
+
+
+def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file: str,
+                    frame: DataFrame, kind: str, run_id: str) -> tuple[ChannelMap | None, str]:
+    """The channel map a model trained with ``train.align`` scores by, and where it came
+    from: a training lab's stored moments (``score.lab``), else this results table's lab
+    profile for the model and ``score.input``, measured now on ``score.lab_profile_images`` of the input's images
+    (the smallest SHA-256s) when there is none. (None, "") for a model trained without."""
+    s, model_id = config.score, meta["model_id"]
+    state = meta.get("alignment")
+    if not state:
+        if s.lab:
+            raise ConfigError(f"score.lab={s.lab!r}: model {model_id} was trained without "
+                              "train.align, so it has no lab moments; leave score.lab empty")
+        return None, ""
+    alignment = LabAlignment.from_state(state)
+    if s.lab:
+        return alignment.map_for(s.lab), f"training lab {s.lab}'s stored moments"
+    table = f"{s.results}_lab_profiles"
+    stored = (tables.read(spark, table, PROFILE_SCHEMA)
+              .where((F.col("model_id") == model_id) & (F.col("input") == s.input))
+              .orderBy("measured_at").limit(1).collect())
+    if stored:
+        row = stored[0]
+        moments = Moments.from_state(json.loads(row.moments))
+        return (alignment.map_for("", moments),
+                f"the lab profile of {row.images} images of {row.input} ({table})")
+    sample = (frame.where(F.col("sha256").isNotNull() & F.col("outside").isNull())
+              .select("sha256", "data").dropDuplicates(["sha256"]).orderBy("sha256")
+              .limit(s.lab_profile_images).repartition(spark.sparkContext.defaultParallelism))
+    partial = sample.select("data").mapInPandas(
+        lambda batches: partial_moments(batches, _spark_file(model_file), kind,
+                                        s.threads_per_worker, s.precision),
+        MOMENTS_SCHEMA).collect()
+    parts = [Moments(r["count"], np.asarray(r.total), np.asarray(r.squares), r.images)
+             for r in partial]
+    images_read = sum(p.images for p in parts)
+    if images_read < LAB_PROFILE_MIN:
+        raise ValueError(
+            f"{s.input}: {images_read} readable images to measure the lab's moments; model "
+            f"{model_id} was trained with train.align and needs at least {LAB_PROFILE_MIN}: "
+            "score more of the lab's images at once, or set score.lab to one of its training "
+            f"labs ({', '.join(sorted(alignment.labs))})")
+    moments = functools.reduce(lambda a, b: a + b, parts)
+    profile = spark.createDataFrame(
+        [(model_id, s.input, moments.images, json.dumps(moments.to_state()),
+          datetime.now(timezone.utc))], PROFILE_SCHEMA)
+    tables.append(profile, table, run_id, partitions=1)
+    return (alignment.map_for("", moments),
+            f"a new lab profile of {moments.images} images of {s.input} ({table})")
+
+
+def _spark_file(name: str) -> str:
+    from pyspark import SparkFiles
+    return SparkFiles.get(name)
 
 
 def _is_dataset(spark: SparkSession, path: str) -> bool:
@@ -528,8 +635,12 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
                   f"{meta['int8']['images']} training crops)")
     log.info("scoring with model %s, frozen layers in %s%s, trained layers in fp32", model_id,
              s.precision, detail)
+    channel_map, profile = lab_channel_map(spark, config, meta, Path(model_path).name, frame,
+                                           kind, run_id)
+    if channel_map is not None:
+        log.info("lab alignment (train.align): every image mapped by %s", profile)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
-                   thresholds)
+                   thresholds, channel_map)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
     unnamed = folder.unlistable(s.input) if kind == "image" else []
     scored = (todo.withColumn("_p", udf("data")).drop("data")
@@ -576,5 +687,5 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
                     a["slide"] or "every image", 100 * a["shift_score"], a["shift_cells"])
     return {"model_id": model_id, "scored": scored_count, "errors": errors, "run_id": run_id,
             "flagged": flagged, "run_shift": run_shift, "alarms": alarms,
-            "results": table, "per_class": f"{table}_per_class",
+            "results": table, "per_class": f"{table}_per_class", "lab_profile": profile,
             "summary": overall}

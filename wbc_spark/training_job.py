@@ -93,7 +93,7 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             dropout=config.model.dropout, crop_size=contract.crop_size,
             preprocessing=contract.to_dict(), threads_per_process=t.threads_per_process,
             views=t.views, cache_gib=t.cache_gib, frozen_precision=t.frozen_precision,
-            int8_calibration=t.int8_calibration,
+            int8_calibration=t.int8_calibration, align=t.align,
             augment=AugmentSettings(**config.augment.__dict__),
             local_mode=t.local_mode, review=config.review, n_train=split_sizes["train"],
             class_counts=counts, split_sizes=split_sizes, test_fold=t.test_fold,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from wbc_spark import artifact, differential, metrics, review
+from wbc_spark.align import LabAlignment
 from wbc_spark.augment import AugmentSettings, augment
 from wbc_spark.config import ReviewConfig as ReviewSettings
 from wbc_spark.model import quantize
@@ -55,6 +56,7 @@ class TrainingJob:
     cache_gib: float
     frozen_precision: str
     int8_calibration: int  # unaugmented training crops for int8's activation ranges
+    align: bool  # map each training lab's frozen outputs (wbc_spark.align)
     augment: AugmentSettings
     local_mode: bool
     review: ReviewSettings
@@ -209,12 +211,13 @@ PLAIN_BATCHES = 16
 
 
 def plain_sample(model, job: TrainingJob, precision: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict | None]:
     """The lab detector's training data: the first ``PLAIN_BATCHES`` batches of unaugmented
     training crops through the frozen layers, pooled (``review.pooled``), with their labels
-    and labs; and the int8 calibration (``quantize.calibration_state``, empty when
-    ``job.int8_calibration`` is 0) from evenly spaced crops of the same batches. Small
-    enough to send from one rank to another."""
+    and labs; the int8 calibration (``quantize.calibration_state``, empty when
+    ``job.int8_calibration`` is 0) from evenly spaced crops of the same batches; and, with
+    ``job.align``, the lab alignment's state (``LabAlignment``: each lab's moments on these
+    crops), else None. Small enough to send from one rank to another."""
     rows: list[int] = []
     kept: list[torch.Tensor] = []
 
@@ -229,6 +232,18 @@ def plain_sample(model, job: TrainingJob, precision: str
             yield images, labels
 
     frozen, labels = frozen_features(model, batches(), precision)
+    labs = np.asarray([job.sources[r] for r in rows])
+    alignment = None
+    if job.align:
+        missing = sorted({lab for lab, n in job.trained_on.items() if sum(n.values())}
+                         - set(labs))
+        if missing:
+            raise RuntimeError(f"train.align: no unaugmented crop of lab(s) {missing} among the "
+                               f"first {len(rows)} training crops, so their moments are unknown;"
+                               " train with train.align=false")
+        alignment = LabAlignment.fit(frozen, labs).to_state()
+        log.info("lab alignment: moments of %s unaugmented training crops",
+                 {lab: m["images"] for lab, m in alignment["labs"].items()})
     int8 = {}
     if kept:
         sample = torch.cat(kept)
@@ -239,7 +254,7 @@ def plain_sample(model, job: TrainingJob, precision: str
         int8 = quantize.calibration_state(model, sample[torch.from_numpy(pick)])
         log.info("int8 calibration on %d unaugmented training crops in %.1f s",
                  int8["images"], time.perf_counter() - start)
-    return review.pooled(frozen), labels, np.asarray([job.sources[r] for r in rows]), int8
+    return review.pooled(frozen), labels, labs, int8, alignment
 
 
 def distributed_worker(job: TrainingJob) -> dict | None:
@@ -332,6 +347,22 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     frozen_seconds = time.perf_counter() - start
     log.info("cached %d augmented views of this shard's images through the frozen layers "
              "(%s) in %.1f s", len(train_feats), precision, frozen_seconds)
+    if plain_rank != 0:
+        shared = [plain]
+        dist.broadcast_object_list(shared, src=plain_rank)
+        plain = shared[0]
+    alignment = LabAlignment.from_state(plain[4]) if plain[4] else None
+    val_pooled = test_pooled = None
+    if alignment:
+        # The lab detector compares unaligned outputs (a lab's shift is what it detects); the
+        # head and the cell detector see the aligned ones.
+        alignment.apply(train_feats, train_labs, inplace=True)
+        if main:
+            val_pooled, test_pooled = review.pooled(val[0]), review.pooled(test[0])
+            val = (alignment.apply(val[0], [job.sources[r] for r in val_rows], inplace=True),
+                   val[1])
+            test = (alignment.apply(test[0], [job.sources[r] for r in rows], inplace=True),
+                    test[1])
     steps = max(1, job.n_train // (recipe.batch_size * world))
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,
@@ -339,21 +370,17 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                                steps, rng, recipe.sampling, train_labs),
                  steps, val, recipe, len(classes), job.class_counts)
 
-    if plain_rank != 0:
-        shared = [plain]
-        dist.broadcast_object_list(shared, src=plain_rank)
-        plain = shared[0]
     summary = None
     if main:
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
-        plain_pooled, plain_labels, plain_labs, int8 = plain
+        plain_pooled, plain_labels, plain_labs, int8, alignment_state = plain
         detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
                                result.temperature, len(classes), job.review,
                                plain_pooled=plain_pooled, plain_labels=plain_labels,
                                plain_labs=plain_labs,
                                val_labs=np.asarray([job.sources[r] for r in val_rows]),
-                               seed=recipe.seed)
+                               val_pooled=val_pooled, seed=recipe.seed)
         test_feats, labels = test
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
         run = {"processes": world, "local_mode": job.local_mode,
@@ -361,7 +388,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
                "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
-                                   parameter_summary(model), detectors, run, int8)
+                                   parameter_summary(model), detectors, run, int8,
+                                   alignment_state, test_pooled)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -374,13 +402,18 @@ def distributed_worker(job: TrainingJob) -> dict | None:
 
 def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, test_feats: torch.Tensor,
                      labels: np.ndarray, rows: list[int], params: dict,
-                     detectors: review.ReviewModel, run: dict, int8: dict | None = None
+                     detectors: review.ReviewModel, run: dict, int8: dict | None = None,
+                     alignment: dict | None = None, test_pooled: np.ndarray | None = None
                      ) -> dict:
-    """Rank 0: test-fold report, predictions, confusion PNG and the model artifact."""
+    """Rank 0: test-fold report, predictions, confusion PNG and the model artifact.
+    ``test_pooled``: the test crops' unaligned pooled outputs, for the lab detector, when
+    ``test_feats`` are aligned."""
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     logits, cell_f, lab_f = review.embed(model, test_feats)
+    if test_pooled is not None:
+        lab_f = test_pooled
     probs = metrics.softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job.sources[r] for r in rows])
@@ -417,6 +450,7 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, tes
                  "best_val_macro_f1": result.best_val_macro_f1},
         temperature=result.temperature, trained_on=job.trained_on,
         review=detectors.to_state(), confusion=confusion.to_state(), int8=int8,
+        alignment=alignment,
     )
     evaluation["model_id"] = model_id
     ids = [job.image_ids[r] for r in rows]

@@ -9,8 +9,11 @@ aligned without labels").
 Moments are kept as sums (``Moments``), so that partial moments from Spark tasks or DDP
 ranks add up to the same answer as one pass over every image.
 
-Measured by ``benchmarks/crosslab_levers.py align``; not part of the recipe yet (the training
-and scoring jobs do not import it).
+Measured by ``benchmarks/crosslab_levers.py align``. In the jobs with ``train.align=true``:
+training maps each training lab's cached outputs (its moments from unaugmented training
+crops) and stores the moments in the artifact; scoring maps a run's images by a lab profile,
+the moments of a sample of the input's own images, measured once and kept beside the results
+(``wbc_spark.score``), or by a training lab's stored moments (``score.lab``).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class LabAlignment:
         labs = np.asarray(labs).astype(str)
         if len(labs) != len(feats):
             raise ValueError(f"{len(labs)} labs for {len(feats)} images")
-        per_lab = {lab: Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
+        per_lab = {str(lab): Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
                    for lab in sorted(set(labs))}
         return cls(functools.reduce(operator.add, per_lab.values()), per_lab)
 
@@ -120,17 +123,23 @@ class LabAlignment:
             moments = self.labs[lab]
         return ChannelMap.between(moments, self.reference)
 
-    def apply(self, feats: torch.Tensor, labs: np.ndarray, inplace: bool = False
-              ) -> torch.Tensor:
+    def apply(self, feats: torch.Tensor, labs: np.ndarray, inplace: bool = False,
+              chunk: int = 256) -> torch.Tensor:
         """``feats`` (N x C x H x W, or V x N x C x H x W for views) with image ``i`` mapped
-        by the map of ``labs[i]``; ``inplace`` overwrites ``feats`` instead of a copy."""
+        by the map of ``labs[i]``; ``inplace`` overwrites ``feats`` instead of a copy, ``chunk``
+        images at a time (a cache of augmented views is not copied whole)."""
         labs = np.asarray(labs).astype(str)
-        if len(labs) != feats.shape[-4]:
-            raise ValueError(f"{len(labs)} labs for {feats.shape[-4]} images")
+        n = feats.shape[-4]
+        if len(labs) != n:
+            raise ValueError(f"{len(labs)} labs for {n} images")
+        maps = {lab: self.map_for(lab) for lab in np.unique(labs)}
         out = feats if inplace else feats.clone()
-        for lab in np.unique(labs):
-            at = torch.from_numpy(np.flatnonzero(labs == lab))
-            out.index_copy_(-4, at, self.map_for(lab)(out.index_select(-4, at)))
+        for start in range(0, n, chunk):
+            part = out.narrow(-4, start, min(chunk, n - start))  # a view into ``out``
+            part_labs = labs[start:start + part.shape[-4]]
+            for lab in np.unique(part_labs):
+                at = torch.from_numpy(np.flatnonzero(part_labs == lab))
+                part.index_copy_(-4, at, maps[lab](part.index_select(-4, at)))
         return out
 
     def to_state(self) -> dict:
