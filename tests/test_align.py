@@ -1,8 +1,10 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from wbc_spark.align import MAX_SCALE, ChannelMap, LabAlignment, Moments
+from wbc_spark.align import MAX_SCALE, ChannelMap, LabAlignment, LabSampler, Moments
 
 
 def relu_features(n, seed, offset=0.0, spread=1.0, channels=6, side=3):
@@ -92,3 +94,73 @@ def test_state_round_trip():
         assert torch.equal(back.map_for(lab).scale, alignment.map_for(lab).scale)
         assert torch.equal(back.map_for(lab).shift, alignment.map_for(lab).shift)
     assert back.reference.images == 12
+
+
+def test_the_sampler_measures_each_lab_on_its_first_images_across_batches():
+    """Batch by batch, only the images a lab still needs are taken; each lab's moments are
+    those of its first ``per_lab`` images, and the reference weighs the labs by their samples."""
+    feats = relu_features(60, 9)
+    labs = np.array(["big"] * 50 + ["small"] * 10)
+    np.random.default_rng(0).shuffle(labs)
+    sampler = LabSampler(per_lab=12)
+    measured = []
+    for start in range(0, 60, 16):
+        batch_labs = labs[start:start + 16]
+        take = sampler.wanted(batch_labs)
+        assert all(sampler.count(lab) < 12 for lab in batch_labs[take])
+        sampler.add(feats[start:start + 16][torch.from_numpy(take)], batch_labs[take])
+        measured.extend(start + take)
+    assert sampler.full({"big"}) and not sampler.full({"big", "small"})
+    assert (sampler.count("big"), sampler.count("small")) == (12, 10)
+    first_big = np.flatnonzero(labs == "big")[:12]
+    np.testing.assert_array_equal(sorted(measured),
+                                  sorted([*first_big, *np.flatnonzero(labs == "small")]))
+    alignment = sampler.alignment()
+    np.testing.assert_allclose(alignment.labs["big"].mean,
+                               Moments.of(feats[torch.from_numpy(first_big)]).mean, rtol=1e-12)
+    assert alignment.reference.images == 22
+    assert sampler.wanted(np.array(["big", "small", "new"])).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="no lab"):
+        LabSampler().alignment()
+
+
+class _FrozenStub(torch.nn.Module):
+    """Frozen layers stand-in: a 3 x 2 x 2 output per image, its value the image's mean."""
+
+    def embed_frozen(self, images):
+        self.seen += len(images)
+        return images.float().mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone()
+
+
+def test_training_measures_each_lab_beyond_the_plain_sample_and_refuses_a_missing_lab(
+        monkeypatch):
+    """``lab_alignment`` tops up a lab short in the plain sample from the rest of the training
+    crops, passing only the crops still needed through the frozen layers."""
+    from wbc_spark import training_worker
+
+    monkeypatch.setattr(training_worker, "LAB_SAMPLE", 5)
+    sources = ["big"] * 8 + ["big", "small"] * 6 + ["big"] * 4  # rows 0-23
+    images = torch.arange(24, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+    rows: list[int] = list(range(8))  # the plain sample: rows 0-7, all "big"
+
+    def stream():
+        for start in range(8, 24, 4):
+            rows.extend(range(start, start + 4))
+            yield images[start:start + 4], torch.zeros(4, dtype=torch.long)
+
+    model = _FrozenStub()
+    model.seen = 0
+    plain = model.embed_frozen(images[:8])
+    job = SimpleNamespace(sources=sources, trained_on={"big": {"N": 14}, "small": {"N": 6}})
+    alignment = training_worker.lab_alignment(model, job, "fp32", plain,
+                                              np.array(sources[:8]), stream(), rows)
+    assert {lab: m.images for lab, m in alignment.labs.items()} == {"big": 5, "small": 5}
+    # "big" from the plain sample's rows 0-4; "small" from rows 9, 11, ..., 17.
+    assert alignment.labs["big"].mean[0] == pytest.approx(2.0)
+    assert alignment.labs["small"].mean[0] == pytest.approx(13.0)
+    assert model.seen == 8 + 5  # the plain sample, then only the five "small" crops
+    job.trained_on["elsewhere"] = {"N": 3}
+    rows[:] = list(range(8))
+    with pytest.raises(RuntimeError, match=r"lab\(s\) \['elsewhere'\]"):
+        training_worker.lab_alignment(model, job, "fp32", plain, np.array(sources[:8]),
+                                      stream(), rows)

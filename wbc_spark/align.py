@@ -26,6 +26,11 @@ import numpy as np
 import torch
 
 MAX_SCALE = 8.0  # a channel's spread is scaled by 1/8 to 8 at most (near-constant channels)
+# Each training lab's moments come from this many of its unaugmented crops (or all it has),
+# as many as a scoring run's lab profile (score.lab_profile_images' default): with a lab's
+# moments from 88 crops, a profile of 256 of the same lab's images moved channels' spreads by
+# -7% to +14% (10th-90th percentile) and shifted the model's calls (docs/RESULTS.md, session 26).
+LAB_SAMPLE = 256
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,8 @@ class LabAlignment:
         labs = np.asarray(labs).astype(str)
         if len(labs) != len(feats):
             raise ValueError(f"{len(labs)} labs for {len(feats)} images")
-        per_lab = {str(lab): Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
-                   for lab in sorted(set(labs))}
-        return cls(functools.reduce(operator.add, per_lab.values()), per_lab)
+        rows = {str(lab): torch.from_numpy(np.flatnonzero(labs == lab)) for lab in set(labs)}
+        return cls.of_labs({lab: Moments.of(feats[rows[lab]]) for lab in sorted(rows)})
 
     def map_for(self, lab: str, moments: Moments | None = None) -> ChannelMap:
         """The map of ``lab``: from ``moments`` when given (a lab measured on its own images),
@@ -142,6 +146,14 @@ class LabAlignment:
                 part.index_copy_(-4, at, maps[lab](part.index_select(-4, at)))
         return out
 
+    @classmethod
+    def of_labs(cls, per_lab: dict[str, Moments]) -> LabAlignment:
+        """The labs' moments; the reference is their sum (labs measured on equal samples
+        weigh equally)."""
+        if not per_lab:
+            raise ValueError("no lab's moments")
+        return cls(functools.reduce(operator.add, per_lab.values()), dict(per_lab))
+
     def to_state(self) -> dict:
         return {"reference": self.reference.to_state(),
                 "labs": {k: v.to_state() for k, v in self.labs.items()}}
@@ -150,3 +162,42 @@ class LabAlignment:
     def from_state(cls, state: dict) -> LabAlignment:
         return cls(Moments.from_state(state["reference"]),
                    {k: Moments.from_state(v) for k, v in state["labs"].items()})
+
+
+class LabSampler:
+    """Each lab's moments from its first ``per_lab`` images, fed batch by batch: ``wanted``
+    says which of a batch's images are still needed (so only those pass the frozen layers),
+    ``add`` sums their outputs."""
+
+    def __init__(self, per_lab: int = LAB_SAMPLE):
+        self.per_lab = per_lab
+        self.labs: dict[str, Moments] = {}
+
+    def count(self, lab: str) -> int:
+        return self.labs[lab].images if lab in self.labs else 0
+
+    def wanted(self, labs: np.ndarray) -> np.ndarray:
+        """Indices of ``labs`` to measure, in order: each lab's up to ``per_lab`` in all."""
+        counts: dict[str, int] = {}
+        take = []
+        for i, lab in enumerate(np.asarray(labs).astype(str)):
+            counts[lab] = counts.get(lab, self.count(lab))
+            if counts[lab] < self.per_lab:
+                take.append(i)
+                counts[lab] += 1
+        return np.asarray(take, dtype=np.int64)
+
+    def add(self, feats: torch.Tensor, labs: np.ndarray) -> None:
+        labs = np.asarray(labs).astype(str)
+        if len(labs) != len(feats):
+            raise ValueError(f"{len(labs)} labs for {len(feats)} images")
+        for lab in sorted(set(labs)):
+            m = Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
+            self.labs[str(lab)] = self.labs[lab] + m if lab in self.labs else m
+
+    def full(self, labs: set[str]) -> bool:
+        """Whether every lab in ``labs`` has its ``per_lab`` images."""
+        return all(self.count(lab) >= self.per_lab for lab in labs)
+
+    def alignment(self) -> LabAlignment:
+        return LabAlignment.of_labs({lab: self.labs[lab] for lab in sorted(self.labs)})

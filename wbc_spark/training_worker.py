@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from wbc_spark import artifact, differential, metrics, review
-from wbc_spark.align import LabAlignment
+from wbc_spark.align import LAB_SAMPLE, LabAlignment, LabSampler
 from wbc_spark.augment import AugmentSettings, augment
 from wbc_spark.config import ReviewConfig as ReviewSettings
 from wbc_spark.model import quantize
@@ -216,17 +216,17 @@ def plain_sample(model, job: TrainingJob, precision: str
     training crops through the frozen layers, pooled (``review.pooled``), with their labels
     and labs; the int8 calibration (``quantize.calibration_state``, empty when
     ``job.int8_calibration`` is 0) from evenly spaced crops of the same batches; and, with
-    ``job.align``, the lab alignment's state (``LabAlignment``: each lab's moments on these
-    crops), else None. Small enough to send from one rank to another."""
+    ``job.align``, the lab alignment's state (``lab_alignment``), else None. Small enough to
+    send from one rank to another."""
     rows: list[int] = []
     kept: list[torch.Tensor] = []
+    stream = converter_batches(job.conv_train, job.crop_size, rows)
 
     def batches() -> Iterator[Batch]:
         # The batches are as the Parquet files' row groups cut them (some under 64 crops),
         # so the sample's size is known only at its end: keep its crops (at most
         # PLAIN_BATCHES x 64 x 150 KB) until then.
-        for images, labels in itertools.islice(
-                converter_batches(job.conv_train, job.crop_size, rows), PLAIN_BATCHES):
+        for images, labels in itertools.islice(stream, PLAIN_BATCHES):
             if job.int8_calibration:
                 kept.append(images)
             yield images, labels
@@ -235,15 +235,7 @@ def plain_sample(model, job: TrainingJob, precision: str
     labs = np.asarray([job.sources[r] for r in rows])
     alignment = None
     if job.align:
-        missing = sorted({lab for lab, n in job.trained_on.items() if sum(n.values())}
-                         - set(labs))
-        if missing:
-            raise RuntimeError(f"train.align: no unaugmented crop of lab(s) {missing} among the "
-                               f"first {len(rows)} training crops, so their moments are unknown;"
-                               " train with train.align=false")
-        alignment = LabAlignment.fit(frozen, labs).to_state()
-        log.info("lab alignment: moments of %s unaugmented training crops",
-                 {lab: m["images"] for lab, m in alignment["labs"].items()})
+        alignment = lab_alignment(model, job, precision, frozen, labs, stream, rows).to_state()
     int8 = {}
     if kept:
         sample = torch.cat(kept)
@@ -255,6 +247,39 @@ def plain_sample(model, job: TrainingJob, precision: str
         log.info("int8 calibration on %d unaugmented training crops in %.1f s",
                  int8["images"], time.perf_counter() - start)
     return review.pooled(frozen), labels, labs, int8, alignment
+
+
+def lab_alignment(model, job: TrainingJob, precision: str, frozen: torch.Tensor,
+                  labs: np.ndarray, stream: Iterator[Batch], rows: list[int]) -> LabAlignment:
+    """Each training lab's moments on ``LAB_SAMPLE`` of its unaugmented training crops (all
+    it has when fewer): the plain sample's (``frozen``, ``labs``) first, then the rest of the
+    training crops from ``stream`` (whose row numbers it appends to ``rows``) until every lab
+    has its share; only the crops still needed pass the frozen layers. Refuses when a lab the
+    model trains on has no crop."""
+    sampler = LabSampler(LAB_SAMPLE)
+    take = sampler.wanted(labs)
+    sampler.add(frozen[torch.from_numpy(take)], labs[take])
+    trained = {lab for lab, n in job.trained_on.items() if sum(n.values())}
+    seen = len(rows)
+    while not sampler.full(trained):
+        batch = next(stream, None)
+        if batch is None:
+            break
+        batch_labs = np.asarray([job.sources[r] for r in rows[seen:]])
+        seen = len(rows)
+        take = sampler.wanted(batch_labs)
+        if len(take):
+            at = torch.from_numpy(take)
+            feats, _ = frozen_features(model, [(batch[0][at], batch[1][at])], precision)
+            sampler.add(feats, batch_labs[take])
+    missing = sorted(lab for lab in trained if not sampler.count(lab))
+    if missing:
+        raise RuntimeError(f"train.align: no unaugmented training crop of lab(s) {missing}, "
+                           "so their moments are unknown; train with train.align=false")
+    alignment = sampler.alignment()
+    log.info("lab alignment: moments of %s unaugmented training crops (up to %d per lab)",
+             {lab: m.images for lab, m in alignment.labs.items()}, LAB_SAMPLE)
+    return alignment
 
 
 def distributed_worker(job: TrainingJob) -> dict | None:
