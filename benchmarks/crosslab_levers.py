@@ -13,13 +13,13 @@ the model is fed (training views and test crops alike) or to the training views 
   bilinear up), so that no lab's crops are crisper than another's;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
 * ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
-* ``align``: beside every plain training, a second one on the same features, seeds and
-  rows, with every lab's frozen-layer outputs mapped channel by channel to the mean and
-  spread that the training images' outputs have (each lab's own mean and spread measured on
-  all of its unaugmented crops, labels unused): unsupervised alignment of a new lab's
-  features, as a scoring job could measure it on a lab's unlabelled images. Printed as the
-  variant ``[aligned]`` under each plain line of parts 1 and 2, so the pair shares one
-  frozen pass.
+* ``align``: beside every plain training (``train.align=false``), a second one on the same
+  features, seeds and rows with the alignment of ``train.align`` (``crossval.lab_alignment``:
+  each lab's frozen-layer outputs mapped channel by channel to the training labs' mean and
+  spread, a test lab not in training by its own unlabelled images). Printed as the variant
+  ``[aligned]`` under each plain line of parts 1 and 2, so the pair shares one frozen pass.
+  Until session 27 the lever measured each lab's moments on all of its crops and took the
+  training rows' moments as the reference (the figures of sessions 21 and 24).
 
 (The per-stain jitter and grey training views, once levers here, are now the recipe's
 ``augment.hed`` and ``augment.grey``: ``benchmarks/crosslab.py augment.hed=0.6
@@ -39,12 +39,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from wbc_spark import augment as aug
 from wbc_spark.evaluation import crossval
-from wbc_spark.align import LabAlignment, Moments
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -66,29 +64,6 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(20, 91)))
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def lab_aligned(view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
-                labs: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray):
-    """``train_and_test``'s inputs restricted to rows ``tr``, ``va`` and ``te`` (renumbered in
-    that order), with each lab's features mapped channel by channel
-    (``wbc_spark.align``) to the moments of the training rows' unaugmented
-    features. A lab's own moments come from all of its rows' unaugmented features."""
-    rows = np.concatenate([tr, va, te])
-    original = eval_feats["original"]
-    labs = np.asarray(labs).astype(str)
-    alignment = LabAlignment(
-        Moments.of(original[tr]),
-        {lab: Moments.of(original[np.flatnonzero(labs == lab)]) for lab in np.unique(labs[rows])})
-
-    def mapped(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:  # (V x) N x C x H x W
-        picked = feats.index_select(-4, torch.from_numpy(index))  # a copy
-        return alignment.apply(picked, labs[index], inplace=True)
-
-    n_tr, n_va = len(tr), len(va)
-    return (mapped(view_feats, tr), {k: mapped(v, rows) for k, v in eval_feats.items()},
-            labels[rows], labs[rows], np.arange(n_tr), n_tr + np.arange(n_va),
-            n_tr + n_va + np.arange(len(te)))
 
 
 def install(levers: set[str], density_ref: float) -> None:
@@ -117,16 +92,14 @@ def install(levers: set[str], density_ref: float) -> None:
         return out
 
     def aligned_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,
-                               num_classes, run=0, labs=None, inspect=None):
-        if labs is None:
-            raise ValueError("align needs the lab of every image")
+                               num_classes, run=0, labs=None, inspect=None, align=False,
+                               keys=None):
         probs, result, maps = train_and_test(model, view_feats, eval_feats, labels, tr, va,
                                              te, recipe, num_classes, run=run, labs=labs,
-                                             inspect=inspect)
-        v, e, y, lab, tr2, va2, te2 = lab_aligned(view_feats, eval_feats, labels,
-                                                  np.asarray(labs), tr, va, te)
-        aligned, _, _ = train_and_test(model, v, e, y, tr2, va2, te2, recipe, num_classes,
-                                       run=run, labs=lab)
+                                             inspect=inspect, align=False, keys=keys)
+        aligned, _, _ = train_and_test(model, view_feats, eval_feats, labels, tr, va, te,
+                                       recipe, num_classes, run=run, labs=labs, align=True,
+                                       keys=keys)
         probs.update({"aligned" if k == "original" else f"aligned+{k}": p
                       for k, p in aligned.items()})
         return probs, result, maps

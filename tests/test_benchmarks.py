@@ -51,35 +51,6 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
     assert np.abs(levers.low_passed(ramp).astype(int) - ramp).max() <= 6  # a slope stays
 
 
-def test_the_align_lever_maps_each_lab_to_the_training_rows_moments():
-    import torch
-
-    from wbc_spark.align import Moments
-
-    levers = _benchmark("crosslab_levers")
-    rng = np.random.default_rng(0)
-    labs = np.array(["A"] * 40 + ["B"] * 30)
-    feats = rng.gamma(2.0, 1.0, (70, 3, 4, 4))
-    feats[labs == "B"] = feats[labs == "B"] * np.array([3.0, 0.5, 1.0])[:, None, None] + 2.0
-    original = torch.tensor(feats, dtype=torch.float16)
-    views = torch.stack([original, original * 1.1])
-    labels = np.arange(70) % 5
-    tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)  # B: the new lab
-
-    v, e, y, lab, tr2, va2, te2 = levers.lab_aligned(views, {"original": original}, labels,
-                                                     labs, tr, va, te)
-    assert v.shape == (2, 30, 3, 4, 4) and e["original"].shape == (70, 3, 4, 4)
-    assert (tr2 == np.arange(30)).all() and (te2 == 40 + np.arange(30)).all()
-    assert (y[te2] == labels[te]).all() and (lab[te2] == "B").all()
-    ref, got = Moments.of(original[tr]), Moments.of(e["original"][te2])
-    before = Moments.of(original[te])
-    assert np.abs(got.mean - ref.mean).max() < 0.1 < np.abs(before.mean - ref.mean).max()
-    assert np.abs(got.sd / ref.sd - 1).max() < 0.1
-    assert (e["original"] >= 0).all()
-    # The training lab's rows are mapped by its own moments (all of A), close to unchanged.
-    assert (e["original"][tr2].float() - original[tr].float()).abs().mean() < 0.2
-
-
 def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monkeypatch):
     import torch
 
@@ -89,8 +60,9 @@ def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monke
     calls = []
 
     def fake_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,
-                            num_classes, run=0, labs=None, inspect=None):
-        calls.append((eval_feats["original"][te].float().mean().item(), list(labs[te])))
+                            num_classes, run=0, labs=None, inspect=None, align=False,
+                            keys=None):
+        calls.append((align, list(labs[te]), list(keys[te])))
         return {"original": np.full((len(te), 2), len(calls))}, None, None
 
     for name in ("crops_of", "augment"):
@@ -101,11 +73,16 @@ def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monke
     feats = torch.ones(10, 2, 1, 1)
     feats[6:] = 5.0  # lab B's features sit far above lab A's
     feats[:6:2] = 0.0
+    keys = np.array([f"k{i}" for i in range(10)])
     probs, _, _ = crossval.train_and_test(None, feats[None], {"original": feats},
                                           np.zeros(10, int), np.arange(4), np.arange(4, 6),
-                                          np.arange(6, 10), None, 2, labs=labs)
+                                          np.arange(6, 10), None, 2, labs=labs,
+                                          align=True, keys=keys)
     assert set(probs) == {"original", "aligned"}
     assert (probs["original"] == 1).all() and (probs["aligned"] == 2).all()
-    (plain_mean, plain_labs), (aligned_mean, aligned_labs) = calls
+    # The plain model is trained without alignment whatever train.align says, the variant
+    # with it; both get the rows' labs and keys.
+    (plain_align, plain_labs, plain_keys), (aligned_align, aligned_labs, aligned_keys) = calls
+    assert (plain_align, aligned_align) == (False, True)
     assert plain_labs == aligned_labs == ["B"] * 4
-    assert plain_mean == 5.0 and aligned_mean < 1.0  # B's constant maps to A's training mean
+    assert plain_keys == aligned_keys == [f"k{i}" for i in range(6, 10)]

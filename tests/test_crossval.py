@@ -108,3 +108,96 @@ def test_a_fold_trains_with_lab_and_class_sampling():
                  fold=0, val_fraction=0.25, num_classes=2)
     assert r.probs["original"].shape == (len(r.test_index), 2)
     assert set(meta.source[r.test_index]) == {"lab1", "lab2"}
+
+
+def _two_labs(seed: int = 0):
+    """70 images' outputs: lab A (40), then lab B (30) with shifted and rescaled channels."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    labs = np.array(["A"] * 40 + ["B"] * 30)
+    feats = rng.gamma(2.0, 1.0, (70, 3, 4, 4))
+    feats[labs == "B"] = feats[labs == "B"] * np.array([3.0, 0.5, 1.0])[:, None, None] + 2.0
+    keys = np.array([f"{(37 * i) % 70:03d}" for i in range(70)])  # SHA order != row order
+    return labs, torch.tensor(feats, dtype=torch.float16), keys
+
+
+def test_lab_alignment_measures_training_labs_on_training_rows_a_new_lab_on_its_own():
+    import numpy as np
+
+    from wbc_spark.align import Moments
+    from wbc_spark.evaluation.crossval import lab_alignment
+
+    labs, feats, keys = _two_labs()
+    tr, te = np.arange(0, 30), np.arange(40, 70)  # B is never trained on
+    a = lab_alignment(feats, labs, keys, tr, te, per_lab=8)
+    assert set(a.labs) == {"A", "B"} and a.labs["A"].images == a.labs["B"].images == 8
+    smallest_a = tr[np.argsort(keys[tr])[:8]]  # the profile's sample: smallest keys first
+    assert np.allclose(a.labs["A"].total, Moments.of(feats[smallest_a]).total)
+    assert np.allclose(a.reference.total, a.labs["A"].total)  # one training lab
+    aligned = a.apply(feats[te], labs[te])
+    ref, before, got = a.reference, Moments.of(feats[te]), Moments.of(aligned)
+    assert np.abs(got.mean - ref.mean).max() < 0.3 < np.abs(before.mean - ref.mean).max()
+    # A lab seen in training keeps its training moments, even when it is tested too.
+    both = lab_alignment(feats, labs, keys, np.arange(0, 60), np.arange(30, 70), per_lab=100)
+    assert both.labs["B"].images == 20 and both.labs["A"].images == 40
+
+
+def test_lab_alignment_counts_a_copy_once():
+    import numpy as np
+
+    from wbc_spark.evaluation.crossval import lab_alignment
+
+    labs, feats, keys = _two_labs()
+    keys[:10] = "000"  # ten copies of one image in lab A
+    a = lab_alignment(feats, labs, keys, np.arange(40), np.arange(40, 70))
+    assert a.labs["A"].images == 31
+
+
+def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_without_keys():
+    import numpy as np
+    import pytest
+    import torch
+
+    from wbc_spark.evaluation import crossval
+
+    labs, feats, keys = _two_labs()
+    seen = {}
+
+    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
+        seen["val"] = val[0]
+        return type("R", (), {"temperature": 1.0})()
+
+    def fake_predict(model, f, temperature):
+        seen.setdefault("test", []).append(f)
+        return np.zeros((len(f), 2))
+
+    class Model:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(crossval, "fit", fake_fit)
+        m.setattr(crossval, "HeadOnly", lambda model: None)
+        m.setattr(crossval, "predict_probs", fake_predict)
+        m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
+        args = (Model(), torch.stack([feats, feats]), {"original": feats}, np.arange(70) % 2,
+                tr, va, te, crossval.Recipe(epochs=1, batch_size=8), 2)
+        crossval.train_and_test(*args, labs=labs, align=False)
+        plain = seen.pop("test")[0]
+        crossval.train_and_test(*args, labs=labs, align=True, keys=keys)
+        aligned = seen.pop("test")[0]
+        with pytest.raises(ValueError, match="SHA-256"):
+            crossval.train_and_test(*args, labs=labs, align=True)
+    assert torch.equal(plain, feats[te])
+    a = crossval.lab_alignment(feats, labs, keys, tr, te)
+    assert torch.equal(aligned, a.apply(feats[te], labs[te]))
+    assert not torch.equal(aligned, plain)
+    assert (feats[te].float().mean() - feats[tr].float().mean()).abs() > 1
+    assert (aligned.float().mean() - feats[tr].float().mean()).abs() < 0.3

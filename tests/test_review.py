@@ -147,3 +147,7 @@ def test_pooled_is_what_embed_gives_the_lab_detector(fake_weights):
     assert pooled.shape == (5, frozen.shape[1])
     np.testing.assert_array_equal(pooled, review.embed(model, frozen)[2])
     assert not np.allclose(pooled[0], pooled[1])  # five different smears, five answers
+    logits, cell, _ = review.embed(model, frozen)
+    head_logits, head_cell = review.head(model, frozen, batch=2)  # embed without the pooling
+    np.testing.assert_allclose(head_logits, logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(head_cell, cell, rtol=1e-5, atol=1e-6)

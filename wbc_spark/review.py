@@ -131,13 +131,19 @@ class LabDetector:
 def embed(model, frozen: torch.Tensor, batch: int = 256
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, head-space features, frozen pooled features) of frozen-layer outputs."""
+    return (*head(model, frozen, batch), pooled(frozen, batch))
+
+
+def head(model, frozen: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, head-space features) of frozen-layer outputs: ``embed`` without the pooled
+    features (for aligned outputs, whose lab detector compares the unaligned ones)."""
     logits, cell = [], []
     with torch.inference_mode():
         for i in range(0, len(frozen), batch):
             pen = model.trainable(frozen[i:i + batch].float())
             logits.append(model.fc(pen))  # dropout is the identity in eval mode
             cell.append(pen)
-    return torch.cat(logits).numpy(), torch.cat(cell).numpy(), pooled(frozen, batch)
+    return torch.cat(logits).numpy(), torch.cat(cell).numpy()
 
 
 def pooled(frozen: torch.Tensor, batch: int = 256) -> np.ndarray:
@@ -221,7 +227,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     pick = np.arange(len(train_frozen))
     if len(pick) > max_train:
         pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_train, replace=False))
-    _, cell_tr, _ = embed(model, train_frozen[torch.as_tensor(pick)])
+    _, cell_tr = head(model, train_frozen[torch.as_tensor(pick)])
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen)

@@ -269,12 +269,11 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
             frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
-        lab_features = None
-        if channel_map is not None:
+        if channel_map is None:
+            logits, cell_features, lab_features = review.embed(model, frozen)
+        else:
             lab_features = review.pooled(frozen)
-            frozen = channel_map(frozen)
-        logits, cell_features, pooled = review.embed(model, frozen)
-        lab_features = pooled if lab_features is None else lab_features
+            logits, cell_features = review.head(model, channel_map(frozen))
         probs = softmax(logits, float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
@@ -364,8 +363,10 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
                     frame: DataFrame, kind: str, run_id: str) -> tuple[ChannelMap | None, str]:
     """The channel map a model trained with ``train.align`` scores by, and where it came
     from: a training lab's stored moments (``score.lab``), else this results table's lab
-    profile for the model and ``score.input``, measured now on ``score.lab_profile_images`` of the input's images
-    (the smallest SHA-256s) when there is none. (None, "") for a model trained without."""
+    profile for the model and ``score.input``, measured now when there is none, on
+    ``score.lab_profile_images`` of the input's images (the smallest SHA-256s). Measuring
+    reads and hashes every image once more than the scoring pass does: a one-off cost per
+    model and input. (None, "") for a model trained without."""
     s, model_id = config.score, meta["model_id"]
     state = meta.get("alignment")
     if not state:

@@ -425,8 +425,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     return summary
 
 
-def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, test_feats: torch.Tensor,
-                     labels: np.ndarray, rows: list[int], params: dict,
+def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
+                     test_feats: torch.Tensor, labels: np.ndarray, rows: list[int], params: dict,
                      detectors: review.ReviewModel, run: dict, int8: dict | None = None,
                      alignment: dict | None = None, test_pooled: np.ndarray | None = None
                      ) -> dict:
@@ -436,9 +436,10 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult, tes
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
-    logits, cell_f, lab_f = review.embed(model, test_feats)
-    if test_pooled is not None:
-        lab_f = test_pooled
+    if test_pooled is None:
+        logits, cell_f, lab_f = review.embed(model, test_feats)
+    else:
+        (logits, cell_f), lab_f = review.head(model, test_feats), test_pooled
     probs = metrics.softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job.sources[r] for r in rows])

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import metrics, preprocessing
+from wbc_spark.align import LAB_SAMPLE, LabAlignment, Moments
 from wbc_spark.augment import AugmentSettings, augment, stain_shift
 from wbc_spark.evaluation.activation_maps import area_on_cell, crop_mask, mass_on_cell
 from wbc_spark.explain import class_activation_maps
@@ -173,18 +174,55 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
                       time.perf_counter() - start, len(tr), maps)
 
 
+def lab_alignment(original: torch.Tensor, labs: np.ndarray, keys: np.ndarray,
+                  tr: np.ndarray, te: np.ndarray, per_lab: int = LAB_SAMPLE) -> LabAlignment:
+    """The alignment the jobs use with ``train.align`` (``wbc_spark.align``), on cached
+    unaugmented outputs ``original``: each training lab's moments from up to ``per_lab`` of
+    its rows in ``tr`` (the training job's ``LabSampler``), the reference their sum; a lab of
+    ``te`` that is not in training gets its moments from up to ``per_lab`` of its rows in
+    ``te``, as the scoring job's lab profile does (distinct images, smallest ``keys``, the
+    SHA-256, first)."""
+    labs, keys = np.asarray(labs).astype(str), np.asarray(keys).astype(str)
+
+    def moments(index: np.ndarray, lab: str) -> Moments:
+        mine = index[labs[index] == lab]
+        _, first = np.unique(keys[mine], return_index=True)  # sorted by key, copies once
+        return Moments.of(original[torch.from_numpy(mine[first[:per_lab]])])
+
+    alignment = LabAlignment.of_labs({lab: moments(tr, lab) for lab in np.unique(labs[tr])})
+    for lab in np.unique(labs[te]):
+        alignment.labs.setdefault(lab, moments(te, lab))
+    return alignment
+
+
 def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                    tr: np.ndarray, va: np.ndarray, te: np.ndarray, recipe: Recipe,
                    num_classes: int, run: int = 0, labs: np.ndarray | None = None,
-                   inspect: Callable | None = None) -> tuple[dict, object, np.ndarray]:
+                   inspect: Callable | None = None, align: bool = False,
+                   keys: np.ndarray | None = None) -> tuple[dict, object, np.ndarray]:
     """Train from the pretrained weights on rows ``tr`` (all their cached views), choose the
     epoch and temperature on ``va``, and return the calibrated probabilities of ``te`` for
     every evaluation variant, the fit result and the test images' activation maps. The model
     is reset to the pretrained weights afterwards; ``inspect(model, result, train_feats,
-    train_labels)`` is called on the trained model before that."""
+    train_labels)`` is called on the trained model before that. ``align``: every row's
+    outputs mapped by its lab's moments (``lab_alignment``; needs ``labs`` and ``keys``, the
+    images' SHA-256), as a model trained with ``train.align``."""
     torch.manual_seed(recipe.seed * 100 + run)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    train_feats = view_feats[:, tr].reshape(-1, *view_feats.shape[2:])
+    alignment = None
+    if align:
+        if labs is None or keys is None:
+            raise ValueError("align needs the lab and the SHA-256 of every image")
+        alignment = lab_alignment(eval_feats["original"], labs, keys, tr, te)
+
+    def rows(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        """``feats``' images ``index`` (a copy; N x ... or views x N x ...), aligned."""
+        picked = feats[:, index] if feats.dim() == 5 else feats[index]
+        if alignment is None:
+            return picked
+        return alignment.apply(picked, np.asarray(labs)[index], inplace=True)
+
+    train_feats = rows(view_feats, tr).reshape(-1, *view_feats.shape[2:])
     train_labels = np.tile(labels[tr], view_feats.shape[0])
     train_labs = None if labs is None else np.tile(np.asarray(labs)[tr], view_feats.shape[0])
     rng = np.random.default_rng([recipe.seed, run])
@@ -193,15 +231,17 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
     result = fit(model, HeadOnly(model),
                  lambda e: feature_batches(train_feats, train_labels, recipe.batch_size, steps,
                                            rng, recipe.sampling, train_labs),
-                 steps, (eval_feats["original"][va], labels[va]), recipe, num_classes, counts)
+                 steps, (rows(eval_feats["original"], va), labels[va]), recipe, num_classes,
+                 counts)
     probs = {}
     for name, f in eval_feats.items():
+        test = rows(f, te)
         if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities
-            probs[name] = np.mean([predict_probs(model, v[te], result.temperature)
-                                   for v in f], axis=0)
+            probs[name] = np.mean([predict_probs(model, v, result.temperature)
+                                   for v in test], axis=0)
         else:
-            probs[name] = predict_probs(model, f[te], result.temperature)
-    maps, _ = class_activation_maps(model, eval_feats["original"][te])
+            probs[name] = predict_probs(model, test, result.temperature)
+    maps, _ = class_activation_maps(model, rows(eval_feats["original"], te))
     if inspect is not None:
         inspect(model, result, train_feats, train_labels)
     model.load_state_dict(fresh)  # the next run starts from the pretrained weights again
