@@ -151,3 +151,5 @@ def test_pooled_is_what_embed_gives_the_lab_detector(fake_weights):
     head_logits, head_cell = review.head(model, frozen, batch=2)  # embed without the pooling
     np.testing.assert_allclose(head_logits, logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(head_cell, cell, rtol=1e-5, atol=1e-6)
+    given = np.zeros((5, frozen.shape[1]), np.float32)  # an aligned batch's unaligned pooling
+    assert review.embed(model, frozen, lab_features=given)[2] is given

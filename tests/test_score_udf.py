@@ -81,3 +81,26 @@ def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifa
     assert (int8.precision == "int8").all() and (fp32.precision == "fp32").all()
     assert np.abs(int8[probs].to_numpy() - fp32[probs].to_numpy()).max() < 0.05
     assert not np.array_equal(int8[probs].to_numpy(), fp32[probs].to_numpy())
+
+
+def test_a_channel_map_moves_the_classes_not_the_lab_detector(tiny_artifact):
+    """With a lab's channel map the head classifies the mapped outputs; the lab detector
+    still compares the unaligned ones (a lab's shift is what it detects)."""
+    import torch
+
+    from wbc_spark.align import ChannelMap
+
+    model, meta = artifact.load(tiny_artifact)
+    data = pd.Series([jpeg_bytes(smear(seed=s)) for s in (1, 2, 3)])
+    probs = [f"p_{c}" for c in CLASSES]
+    plain = classify_frame(data, model, meta, "image")
+    # One scale and shift broadcast over every channel.
+    same = classify_frame(data, model, meta, "image",
+                          channel_map=ChannelMap(torch.ones(1), torch.zeros(1)))
+    moved = classify_frame(data, model, meta, "image",
+                           channel_map=ChannelMap(torch.full((1,), 3.0), torch.full((1,), 0.5)))
+    np.testing.assert_allclose(same[probs].to_numpy(float), plain[probs].to_numpy(float),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(moved[probs].to_numpy(float), plain[probs].to_numpy(float))
+    np.testing.assert_array_equal(moved.lab_distance, plain.lab_distance)
+    assert list(moved.nearest_lab) == list(plain.nearest_lab)

@@ -128,10 +128,15 @@ class LabDetector:
                    list(state["labs"]), np.asarray(state["thresholds"], float))
 
 
-def embed(model, frozen: torch.Tensor, batch: int = 256
+def embed(model, frozen: torch.Tensor, batch: int = 256, lab_features: np.ndarray | None = None
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, head-space features, frozen pooled features) of frozen-layer outputs."""
-    return (*head(model, frozen, batch), pooled(frozen, batch))
+    """(logits, head-space features, frozen pooled features) of frozen-layer outputs.
+    ``lab_features``: the third part when it is not ``frozen``'s own (``frozen`` aligned,
+    ``wbc_spark.align``: the lab detector compares the unaligned outputs); nothing is pooled
+    then."""
+    if lab_features is None:
+        lab_features = pooled(frozen, batch)
+    return (*head(model, frozen, batch), lab_features)
 
 
 def head(model, frozen: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -230,9 +235,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     _, cell_tr = head(model, train_frozen[torch.as_tensor(pick)])
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
-    logits, cell_va, lab_va = embed(model, val_frozen)
-    if val_pooled is not None:
-        lab_va = val_pooled
+    logits, cell_va, lab_va = embed(model, val_frozen, lab_features=val_pooled)
     z = logits / temperature
     probs = np.exp(z - z.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -269,11 +269,12 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
             frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
-        if channel_map is None:
-            logits, cell_features, lab_features = review.embed(model, frozen)
-        else:
-            lab_features = review.pooled(frozen)
-            logits, cell_features = review.head(model, channel_map(frozen))
+        lab_features = None
+        if channel_map is not None:
+            lab_features = review.pooled(frozen)  # the lab detector's: unaligned
+            frozen = channel_map(frozen)
+        logits, cell_features, lab_features = review.embed(model, frozen,
+                                                           lab_features=lab_features)
         probs = softmax(logits, float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)

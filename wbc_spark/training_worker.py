@@ -436,10 +436,7 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
-    if test_pooled is None:
-        logits, cell_f, lab_f = review.embed(model, test_feats)
-    else:
-        (logits, cell_f), lab_f = review.head(model, test_feats), test_pooled
+    logits, cell_f, lab_f = review.embed(model, test_feats, lab_features=test_pooled)
     probs = metrics.softmax(logits, result.temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job.sources[r] for r in rows])

@@ -236,12 +236,14 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
     probs = {}
     for name, f in eval_feats.items():
         test = rows(f, te)
+        if name == "original":
+            original_test = test  # kept for the activation maps
         if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities
             probs[name] = np.mean([predict_probs(model, v, result.temperature)
                                    for v in test], axis=0)
         else:
             probs[name] = predict_probs(model, test, result.temperature)
-    maps, _ = class_activation_maps(model, rows(eval_feats["original"], te))
+    maps, _ = class_activation_maps(model, original_test)
     if inspect is not None:
         inspect(model, result, train_feats, train_labels)
     model.load_state_dict(fresh)  # the next run starts from the pretrained weights again
