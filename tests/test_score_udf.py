@@ -104,3 +104,45 @@ def test_a_channel_map_moves_the_classes_not_the_lab_detector(tiny_artifact):
     assert not np.allclose(moved[probs].to_numpy(float), plain[probs].to_numpy(float))
     np.testing.assert_array_equal(moved.lab_distance, plain.lab_distance)
     assert list(moved.nearest_lab) == list(plain.nearest_lab)
+
+
+def test_a_lab_profile_sums_each_batch_or_weighs_the_whole_sample_by_the_model_s_calls(
+        tiny_artifact, tmp_path):
+    """``partial_moments``: for a model whose labs' classes weigh equally, one row for the
+    whole sample, ``profile_moments`` of the readable images with the model's calls; for
+    one without, one row of plain sums per batch. An unreadable file is skipped."""
+    import torch
+
+    from wbc_spark import review
+    from wbc_spark.align import LabAlignment, Moments, profile_moments
+    from wbc_spark.metrics import softmax
+    from wbc_spark.model.weights import InputConvention
+    from wbc_spark.score import _prepare, frozen_pass, partial_moments
+
+    model, meta = artifact.load(tiny_artifact)
+    blobs = [jpeg_bytes(smear(seed=s, radius=16 + 3 * s)) for s in range(6)] + [b"broken"]
+    crops = torch.from_numpy(np.stack([_prepare(b, "image", meta)[0] for b in blobs[:6]]))
+    with torch.inference_mode():
+        frozen = frozen_pass(model, meta, crops, "fp32")
+    batches = [pd.DataFrame({"data": blobs[:4]}), pd.DataFrame({"data": blobs[4:]})]
+    plain = list(partial_moments(iter(batches), str(tiny_artifact), "image"))
+    assert [int(r.images.iloc[0]) for r in plain] == [4, 2]
+    np.testing.assert_allclose(np.sum([r.total.iloc[0] for r in plain], axis=0),
+                               Moments.of(frozen).total, rtol=1e-4)
+
+    reference = Moments.of(frozen * 0.5 + 0.1)
+    alignment = LabAlignment.of_labs({"home": reference}, balanced=True).to_state()
+    path = tmp_path / "balanced.pt"
+    pre = {k: v for k, v in meta["preprocessing"].items() if k != "input_convention"}
+    artifact.save(path, model, classes=CLASSES, source="bvlc",
+                  convention=InputConvention.from_dict(
+                      meta["preprocessing"]["input_convention"]),
+                  preprocessing=pre, config={}, provenance={}, metrics={},
+                  temperature=1.0, review=meta["review"], confusion=meta["confusion"],
+                  alignment=alignment)
+    rows = list(partial_moments(iter(batches), str(path), "image", balanced=True))
+    assert len(rows) == 1 and int(rows[0].images.iloc[0]) == 6
+    expected = profile_moments(frozen, reference,
+                               lambda f: softmax(review.head(model, f)[0], 1.0))
+    np.testing.assert_allclose(rows[0].total.iloc[0], expected.total, rtol=1e-4)
+    assert not np.allclose(rows[0].total.iloc[0], Moments.of(frozen).total, rtol=1e-3)
