@@ -16,9 +16,7 @@ PBC-dev. Runs, with the training job's recipe (``wbc_spark.train``) in one proce
 With ``train.align`` (the default) every training aligns the labs' frozen outputs as the
 jobs do (``crossval.lab_alignment``): each training lab by its moments from up to 256 of its
 training images, a test lab not in training by a profile of up to 256 of its test images
-(the scoring job's lab profile; no labels). With ``train.align_classes`` (the default) each
-lab's classes weigh equally in its moments: a training lab's by its labels, a test lab's by
-the trained model's calls on its profile images. ``train.align=false`` measures without.
+(the scoring job's lab profile; no labels). ``train.align=false`` measures without.
 
 Two levers of prediction, measured beside the plain model in parts 1 and 2 when asked for:
 ``--tta N`` averages each test image's calibrated probabilities over the first N of its
@@ -265,8 +263,7 @@ def main() -> int:
             recipe = Recipe(**{**base.__dict__, "seed": base.seed + seed + 1000 * m})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
                                                   va, te, recipe, len(classes), run=run_id,
-                                                  labs=source, align=t.align, keys=keys,
-                                                  align_classes=t.align_classes)
+                                                  labs=source, align=t.align, keys=keys)
             members.append(probs)
         variants = dict(members[0])
         if heads > 1:
@@ -389,8 +386,7 @@ def main() -> int:
             recipe = Recipe(**{**base.__dict__, "seed": base.seed})
             probs, _, _ = crossval.train_and_test(model, view_feats, eval_feats, labels, tr,
                                                   va, te, recipe, len(classes), run=fold,
-                                                  labs=source, align=t.align, keys=keys,
-                                                  align_classes=t.align_classes)
+                                                  labs=source, align=t.align, keys=keys)
             pooled[np.searchsorted(rows, te)] = probs["original"]
         rep = evaluate(labels[rows], pooled, classes)
         out["krd_only"] = rep
@@ -398,15 +394,13 @@ def main() -> int:
                                  classes))
 
     wall = time.perf_counter() - start
-    print(f"recipe {json.dumps(base.__dict__)} align={t.align} "
-          f"align_classes={t.align_classes} views={t.views} "
+    print(f"recipe {json.dumps(base.__dict__)} align={t.align} views={t.views} "
           f"view_seed={args.view_seed} "
           f"freeze_until={config.model.freeze_until} stain={config.data.stain} "
           f"context={config.data.context} augment={json.dumps(config.augment.__dict__)}; "
           f"frozen features {cache_seconds:.0f} s; wall time {wall:.0f} s")
     out.update(wall_seconds=wall, cache_seconds=cache_seconds, recipe=base.__dict__,
-               align=t.align, align_classes=t.align_classes, views=t.views,
-               view_seed=args.view_seed, stain=config.data.stain,
+               align=t.align, views=t.views, view_seed=args.view_seed, stain=config.data.stain,
                augment=config.augment.__dict__)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, default=float, indent=1))

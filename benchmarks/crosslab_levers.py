@@ -16,10 +16,8 @@ the model is fed (training views and test crops alike) or to the training views 
 * ``align``: beside every plain training (``train.align=false``), a second one on the same
   features, seeds and rows with the alignment of ``train.align`` (``crossval.lab_alignment``:
   each lab's frozen-layer outputs mapped channel by channel to the training labs' mean and
-  spread, a test lab not in training by its own unlabelled images; with
-  ``train.align_classes``, the default, each lab's classes weighing equally in its moments).
-  Printed as the variant ``[aligned]`` under each plain line of parts 1 and 2, so the pair
-  shares one frozen pass.
+  spread, a test lab not in training by its own unlabelled images). Printed as the variant
+  ``[aligned]`` under each plain line of parts 1 and 2, so the pair shares one frozen pass.
   Until session 27 the lever measured each lab's moments on all of its crops and took the
   training rows' moments as the reference (the figures of sessions 21 and 24).
 
@@ -95,13 +93,13 @@ def install(levers: set[str], density_ref: float) -> None:
 
     def aligned_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,
                                num_classes, run=0, labs=None, inspect=None, align=False,
-                               keys=None, align_classes=False):
+                               keys=None):
         probs, result, maps = train_and_test(model, view_feats, eval_feats, labels, tr, va,
                                              te, recipe, num_classes, run=run, labs=labs,
                                              inspect=inspect, align=False, keys=keys)
         aligned, _, _ = train_and_test(model, view_feats, eval_feats, labels, tr, va, te,
                                        recipe, num_classes, run=run, labs=labs, align=True,
-                                       keys=keys, align_classes=align_classes)
+                                       keys=keys)
         probs.update({"aligned" if k == "original" else f"aligned+{k}": p
                       for k, p in aligned.items()})
         return probs, result, maps

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from wbc_spark.align import (MAX_CLASS_WEIGHT, MAX_SCALE, ChannelMap, LabAlignment, LabSampler,
-                              Moments, balanced, class_balance, profile_moments)
+from wbc_spark.align import MAX_SCALE, ChannelMap, LabAlignment, LabSampler, Moments
 
 
 def relu_features(n, seed, offset=0.0, spread=1.0, channels=6, side=3):
@@ -152,11 +151,9 @@ def test_training_measures_each_lab_beyond_the_plain_sample_and_refuses_a_missin
     model = _FrozenStub()
     model.seen = 0
     plain = model.embed_frozen(images[:8])
-    job = SimpleNamespace(sources=sources, trained_on={"big": {"N": 14}, "small": {"N": 6}},
-                          align_classes=True)
-    alignment = training_worker.lab_alignment(model, job, "fp32", plain, np.zeros(8, int),
+    job = SimpleNamespace(sources=sources, trained_on={"big": {"N": 14}, "small": {"N": 6}})
+    alignment = training_worker.lab_alignment(model, job, "fp32", plain,
                                               np.array(sources[:8]), stream(), rows)
-    assert alignment.balanced
     assert {lab: m.images for lab, m in alignment.labs.items()} == {"big": 5, "small": 5}
     # "big" from the plain sample's rows 0-4; "small" from rows 9, 11, ..., 17.
     assert alignment.labs["big"].mean[0] == pytest.approx(2.0)
@@ -165,81 +162,5 @@ def test_training_measures_each_lab_beyond_the_plain_sample_and_refuses_a_missin
     job.trained_on["elsewhere"] = {"N": 3}
     rows[:] = list(range(8))
     with pytest.raises(RuntimeError, match=r"lab\(s\) \['elsewhere'\]"):
-        training_worker.lab_alignment(model, job, "fp32", plain, np.zeros(8, int),
-                                      np.array(sources[:8]), stream(), rows)
-
-
-def test_class_weights_make_the_classes_weigh_equally_up_to_the_cap():
-    shares = np.array([0.6, 0.3, 0.1, 0.0])
-    w = class_balance(shares)
-    np.testing.assert_allclose((w * shares)[:3], [0.25, 0.25, 0.25])
-    assert w[3] == 0  # a class the lab does not have weighs nothing
-    rare = class_balance(np.array([0.99, 0.01]))
-    assert rare[1] == MAX_CLASS_WEIGHT and rare[0] == pytest.approx(0.5 / 0.99)
-
-
-def two_class_lab(n, share_b, seed, scale=1.0, offset=0.0):
-    """Outputs of a lab with two classes (class 1 brighter in channel 0) in the mix
-    ``share_b`` of class 1, seen by the lab's camera as ``x * scale + offset``."""
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.rand(n, generator=g) < share_b).long()
-    x = torch.randn(n, 4, 3, 3, generator=g) * 0.3 + 1.0
-    x[:, 0] += 3.0 * labels.view(-1, 1, 1).float()
-    return (x * scale + offset).clamp_min(0), labels.numpy()
-
-
-def test_balanced_moments_follow_the_camera_not_the_class_mix():
-    """Two labs with the same camera and opposite class mixes: the plain moments differ (so
-    the map would move the classes), the class-balanced ones do not."""
-    a, ya = two_class_lab(400, 0.1, 0)
-    b, yb = two_class_lab(400, 0.9, 1)
-    sampler = LabSampler(per_lab=400)
-    sampler.add(torch.cat([a, b]), np.array(["a"] * 400 + ["b"] * 400), np.r_[ya, yb])
-    plain, even = sampler.alignment(), sampler.alignment(balance=True)
-    assert abs(plain.labs["a"].mean[0] - plain.labs["b"].mean[0]) > 2.0
-    assert abs(even.labs["a"].mean[0] - even.labs["b"].mean[0]) < 0.1
-    assert even.balanced and not plain.balanced
-    assert even.labs["a"].images == 400  # weights change the moments, not the count
-    per_class = {c: Moments.of(a[torch.from_numpy(np.flatnonzero(ya == c))]) for c in (0, 1)}
-    np.testing.assert_allclose(balanced(per_class).mean, even.labs["a"].mean, rtol=1e-12)
-    np.testing.assert_allclose(balanced(per_class).mean[0],
-                               np.mean([m.mean[0] for m in per_class.values()]), rtol=1e-12)
-    back = LabAlignment.from_state(even.to_state())
-    assert back.balanced and back.labs["a"].count == pytest.approx(even.labs["a"].count)
-    old = even.to_state()
-    del old["balanced"]  # a model from before: its profiles are plain moments
-    assert not LabAlignment.from_state(old).balanced
-    unlabelled = LabSampler(per_lab=5)
-    unlabelled.add(a[:5], np.array(["a"] * 5))
-    with pytest.raises(ValueError, match="without labels"):
-        unlabelled.alignment(balance=True)
-
-
-def test_a_profile_without_labels_finds_the_balanced_moments_of_a_new_lab():
-    """A new lab with another camera and a 90/10 class mix: the plain profile maps its common
-    class onto the reference's middle, so half of its cells change class; the model's own
-    calls (``profile_moments``) weigh the classes and recover the labelled lab's moments."""
-    ref, yref = two_class_lab(600, 0.5, 2)
-    reference = balanced({c: Moments.of(ref[torch.from_numpy(np.flatnonzero(yref == c))])
-                          for c in (0, 1)})
-    new, ynew = two_class_lab(600, 0.1, 3, scale=1.7, offset=0.4)
-    threshold = reference.mean[0]  # class 1 is brighter in channel 0 than the middle
-
-    def predict(f):
-        p1 = torch.sigmoid(4 * (f[:, 0].mean((1, 2)) - threshold)).double().numpy()
-        return np.stack([1 - p1, p1], 1)
-
-    truth = balanced({c: Moments.of(new[torch.from_numpy(np.flatnonzero(ynew == c))])
-                      for c in (0, 1)})
-    plain = Moments.of(new)
-    profile = profile_moments(new, reference, predict)
-    assert abs(plain.mean[0] - truth.mean[0]) > 1.0
-    assert abs(profile.mean[0] - truth.mean[0]) < 0.15 * abs(plain.mean[0] - truth.mean[0])
-    assert profile.images == 600
-
-    def common_class_offset(m):  # the new lab's class 0, mapped, against the reference's
-        mapped = ChannelMap.between(m, reference)(new)[torch.from_numpy(ynew == 0)]
-        return abs(float(mapped[:, 0].mean()) - float(ref[torch.from_numpy(yref == 0)][:, 0]
-                                                      .mean()))
-
-    assert common_class_offset(profile) < 0.1 < 0.5 < common_class_offset(plain)
+        training_worker.lab_alignment(model, job, "fp32", plain, np.array(sources[:8]),
+                                      stream(), rows)

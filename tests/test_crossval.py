@@ -1,5 +1,3 @@
-import contextlib
-
 import pandas as pd
 import pytest
 from conftest import smear
@@ -157,31 +155,9 @@ def test_lab_alignment_counts_a_copy_once():
     assert a.labs["A"].images == 31
 
 
-class _Model:
-    """A stand-in whose weights ``train_and_test`` saves and restores."""
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-@contextlib.contextmanager
-def _fake_training(predict):
-    """``crossval``'s training replaced (temperature 1), its predictions by ``predict``."""
-    from wbc_spark.evaluation import crossval
-
-    with pytest.MonkeyPatch().context() as m:
-        m.setattr(crossval, "fit", lambda *a: type("R", (), {"temperature": 1.0})())
-        m.setattr(crossval, "HeadOnly", lambda model: None)
-        m.setattr(crossval, "predict_probs", predict)
-        m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
-        yield
-
-
 def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_without_keys():
     import numpy as np
+    import pytest
     import torch
 
     from wbc_spark.evaluation import crossval
@@ -189,13 +165,29 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
     labs, feats, keys = _two_labs()
     seen = {}
 
+    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
+        seen["val"] = val[0]
+        return type("R", (), {"temperature": 1.0})()
+
     def fake_predict(model, f, temperature):
         seen.setdefault("test", []).append(f)
         return np.zeros((len(f), 2))
 
+    class Model:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
     tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
-    with _fake_training(fake_predict):
-        args = (_Model(), torch.stack([feats, feats]), {"original": feats}, np.arange(70) % 2,
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(crossval, "fit", fake_fit)
+        m.setattr(crossval, "HeadOnly", lambda model: None)
+        m.setattr(crossval, "predict_probs", fake_predict)
+        m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
+        args = (Model(), torch.stack([feats, feats]), {"original": feats}, np.arange(70) % 2,
                 tr, va, te, crossval.Recipe(epochs=1, batch_size=8), 2)
         crossval.train_and_test(*args, labs=labs, align=False)
         plain = seen.pop("test")[0]
@@ -209,39 +201,3 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
     assert not torch.equal(aligned, plain)
     assert (feats[te].float().mean() - feats[tr].float().mean()).abs() > 1
     assert (aligned.float().mean() - feats[tr].float().mean()).abs() < 0.3
-
-
-def test_align_classes_weighs_training_labs_by_labels_and_a_held_out_lab_by_the_model():
-    """With ``align_classes`` the training lab's moments weigh its classes equally, and the
-    lab held out is measured after training by ``profile_moments``: the trained model is
-    asked for its calls on the lab's profile rows before the test rows are mapped."""
-    import numpy as np
-    import torch
-
-    from wbc_spark.align import PROFILE_ROUNDS, Moments, balanced
-    from wbc_spark.evaluation import crossval
-
-    labs, feats, keys = _two_labs()
-    labels = (np.arange(70) % 7 == 0).astype(int)  # a 1-in-7 class
-    calls = []
-
-    def fake_predict(model, f, temperature):
-        calls.append(f)
-        return np.full((len(f), 2), 0.5)  # no opinion: the profile keeps the plain weights
-
-    tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
-    with _fake_training(fake_predict):
-        crossval.train_and_test(_Model(), torch.stack([feats, feats]), {"original": feats},
-                                labels, tr, va, te, crossval.Recipe(epochs=1, batch_size=8), 2,
-                                labs=labs, align=True, keys=keys, align_classes=True)
-    assert len(calls) == PROFILE_ROUNDS + 1  # the profile's rounds, then the test rows
-    profile = crossval.profile_rows(te, labs, keys, "B")
-    assert len(calls[0]) == len(profile) == 30
-    a = crossval.lab_alignment(feats, labs, keys, tr, te, labels=labels)
-    assert a.balanced and "B" not in a.labs  # measured only once a model is trained
-    mine = crossval.profile_rows(tr, labs, keys, "A")
-    per_class = {c: Moments.of(feats[torch.from_numpy(mine[labels[mine] == c])])
-                 for c in (0, 1)}
-    np.testing.assert_allclose(a.labs["A"].mean, balanced(per_class).mean, rtol=1e-12)
-    a.labs["B"] = Moments.of(feats[profile])
-    torch.testing.assert_close(calls[-1], a.apply(feats[te], labs[te]))

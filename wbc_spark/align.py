@@ -9,25 +9,17 @@ aligned without labels").
 Moments are kept as sums (``Moments``), so that partial moments from Spark tasks or DDP
 ranks add up to the same answer as one pass over every image.
 
-A lab's moments also follow its mix of classes: a lab of mostly neutrophils has the
-neutrophils' mean, and mapping it onto a reference of another mix moves its neutrophils
-towards the reference's middle, where another class lies. With ``balanced`` moments
-(``train.align_classes``, the default) each lab's classes weigh equally: a training lab's
-by its labels (``LabSampler``), a lab measured without labels by the model's own calls on
-its images, a few rounds (``profile_moments``).
-
 Measured by ``benchmarks/crosslab_levers.py align``. In the jobs with ``train.align=true``:
 training maps each training lab's cached outputs (its moments from unaugmented training
 crops) and stores the moments in the artifact; scoring maps a run's images by a lab profile,
-the (balanced) moments of a sample of the input's own images, measured once and kept beside
-the results (``wbc_spark.score``), or by a training lab's stored moments (``score.lab``).
+the moments of a sample of the input's own images, measured once and kept beside the results
+(``wbc_spark.score``), or by a training lab's stored moments (``score.lab``).
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,23 +31,13 @@ MAX_SCALE = 8.0  # a channel's spread is scaled by 1/8 to 8 at most (near-consta
 # moments from 88 crops, a profile of 256 of the same lab's images moved channels' spreads by
 # -7% to +14% (10th-90th percentile) and shifted the model's calls (docs/RESULTS.md, session 26).
 LAB_SAMPLE = 256
-# A lab's moments weigh its classes equally (``balance``): labs mix the classes differently
-# (a smear is mostly neutrophils, a curated collection is not), and the moments of the mix
-# move every class of a lab by its mix instead of by its camera and stain. A class rarer
-# than 1 / (classes x MAX_CLASS_WEIGHT) of a lab's images weighs at most MAX_CLASS_WEIGHT
-# times its share, so a handful of cells does not stand for a fifth of the lab.
-MAX_CLASS_WEIGHT = 10.0
-# A lab measured without labels (a scoring run's profile, a lab held out): its class mix is
-# estimated by the model itself, this many times, each from the images mapped by the last
-# estimate (``profile_moments``).
-PROFILE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
 class Moments:
     """Per-channel sums over images and positions of N x C x H x W outputs."""
 
-    count: float  # positions summed (images x H x W; weighted in ``mix``)
+    count: int  # positions summed (images x H x W)
     total: np.ndarray  # (C,) float64
     squares: np.ndarray  # (C,) float64
     images: int = 0
@@ -80,17 +62,6 @@ class Moments:
         return Moments(self.count + other.count, self.total + other.total,
                        self.squares + other.squares, self.images + other.images)
 
-    @classmethod
-    def mix(cls, parts: list[Moments], weights: np.ndarray) -> Moments:
-        """``parts`` summed with ``weights`` (one per part); ``images`` stays their count."""
-        w = np.asarray(weights, dtype=np.float64)
-        if len(w) != len(parts):
-            raise ValueError(f"{len(w)} weights for {len(parts)} moments")
-        return cls(float(sum(wi * p.count for wi, p in zip(w, parts))),
-                   sum(wi * p.total for wi, p in zip(w, parts)),
-                   sum(wi * p.squares for wi, p in zip(w, parts)),
-                   sum(p.images for p in parts))
-
     @property
     def mean(self) -> np.ndarray:
         if self.count == 0:
@@ -102,45 +73,13 @@ class Moments:
         return np.sqrt(np.clip(self.squares / self.count - self.mean ** 2, 0, None))
 
     def to_state(self) -> dict:
-        return {"count": float(self.count), "images": int(self.images),
+        return {"count": int(self.count), "images": int(self.images),
                 "total": self.total.tolist(), "squares": self.squares.tolist()}
 
     @classmethod
     def from_state(cls, state: dict) -> Moments:
-        return cls(float(state["count"]), np.asarray(state["total"], np.float64),
+        return cls(int(state["count"]), np.asarray(state["total"], np.float64),
                    np.asarray(state["squares"], np.float64), int(state.get("images", 0)))
-
-
-def class_balance(shares: np.ndarray, cap: float = MAX_CLASS_WEIGHT) -> np.ndarray:
-    """Per class, the weight that makes classes of these ``shares`` (summing to 1) weigh
-    equally, at most ``cap``; 0 for a class with no share."""
-    shares = np.asarray(shares, dtype=np.float64)
-    equal = 1.0 / len(shares)
-    return np.where(shares > 0, np.minimum(equal / np.maximum(shares, 1e-12), cap), 0.0)
-
-
-def balanced(per_class: dict, cap: float = MAX_CLASS_WEIGHT) -> Moments:
-    """A labelled lab's moments with its classes weighing equally: ``per_class`` maps each
-    class to the moments of the lab's images of that class."""
-    parts = list(per_class.values())
-    images = np.asarray([p.images for p in parts], dtype=np.float64)
-    return Moments.mix(parts, class_balance(images / images.sum(), cap))
-
-
-def profile_moments(feats: torch.Tensor, reference: Moments,
-                    predict: Callable[[torch.Tensor], np.ndarray],
-                    rounds: int = PROFILE_ROUNDS, cap: float = MAX_CLASS_WEIGHT) -> Moments:
-    """An unlabelled lab's class-balanced moments from its images' frozen outputs ``feats``
-    (N x C x H x W): starting from the plain moments, ``rounds`` times the images mapped by
-    the last moments go through ``predict`` (class probabilities, N x K), and the images are
-    weighed so that the predicted classes weigh equally (``class_balance``)."""
-    parts = [Moments.of(feats[i:i + 1]) for i in range(len(feats))]
-    moments = functools.reduce(operator.add, parts)
-    for _ in range(rounds):
-        probs = np.asarray(predict(ChannelMap.between(moments, reference)(feats)), np.float64)
-        weights = probs @ class_balance(probs.mean(0), cap)
-        moments = Moments.mix(parts, weights * len(weights) / weights.sum())
-    return moments
 
 
 @dataclass(frozen=True)
@@ -168,9 +107,6 @@ class LabAlignment:
 
     reference: Moments
     labs: dict[str, Moments]
-    # Whether the labs' classes weigh equally in their moments (``balanced``); a lab measured
-    # without labels is then measured by ``profile_moments``. False in models from before.
-    balanced: bool = False
 
     @classmethod
     def fit(cls, feats: torch.Tensor, labs: np.ndarray) -> LabAlignment:
@@ -211,36 +147,34 @@ class LabAlignment:
         return out
 
     @classmethod
-    def of_labs(cls, per_lab: dict[str, Moments], balanced: bool = False) -> LabAlignment:
+    def of_labs(cls, per_lab: dict[str, Moments]) -> LabAlignment:
         """The labs' moments; the reference is their sum (labs measured on equal samples
         weigh equally)."""
         if not per_lab:
             raise ValueError("no lab's moments")
-        return cls(functools.reduce(operator.add, per_lab.values()), dict(per_lab), balanced)
+        return cls(functools.reduce(operator.add, per_lab.values()), dict(per_lab))
 
     def to_state(self) -> dict:
-        return {"reference": self.reference.to_state(), "balanced": self.balanced,
+        return {"reference": self.reference.to_state(),
                 "labs": {k: v.to_state() for k, v in self.labs.items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> LabAlignment:
         return cls(Moments.from_state(state["reference"]),
-                   {k: Moments.from_state(v) for k, v in state["labs"].items()},
-                   bool(state.get("balanced", False)))
+                   {k: Moments.from_state(v) for k, v in state["labs"].items()})
 
 
 class LabSampler:
     """Each lab's moments from its first ``per_lab`` images, fed batch by batch: ``wanted``
     says which of a batch's images are still needed (so only those pass the frozen layers),
-    ``add`` sums their outputs, per class when given the labels (``alignment`` then weighs
-    each lab's classes equally, ``balanced``)."""
+    ``add`` sums their outputs."""
 
     def __init__(self, per_lab: int = LAB_SAMPLE):
         self.per_lab = per_lab
-        self.parts: dict[str, dict[int, Moments]] = {}  # lab -> class (-1: unknown) -> sums
+        self.labs: dict[str, Moments] = {}
 
     def count(self, lab: str) -> int:
-        return sum(m.images for m in self.parts.get(lab, {}).values())
+        return self.labs[lab].images if lab in self.labs else 0
 
     def wanted(self, labs: np.ndarray) -> np.ndarray:
         """Indices of ``labs`` to measure, in order: each lab's up to ``per_lab`` in all."""
@@ -253,31 +187,17 @@ class LabSampler:
                 counts[lab] += 1
         return np.asarray(take, dtype=np.int64)
 
-    def add(self, feats: torch.Tensor, labs: np.ndarray, labels: np.ndarray | None = None
-            ) -> None:
+    def add(self, feats: torch.Tensor, labs: np.ndarray) -> None:
         labs = np.asarray(labs).astype(str)
-        labels = np.full(len(labs), -1) if labels is None else np.asarray(labels).astype(int)
-        if len(labs) != len(feats) or len(labels) != len(feats):
-            raise ValueError(f"{len(labs)} labs and {len(labels)} labels for {len(feats)} "
-                             "images")
-        for lab, label in sorted(set(zip(labs, labels))):
-            m = Moments.of(feats[torch.from_numpy(np.flatnonzero((labs == lab)
-                                                                 & (labels == label)))])
-            mine = self.parts.setdefault(str(lab), {})
-            mine[int(label)] = mine[label] + m if label in mine else m
+        if len(labs) != len(feats):
+            raise ValueError(f"{len(labs)} labs for {len(feats)} images")
+        for lab in sorted(set(labs)):
+            m = Moments.of(feats[torch.from_numpy(np.flatnonzero(labs == lab))])
+            self.labs[str(lab)] = self.labs[lab] + m if lab in self.labs else m
 
     def full(self, labs: set[str]) -> bool:
         """Whether every lab in ``labs`` has its ``per_lab`` images."""
         return all(self.count(lab) >= self.per_lab for lab in labs)
 
-    def alignment(self, balance: bool = False) -> LabAlignment:
-        """The labs' alignment; ``balance``: each lab's classes weigh equally (needs every
-        image's label), else each image does."""
-        labs = {}
-        for lab in sorted(self.parts):
-            parts = self.parts[lab]
-            if balance and -1 in parts:
-                raise ValueError(f"lab {lab}: moments without labels cannot weigh its classes")
-            labs[lab] = (balanced(parts) if balance
-                         else functools.reduce(operator.add, parts.values()))
-        return LabAlignment.of_labs(labs, balanced=balance)
+    def alignment(self) -> LabAlignment:
+        return LabAlignment.of_labs({lab: self.labs[lab] for lab in sorted(self.labs)})

@@ -157,11 +157,6 @@ class TrainConfig:
     # sink); with both labs in training it changed nothing (docs/RESULTS.md, "each lab's
     # features aligned without labels"). false: no alignment, and scoring needs no profile.
     align: bool = True
-    # With train.align, each lab's moments weigh its classes equally: a training lab's by its
-    # labels, a lab measured without labels (score's lab profile) by the model's own calls on
-    # its images (wbc_spark/align.py, profile_moments). false: every image weighs the same,
-    # so a lab's moments follow its class mix.
-    align_classes: bool = True
     output: str = "runs/model"  # folder for the artifact, evaluation and confusion matrix
     petastorm_cache: str = "runs/petastorm_cache"
 

@@ -74,7 +74,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from wbc_spark import artifact, differential, images, preprocessing, review, tables
-from wbc_spark.align import ChannelMap, LabAlignment, Moments, profile_moments
+from wbc_spark.align import ChannelMap, LabAlignment, Moments
 from wbc_spark.config import LAB_PROFILE_MIN, Config, ConfigError
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import softmax, wilson
@@ -331,23 +331,19 @@ PROFILE_SCHEMA = T.StructType([
     T.StructField("measured_at", T.TimestampType()),
 ])
 MOMENTS_SCHEMA = T.StructType([
-    T.StructField("count", T.DoubleType()), T.StructField("images", T.LongType()),
+    T.StructField("count", T.LongType()), T.StructField("images", T.LongType()),
     T.StructField("total", T.ArrayType(T.DoubleType())),
     T.StructField("squares", T.ArrayType(T.DoubleType())),
 ])
 
 
 def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
-                    threads: int = 1, precision: str = "fp32", balanced: bool = False
-                    ) -> Iterator[pd.DataFrame]:
+                    threads: int = 1, precision: str = "fp32") -> Iterator[pd.DataFrame]:
     """Body of the ``mapInPandas`` that measures a lab profile: each batch's readable images
     through the frozen layers, summed as ``Moments`` (unreadable ones are skipped here; the
-    scoring pass records them). ``balanced`` (a model trained with ``train.align_classes``):
-    the task holds the whole sample's outputs (one partition) and yields their
-    ``align.profile_moments``, the classes weighed by the model's own calls."""
+    scoring pass records them)."""
     model, meta = load_model_once(model_path, threads)
     precision = resolve_precision(precision)
-    held = []
     for batch in batches:
         crops = []
         for blob in batch["data"]:
@@ -358,22 +354,10 @@ def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
         if not crops:
             continue
         with torch.inference_mode():
-            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
-        if balanced:
-            held.append(frozen)
-            continue
-        yield _moments_row(Moments.of(frozen))
-    if held:
-        reference = LabAlignment.from_state(meta["alignment"]).reference
-        temperature = float(meta["temperature"])
-        yield _moments_row(profile_moments(
-            torch.cat(held), reference,
-            lambda f: softmax(review.head(model, f)[0], temperature)))
-
-
-def _moments_row(m: Moments) -> pd.DataFrame:
-    return pd.DataFrame({"count": [float(m.count)], "images": [m.images],
-                         "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
+            m = Moments.of(frozen_pass(model, meta, torch.from_numpy(np.stack(crops)),
+                                       precision))
+        yield pd.DataFrame({"count": [m.count], "images": [m.images],
+                            "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
 
 
 def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file: str,
@@ -405,11 +389,10 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
                 f"the lab profile of {row.images} images of {row.input} ({table})")
     sample = (frame.where(F.col("sha256").isNotNull() & F.col("outside").isNull())
               .select("sha256", "data").dropDuplicates(["sha256"]).orderBy("sha256")
-              .limit(s.lab_profile_images)
-              .repartition(1 if alignment.balanced else spark.sparkContext.defaultParallelism))
+              .limit(s.lab_profile_images).repartition(spark.sparkContext.defaultParallelism))
     partial = sample.select("data").mapInPandas(
         lambda batches: partial_moments(batches, _spark_file(model_file), kind,
-                                        s.threads_per_worker, s.precision, alignment.balanced),
+                                        s.threads_per_worker, s.precision),
         MOMENTS_SCHEMA).collect()
     parts = [Moments(r["count"], np.asarray(r.total), np.asarray(r.squares), r.images)
              for r in partial]
@@ -425,9 +408,8 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
         [(model_id, s.input, moments.images, json.dumps(moments.to_state()),
           datetime.now(timezone.utc))], PROFILE_SCHEMA)
     tables.append(profile, table, run_id, partitions=1)
-    weighed = ", its classes weighed by the model's calls" if alignment.balanced else ""
     return (alignment.map_for("", moments),
-            f"a new lab profile of {moments.images} images of {s.input} ({table}){weighed}")
+            f"a new lab profile of {moments.images} images of {s.input} ({table})")
 
 
 def _spark_file(name: str) -> str:

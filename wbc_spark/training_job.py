@@ -94,7 +94,6 @@ def run_training(spark: SparkSession, config: Config) -> dict:
             preprocessing=contract.to_dict(), threads_per_process=t.threads_per_process,
             views=t.views, cache_gib=t.cache_gib, frozen_precision=t.frozen_precision,
             int8_calibration=t.int8_calibration, align=t.align,
-            align_classes=t.align_classes,
             augment=AugmentSettings(**config.augment.__dict__),
             local_mode=t.local_mode, review=config.review, n_train=split_sizes["train"],
             class_counts=counts, split_sizes=split_sizes, test_fold=t.test_fold,

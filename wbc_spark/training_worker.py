@@ -57,7 +57,6 @@ class TrainingJob:
     frozen_precision: str
     int8_calibration: int  # unaugmented training crops for int8's activation ranges
     align: bool  # map each training lab's frozen outputs (wbc_spark.align)
-    align_classes: bool  # each lab's classes weigh equally in its moments
     augment: AugmentSettings
     local_mode: bool
     review: ReviewSettings
@@ -236,8 +235,7 @@ def plain_sample(model, job: TrainingJob, precision: str
     labs = np.asarray([job.sources[r] for r in rows])
     alignment = None
     if job.align:
-        alignment = lab_alignment(model, job, precision, frozen, labels, labs, stream,
-                                  rows).to_state()
+        alignment = lab_alignment(model, job, precision, frozen, labs, stream, rows).to_state()
     int8 = {}
     if kept:
         sample = torch.cat(kept)
@@ -252,17 +250,15 @@ def plain_sample(model, job: TrainingJob, precision: str
 
 
 def lab_alignment(model, job: TrainingJob, precision: str, frozen: torch.Tensor,
-                  labels: np.ndarray, labs: np.ndarray, stream: Iterator[Batch],
-                  rows: list[int]) -> LabAlignment:
+                  labs: np.ndarray, stream: Iterator[Batch], rows: list[int]) -> LabAlignment:
     """Each training lab's moments on ``LAB_SAMPLE`` of its unaugmented training crops (all
-    it has when fewer), its classes weighing equally with ``job.align_classes``: the plain
-    sample's (``frozen``, ``labels``, ``labs``) first, then the rest of the training crops
-    from ``stream`` (whose row numbers it appends to ``rows``) until every lab has its share;
-    only the crops still needed pass the frozen layers. Refuses when a lab the model trains
-    on has no crop."""
+    it has when fewer): the plain sample's (``frozen``, ``labs``) first, then the rest of the
+    training crops from ``stream`` (whose row numbers it appends to ``rows``) until every lab
+    has its share; only the crops still needed pass the frozen layers. Refuses when a lab the
+    model trains on has no crop."""
     sampler = LabSampler(LAB_SAMPLE)
     take = sampler.wanted(labs)
-    sampler.add(frozen[torch.from_numpy(take)], labs[take], labels[take])
+    sampler.add(frozen[torch.from_numpy(take)], labs[take])
     trained = {lab for lab, n in job.trained_on.items() if sum(n.values())}
     seen = len(rows)
     while not sampler.full(trained):
@@ -274,17 +270,15 @@ def lab_alignment(model, job: TrainingJob, precision: str, frozen: torch.Tensor,
         take = sampler.wanted(batch_labs)
         if len(take):
             at = torch.from_numpy(take)
-            feats, batch_labels = frozen_features(model, [(batch[0][at], batch[1][at])],
-                                                  precision)
-            sampler.add(feats, batch_labs[take], batch_labels)
+            feats, _ = frozen_features(model, [(batch[0][at], batch[1][at])], precision)
+            sampler.add(feats, batch_labs[take])
     missing = sorted(lab for lab in trained if not sampler.count(lab))
     if missing:
         raise RuntimeError(f"train.align: no unaugmented training crop of lab(s) {missing}, "
                            "so their moments are unknown; train with train.align=false")
-    alignment = sampler.alignment(balance=job.align_classes)
-    log.info("lab alignment: moments of %s unaugmented training crops (up to %d per lab%s)",
-             {lab: m.images for lab, m in alignment.labs.items()}, LAB_SAMPLE,
-             ", classes weighing equally" if job.align_classes else "")
+    alignment = sampler.alignment()
+    log.info("lab alignment: moments of %s unaugmented training crops (up to %d per lab)",
+             {lab: m.images for lab, m in alignment.labs.items()}, LAB_SAMPLE)
     return alignment
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import metrics, preprocessing
-from wbc_spark.align import LAB_SAMPLE, LabAlignment, LabSampler, Moments, profile_moments
+from wbc_spark.align import LAB_SAMPLE, LabAlignment, Moments
 from wbc_spark.augment import AugmentSettings, augment, stain_shift
 from wbc_spark.evaluation.activation_maps import area_on_cell, crop_mask, mass_on_cell
 from wbc_spark.explain import class_activation_maps
@@ -175,62 +175,45 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
 
 
 def lab_alignment(original: torch.Tensor, labs: np.ndarray, keys: np.ndarray,
-                  tr: np.ndarray, te: np.ndarray, per_lab: int = LAB_SAMPLE,
-                  labels: np.ndarray | None = None) -> LabAlignment:
+                  tr: np.ndarray, te: np.ndarray, per_lab: int = LAB_SAMPLE) -> LabAlignment:
     """The alignment the jobs use with ``train.align`` (``wbc_spark.align``), on cached
     unaugmented outputs ``original``: each training lab's moments from up to ``per_lab`` of
-    its rows in ``tr`` (the training job's ``LabSampler``; with ``labels``, its classes
-    weighing equally, as ``train.align_classes``), the reference their sum. Without
-    ``labels``, a lab of ``te`` that is not in training gets its moments from up to
-    ``per_lab`` of its rows in ``te``, as the scoring job's plain lab profile does; with them,
-    ``profile_rows`` picks those rows for ``align.profile_moments`` once a model is trained.
-    Rows are distinct images, smallest ``keys`` (the SHA-256) first."""
-    labs = np.asarray(labs).astype(str)
-    sampler = LabSampler(per_lab)
-    for lab in np.unique(labs[tr]):
-        mine = profile_rows(tr, labs, keys, lab, per_lab)
-        sampler.add(original[torch.from_numpy(mine)], labs[mine],
-                    None if labels is None else labels[mine])
-    alignment = sampler.alignment(balance=labels is not None)
-    if labels is None:
-        for lab in np.unique(labs[te]):
-            if lab not in alignment.labs:
-                mine = profile_rows(te, labs, keys, lab, per_lab)
-                alignment.labs[lab] = Moments.of(original[torch.from_numpy(mine)])
+    its rows in ``tr`` (the training job's ``LabSampler``), the reference their sum; a lab of
+    ``te`` that is not in training gets its moments from up to ``per_lab`` of its rows in
+    ``te``, as the scoring job's lab profile does (distinct images, smallest ``keys``, the
+    SHA-256, first)."""
+    labs, keys = np.asarray(labs).astype(str), np.asarray(keys).astype(str)
+
+    def moments(index: np.ndarray, lab: str) -> Moments:
+        mine = index[labs[index] == lab]
+        _, first = np.unique(keys[mine], return_index=True)  # sorted by key, copies once
+        return Moments.of(original[torch.from_numpy(mine[first[:per_lab]])])
+
+    alignment = LabAlignment.of_labs({lab: moments(tr, lab) for lab in np.unique(labs[tr])})
+    for lab in np.unique(labs[te]):
+        alignment.labs.setdefault(lab, moments(te, lab))
     return alignment
-
-
-def profile_rows(index: np.ndarray, labs: np.ndarray, keys: np.ndarray, lab: str,
-                 per_lab: int = LAB_SAMPLE) -> np.ndarray:
-    """Up to ``per_lab`` rows of ``index`` from ``lab``, distinct ``keys``, smallest first."""
-    mine = index[np.asarray(labs).astype(str)[index] == lab]
-    _, first = np.unique(np.asarray(keys).astype(str)[mine], return_index=True)
-    return mine[first[:per_lab]]
 
 
 def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarray,
                    tr: np.ndarray, va: np.ndarray, te: np.ndarray, recipe: Recipe,
                    num_classes: int, run: int = 0, labs: np.ndarray | None = None,
                    inspect: Callable | None = None, align: bool = False,
-                   keys: np.ndarray | None = None, align_classes: bool = False
-                   ) -> tuple[dict, object, np.ndarray]:
+                   keys: np.ndarray | None = None) -> tuple[dict, object, np.ndarray]:
     """Train from the pretrained weights on rows ``tr`` (all their cached views), choose the
     epoch and temperature on ``va``, and return the calibrated probabilities of ``te`` for
     every evaluation variant, the fit result and the test images' activation maps. The model
     is reset to the pretrained weights afterwards; ``inspect(model, result, train_feats,
     train_labels)`` is called on the trained model before that. ``align``: every row's
     outputs mapped by its lab's moments (``lab_alignment``; needs ``labs`` and ``keys``, the
-    images' SHA-256), as a model trained with ``train.align``; ``align_classes``: each lab's
-    classes weigh equally in its moments, a test lab not in training measured by
-    ``align.profile_moments`` with the trained model (``train.align_classes``)."""
+    images' SHA-256), as a model trained with ``train.align``."""
     torch.manual_seed(recipe.seed * 100 + run)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     alignment = None
     if align:
         if labs is None or keys is None:
             raise ValueError("align needs the lab and the SHA-256 of every image")
-        alignment = lab_alignment(eval_feats["original"], labs, keys, tr, te,
-                                  labels=labels if align_classes else None)
+        alignment = lab_alignment(eval_feats["original"], labs, keys, tr, te)
 
     def rows(feats: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         """``feats``' images ``index`` (a copy; N x ... or views x N x ...), aligned."""
@@ -250,13 +233,6 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
                                            rng, recipe.sampling, train_labs),
                  steps, (rows(eval_feats["original"], va), labels[va]), recipe, num_classes,
                  counts)
-    if alignment is not None:
-        for lab in np.unique(np.asarray(labs)[te]):
-            if lab not in alignment.labs:  # a lab held out, with align_classes
-                mine = profile_rows(te, labs, keys, lab)
-                alignment.labs[lab] = profile_moments(
-                    eval_feats["original"][torch.from_numpy(mine)], alignment.reference,
-                    lambda f: predict_probs(model, f, result.temperature))
     probs = {}
     for name, f in eval_feats.items():
         test = rows(f, te)
