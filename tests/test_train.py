@@ -244,6 +244,24 @@ def test_lab_class_sampling_lifts_a_small_labs_rare_class():
         next(feature_batches(feats, labels, 4, 1, rng, "lab_class"))
 
 
+def test_lab_class_equal_sampling_weighs_every_lab_and_class_alike():
+    """A new lab's 9 labelled cells of a class are drawn as often as a big lab's 900 of it:
+    each (lab, class) gets the same share, however few images it has."""
+    labels = np.array([0] * 900 + [0] * 9 + [1] * 300 + [1] * 9)
+    labs = np.array(["big"] * 900 + ["new"] * 9 + ["big"] * 300 + ["new"] * 9)
+    feats = torch.arange(len(labels), dtype=torch.float32)[:, None]
+    rng = np.random.default_rng(0)
+    drawn = torch.cat([f[:, 0] for f, _ in feature_batches(feats, labels, 64, 200, rng,
+                                                           "lab_class_equal", labs)])
+    drawn = drawn.long().numpy()
+    shares = [np.isin(drawn, rows).mean() for rows in (np.arange(0, 900), np.arange(900, 909),
+                                                        np.arange(909, 1209),
+                                                        np.arange(1209, 1218))]
+    np.testing.assert_allclose(shares, 0.25, atol=0.02)
+    with pytest.raises(ValueError, match="lab_class_equal needs the lab"):
+        next(feature_batches(feats, labels, 4, 1, rng, "lab_class_equal"))
+
+
 def _future_warnings(code: str) -> int:
     """FutureWarnings a fresh Python process prints running ``code``, every warning shown."""
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,

@@ -30,7 +30,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 # model was trained with; never chosen by "auto".
 SCORE_PRECISIONS: tuple[str, ...] = PRECISIONS + ("int8",)
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
-SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class")  # wbc_spark/train.py
+SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class",
+                             "lab_class_equal")  # wbc_spark/train.py
 
 
 def shared_dir() -> Path | None:
@@ -132,7 +133,11 @@ class TrainConfig:
     # "lab_class" (default): views drawn in proportion to 1/sqrt(images of their lab and
     # class), so a small lab's rare classes count; "shuffle": each image about once per epoch
     # (pair it with class_weighting=inverse_sqrt, the earlier default); "balanced": batches
-    # drawn with every class equally likely.
+    # drawn with every class equally likely; "lab_class_equal": in proportion to 1/(images of
+    # their lab and class), every lab's every class alike, for adapting to a lab from a few
+    # labelled cells (README "Adapting to your lab": 7 of 9 paired draws higher, mean balanced
+    # accuracy +0.06 / +0.05 / +0.01 at 5 / 10 / 25 cells per class; docs/RESULTS.md,
+    # session 28).
     sampling: str = "lab_class"
     seed: int = 0
     folds: int = 5

@@ -187,13 +187,15 @@ def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int,
     views repeat, with replacement as in torch's WeightedRandomSampler), the alternative
     to weighting the loss. ``lab_class``: each view drawn with probability ∝ 1/√(images of
     its lab and class) (``labs``: the lab of each view), so a small lab's rare classes are
-    not drowned by a large lab's (pair it with class_weighting=none).
+    not drowned by a large lab's (pair it with class_weighting=none). ``lab_class_equal``:
+    ∝ 1/(images of its lab and class), so every lab's every class weighs the same, however
+    few cells it has (a new lab's few labelled cells beside a large lab's).
     """
     y = torch.as_tensor(labels)
-    if sampling in ("balanced", "lab_class"):
-        if sampling == "lab_class":
+    if sampling in ("balanced", "lab_class", "lab_class_equal"):
+        if sampling != "balanced":
             if labs is None:
-                raise ValueError("sampling=lab_class needs the lab of every view")
+                raise ValueError(f"sampling={sampling} needs the lab of every view")
             keys = np.char.add(np.asarray(labs, str), np.char.add("/", labels.astype(str)))
         else:
             keys = labels
