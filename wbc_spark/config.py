@@ -135,9 +135,9 @@ class TrainConfig:
     # (pair it with class_weighting=inverse_sqrt, the earlier default); "balanced": batches
     # drawn with every class equally likely; "lab_class_equal": in proportion to 1/(images of
     # their lab and class), every lab's every class alike, for adapting to a lab from a few
-    # labelled cells (README "Adapting to your lab": 7 of 9 paired draws higher, mean balanced
-    # accuracy +0.06 / +0.05 / +0.01 at 5 / 10 / 25 cells per class; docs/RESULTS.md,
-    # session 28).
+    # labelled cells (README "Adapting to your lab": KRD-WBC + k of PBC-dev, 7 of 9 paired
+    # draws higher, mean balanced accuracy +0.06 / +0.05 / +0.01 at k = 5 / 10 / 25; the other
+    # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28).
     sampling: str = "lab_class"
     seed: int = 0
     folds: int = 5
