@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from wbc_spark.metrics import wilson
+from wbc_spark.metrics import softmax, wilson
 
 REASONS = ("unreadable", "no_cell_found", "not_a_known_cell", "low_confidence")
 
@@ -141,7 +141,7 @@ def embed(model, frozen: torch.Tensor, batch: int = 256, lab_features: np.ndarra
 
 def head(model, frozen: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(logits, head-space features) of frozen-layer outputs: ``embed`` without the pooled
-    features (for aligned outputs, whose lab detector compares the unaligned ones)."""
+    features (where only the cells' side is wanted, as for the training cells in ``fit``)."""
     logits, cell = [], []
     with torch.inference_mode():
         for i in range(0, len(frozen), batch):
@@ -236,9 +236,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen, lab_features=val_pooled)
-    z = logits / temperature
-    probs = np.exp(z - z.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    probs = softmax(logits, temperature)
     conf_t, coverage = confidence_threshold(probs.max(1), probs.argmax(1) == val_labels,
                                             settings.target_accuracy)
     cell_d = cell.distance(cell_va)
