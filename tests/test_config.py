@@ -36,6 +36,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.frozen_precision=int8", "choose auto or fp32 or bf16"),
     ("train.int8_calibration=-1", "0 for none"),
     ("train.frozen_precision=fp16", "choose auto or fp32 or bf16"),
+    ("train.step_precision=int8", "choose auto or fp32 or bf16"),
     ("augment.frame_edge=1.5", "a probability"),
     ("train.sampling=oversample", "choose shuffle or balanced"),
     ("augment.frame_edge_sides=5", "1..4"),

@@ -20,6 +20,7 @@ from wbc_spark.train import (
     fit_temperature,
     frozen_features,
     make_optimizer,
+    train_one_epoch,
 )
 
 
@@ -110,6 +111,34 @@ def test_fit_learns_a_separable_problem_and_keeps_best_epoch():
     assert result.best_val_macro_f1 > 0.9
     assert 0.05 < result.temperature < 20
     assert not math.isnan(result.history[-1]["train_loss"])
+
+
+def test_bf16_training_steps_keep_fp32_weights_and_learn():
+    """``step_precision=bf16`` autocasts the trained blocks' forward pass only: the weights,
+    their gradients and the optimiser state stay fp32 (bf16 weights would lose AdamW's small
+    updates to rounding), and the blocks still learn."""
+    torch.manual_seed(0)
+    net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 2, freeze_until="inception4e")
+    head = HeadOnly(net)
+    recipe = Recipe(lr=1e-2, label_smoothing=0.0, step_precision="bf16")
+    optimizer, scheduler = make_optimizer(net, recipe, steps=12)
+    features = torch.randn(8, 832, 14, 14).relu().half()
+    labels = torch.tensor([0, 1] * 4)
+    features[labels == 1, :64] += 2.0  # class 1: the first channels brighter
+    before = [p.detach().clone() for p in head.parameters() if p.requires_grad]
+    conv = next(m for m in net.trainable.modules() if isinstance(m, nn.Conv2d))
+    seen = []
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    losses = [train_one_epoch(head, [(features, labels)], optimizer, scheduler,
+                              nn.CrossEntropyLoss(), recipe.step_precision)
+              for _ in range(12)]
+    assert set(seen) == {torch.bfloat16}  # the convolutions did run in bf16
+    trained = [p for p in head.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trained)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trained))
+    assert losses[-1] < losses[0] * 0.5, losses
+    assert all(v.dtype == torch.float32 for s in optimizer.state.values()
+               for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
 
 
 def test_feature_batches_cover_the_cache():

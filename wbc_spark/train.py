@@ -43,6 +43,7 @@ class Recipe:
     class_weighting: str = "inverse_sqrt"
     sampling: str = "shuffle"
     seed: int = 0
+    step_precision: str = "fp32"
 
     @classmethod
     def from_config(cls, train_config) -> Recipe:
@@ -109,13 +110,19 @@ class HeadOnly(nn.Module):
 
 
 def train_one_epoch(head: nn.Module, batches: Iterable[Batch], optimizer, scheduler,
-                    loss_fn: nn.Module) -> float:
-    """One pass over ``batches`` of (frozen features, labels); returns the mean loss."""
+                    loss_fn: nn.Module, precision: str = "fp32") -> float:
+    """One pass over ``batches`` of (frozen features, labels); returns the mean loss.
+
+    ``precision``: the forward pass's arithmetic ("bf16": CPU autocast, so the convolutions
+    and their backward run in bfloat16 while the weights, their gradients, the optimiser
+    step and the loss stay fp32; "auto" as ``resolve_precision``)."""
     head.train()
     total, count = 0.0, 0
     for features, labels in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(head(features.float()), labels)
+        with inference_precision(precision):
+            logits = head(features.float())
+        loss = loss_fn(logits.float(), labels)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -236,7 +243,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
     best_state, best_epoch, history = None, -1, []
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
-        loss = train_one_epoch(head, epoch_batches(epoch), optimizer, scheduler, loss_fn)
+        loss = train_one_epoch(head, epoch_batches(epoch), optimizer, scheduler, loss_fn,
+                               recipe.step_precision)
         record = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - start}
         if val is not None:
             logits = head_logits(model, val[0])

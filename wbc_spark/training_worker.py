@@ -371,7 +371,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                            "partial shard")
     frozen_seconds = time.perf_counter() - start
     log.info("cached %d augmented views of this shard's images through the frozen layers "
-             "(%s) in %.1f s", len(train_feats), precision, frozen_seconds)
+             "(%s) in %.1f s; training steps in %s", len(train_feats), precision,
+             frozen_seconds, resolve_precision(recipe.step_precision))
     if plain_rank != 0:
         shared = [plain]
         dist.broadcast_object_list(shared, src=plain_rank)

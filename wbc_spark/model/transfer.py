@@ -53,7 +53,7 @@ def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> st
         return precision
     native = sorted(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
     chosen = "bf16" if native else "fp32"
-    log.info("precision auto: frozen layers in %s (%s)", chosen,
+    log.info("precision auto: %s (%s)", chosen,
              f"CPU has {', '.join(native)}" if native else
              "CPU lists neither avx512_bf16 nor amx_bf16: bf16 would be emulated, slower")
     return chosen
@@ -62,7 +62,8 @@ def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> st
 def inference_precision(precision: str) -> contextlib.AbstractContextManager:
     """Context for a forward pass in ``precision``: "fp32", "bf16" (convolutions and
     matrix products in bfloat16 through CPU autocast; fast on CPUs with AVX512-BF16 or AMX,
-    slow elsewhere) or "auto" (``resolve_precision``). Training steps always run in fp32."""
+    slow elsewhere) or "auto" (``resolve_precision``); training steps use it with
+    ``train.step_precision`` (``wbc_spark.train.train_one_epoch``)."""
     precision = resolve_precision(precision)
     if precision == "int8":
         raise ValueError("int8 is not an autocast context: run the frozen layers through "
