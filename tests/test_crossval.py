@@ -1,3 +1,5 @@
+import copy
+
 import pandas as pd
 import pytest
 from conftest import smear
@@ -110,6 +112,43 @@ def test_a_fold_trains_with_lab_and_class_sampling():
     assert set(meta.source[r.test_index]) == {"lab1", "lab2"}
 
 
+def test_a_fold_is_the_same_whatever_state_the_process_started_in():
+    """Two processes running one (seed, fold) get one model: the new head's starting weights
+    are drawn from the recipe's seed, not from the generator's state when the model was
+    built (which differed per process, so "paired" runs were paired in everything but the
+    head's start). A different seed still starts elsewhere."""
+    import numpy as np
+    import torch
+
+    from wbc_spark.evaluation.crossval import run_fold
+    from wbc_spark.model.googlenet import BVLCGoogLeNet
+    from wbc_spark.model.transfer import WBCNet
+    from wbc_spark.model.weights import CAFFE_CONVENTION
+    from wbc_spark.train import Recipe
+
+    n = 24
+    labels = np.arange(n) % 2
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(n, 832, 7, 7, generator=g) + torch.as_tensor(
+        labels, dtype=torch.float32)[:, None, None, None]
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)],
+                         "label": np.where(labels == 1, "B", "A"),
+                         "group": [f"g{i}" for i in range(n)],
+                         "sha256": [f"h{i}" for i in range(n)], "source": ["lab"] * n})
+    trunk = BVLCGoogLeNet()
+    results = []
+    for process_seed, recipe_seed in ((1, 0), (2, 0), (1, 7)):
+        torch.manual_seed(process_seed)  # the state a process happens to build the model in
+        model = WBCNet(copy.deepcopy(trunk), CAFFE_CONVENTION, 2,
+                       freeze_until="inception4e")
+        recipe = Recipe(epochs=1, batch_size=8, sampling="shuffle", seed=recipe_seed)
+        results.append(run_fold(model, feats[None], {"original": feats}, labels, meta,
+                                recipe, folds=3, fold=0, val_fraction=0.25,
+                                num_classes=2).probs["original"])
+    assert np.array_equal(results[0], results[1])
+    assert not np.array_equal(results[0], results[2])
+
+
 def _two_labs(seed: int = 0):
     """70 images' outputs: lab A (40), then lab B (30) with shifted and rescaled channels."""
     import numpy as np
@@ -178,6 +217,9 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
             return {}
 
         def load_state_dict(self, state):
+            pass
+
+        def init_head(self):
             pass
 
     tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)

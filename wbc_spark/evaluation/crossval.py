@@ -206,9 +206,15 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
     is reset to the pretrained weights afterwards; ``inspect(model, result, train_feats,
     train_labels)`` is called on the trained model before that. ``align``: every row's
     outputs mapped by its lab's moments (``lab_alignment``; needs ``labs`` and ``keys``, the
-    images' SHA-256), as a model trained with ``train.align``."""
+    images' SHA-256), as a model trained with ``train.align``. The same (recipe, run) on
+    the same features gives the same model in any process on the same CPU (the head is
+    drawn from the seed)."""
     torch.manual_seed(recipe.seed * 100 + run)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    # The head's starting weights come from this seed too, not from whatever state the
+    # global generator had when the model was built: otherwise two processes running the
+    # same (seed, run) start from different heads and end at different models.
+    model.init_head()
     alignment = None
     if align:
         if labs is None or keys is None:

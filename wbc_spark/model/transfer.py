@@ -138,11 +138,16 @@ class WBCNet(nn.Module):
         self.trainable = nn.Sequential(OrderedDict((n, stages[n]) for n in names[cut:]))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        self.init_head()
         self.freeze_until = freeze_until
         for p in self.frozen.parameters():
             p.requires_grad_(False)
+
+    def init_head(self) -> None:
+        """Draw the new head's weights afresh from torch's global generator (seed it first
+        for a reproducible start); the pretrained blocks are not touched."""
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
 
     def train(self, mode: bool = True) -> WBCNet:
         super().train(mode)
