@@ -137,7 +137,8 @@ class TrainConfig:
     # their lab and class), every lab's every class alike, for adapting to a lab from a few
     # labelled cells (README "Adapting to your lab": KRD-WBC + k of PBC-dev, 7 of 9 paired
     # draws higher, mean balanced accuracy +0.06 / +0.05 / +0.01 at k = 5 / 10 / 25; the other
-    # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28).
+    # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28; those runs'
+    # heads started unseeded; seeded, session 29, k = 25: +0.010, 2 of 3 draws higher).
     sampling: str = "lab_class"
     seed: int = 0
     folds: int = 5
