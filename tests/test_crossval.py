@@ -82,6 +82,23 @@ def test_outside_frame_share_per_class():
     assert out.loc["B", "outside"] == 1.0 and out.loc["B", "mean_share"] == pytest.approx(0.2)
 
 
+def _fold_inputs(sources, generator=None):
+    """Labels, frozen-layer outputs and dataset rows for ``run_fold``: one image per entry
+    of ``sources`` (its lab), two classes alternating, class B's outputs shifted up by 1."""
+    import numpy as np
+    import torch
+
+    n = len(sources)
+    labels = np.arange(n) % 2
+    feats = torch.randn(n, 832, 7, 7, generator=generator) + torch.as_tensor(
+        labels, dtype=torch.float32)[:, None, None, None]
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)],
+                         "label": np.where(labels == 1, "B", "A"),
+                         "group": [f"g{i}" for i in range(n)],
+                         "sha256": [f"h{i}" for i in range(n)], "source": sources})
+    return labels, feats, meta
+
+
 def test_a_fold_trains_with_lab_and_class_sampling():
     """``run_fold`` passes each image's lab (``meta.source``) on: the default recipe samples
     by lab and class and refuses to train without them."""
@@ -97,14 +114,7 @@ def test_a_fold_trains_with_lab_and_class_sampling():
     torch.manual_seed(0)
     n = 40
     model = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 2, freeze_until="inception4e")
-    labels = np.arange(n) % 2
-    feats = torch.randn(n, 832, 7, 7) + torch.as_tensor(labels, dtype=torch.float32)[
-        :, None, None, None]
-    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)],
-                         "label": np.where(labels == 1, "B", "A"),
-                         "group": [f"g{i}" for i in range(n)],
-                         "sha256": [f"h{i}" for i in range(n)],
-                         "source": np.where(np.arange(n) < n // 2, "lab1", "lab2")})
+    labels, feats, meta = _fold_inputs(np.where(np.arange(n) < n // 2, "lab1", "lab2"))
     recipe = Recipe(epochs=1, batch_size=8, sampling="lab_class")
     r = run_fold(model, feats[None], {"original": feats}, labels, meta, recipe, folds=4,
                  fold=0, val_fraction=0.25, num_classes=2)
@@ -126,15 +136,8 @@ def test_a_fold_is_the_same_whatever_state_the_process_started_in():
     from wbc_spark.model.weights import CAFFE_CONVENTION
     from wbc_spark.train import Recipe
 
-    n = 24
-    labels = np.arange(n) % 2
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(n, 832, 7, 7, generator=g) + torch.as_tensor(
-        labels, dtype=torch.float32)[:, None, None, None]
-    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)],
-                         "label": np.where(labels == 1, "B", "A"),
-                         "group": [f"g{i}" for i in range(n)],
-                         "sha256": [f"h{i}" for i in range(n)], "source": ["lab"] * n})
+    labels, feats, meta = _fold_inputs(np.array(["lab"] * 24),
+                                       torch.Generator().manual_seed(0))
     trunk = BVLCGoogLeNet()
     results = []
     for process_seed, recipe_seed in ((1, 0), (2, 0), (1, 7)):
