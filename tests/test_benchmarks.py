@@ -86,3 +86,35 @@ def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monke
     assert (plain_align, aligned_align) == (False, True)
     assert plain_labs == aligned_labs == ["B"] * 4
     assert plain_keys == aligned_keys == [f"k{i}" for i in range(6, 10)]
+
+def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tmp_path):
+    """benchmarks/gpu_scoring.py times its own forward pass on the GPU: on the CPU in fp32 it
+    must give the scoring path's logits and pooled features, and its crops the job's."""
+    import torch
+
+    from conftest import jpeg_bytes, smear
+    from wbc_spark import artifact, images, review
+    from wbc_spark.preprocessing import Preprocessing
+    from wbc_spark.transforms import cell_crop
+
+    bench = _benchmark("gpu_scoring")
+    model, meta = artifact.load(tiny_artifact)
+    pre = Preprocessing.from_artifact(meta)
+    files = []
+    for seed, xy in enumerate([(100, 120), (150, 140), (128, 90)]):
+        files.append(tmp_path / f"{seed}.jpg")
+        files[-1].write_bytes(jpeg_bytes(smear(cell_xy=xy, seed=seed)))
+    data = bench.Crops(files, pre)
+    crops = torch.stack([data[i] for i in range(len(files))])
+    for i, f in enumerate(files):
+        want, _, _ = cell_crop(images.decode(f.read_bytes()), pre.crop_size,
+                               context=pre.context, stain=pre.stain)
+        assert np.array_equal(crops[i].numpy(), want)
+
+    logits, pooled = bench.network(model, crops, "cpu", "fp32")
+    frozen = model.embed_frozen(crops)
+    want_logits, _, want_pooled = review.embed(model, frozen)
+    assert np.allclose(logits.numpy(), want_logits, atol=1e-4)
+    assert np.allclose(pooled.numpy(), want_pooled, atol=1e-4)
+    bf16_logits, _ = bench.network(model, crops, "cpu", "bf16")
+    assert not torch.equal(bf16_logits, logits)  # the bf16 path really runs in bf16
