@@ -9,7 +9,7 @@ what each of the job's Python workers does per Arrow batch (``wbc_spark.score.cl
 with the network moved to the GPU:
 
 1. preprocessing (file read, JPEG decode, cell location, crop and resize, stain
-   standardisation: ``images.decode`` and ``transforms.cell_crop``) on one CPU core, ms/image;
+   standardisation: ``Preprocessing.crop``, as the job's) on one CPU core, ms/image;
 2. the same in ``--workers`` processes through torch's DataLoader, as that many Python
    workers would run it, images/s;
 3. the network alone on the GPU (the uint8 crops copied in, the frozen layers, the trained
@@ -42,9 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_spark import artifact, images  # noqa: E402
+from wbc_spark import artifact  # noqa: E402
 from wbc_spark.preprocessing import Preprocessing  # noqa: E402
-from wbc_spark.transforms import cell_crop  # noqa: E402
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -59,9 +58,7 @@ class Crops(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = images.decode(self.files[i].read_bytes())
-        crop, _, _ = cell_crop(img, self.pre.crop_size, context=self.pre.context,
-                               stain=self.pre.stain)
+        crop, _, _ = self.pre.crop(self.files[i].read_bytes())
         return torch.from_numpy(np.ascontiguousarray(crop))
 
 

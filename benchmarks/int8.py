@@ -33,14 +33,13 @@ import pandas as pd
 import pyarrow.dataset as pads
 import torch
 
-from wbc_spark import artifact, images, metrics, review
+from wbc_spark import artifact, metrics, review
 from wbc_spark.config import Config
 from wbc_spark.model.quantize import BACKEND, from_calibration, quantize_frozen
 from wbc_spark.model.transfer import build_classifier, in_chunks
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.krd_wbc import default_root
-from wbc_spark.transforms import cell_crop
 
 
 def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -64,8 +63,7 @@ def krd_crops(n: int) -> torch.Tensor:
     pre = Preprocessing.from_config(Config())
     files = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))[:n]
     return torch.from_numpy(np.stack([
-        cell_crop(images.decode(f.read_bytes()), pre.crop_size, context=pre.context,
-                  stain=pre.stain)[0]
+        pre.crop(f.read_bytes())[0]
         for f in files]))
 
 

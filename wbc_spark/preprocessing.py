@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
+from wbc_spark import images
 from wbc_spark.config import Config
+from wbc_spark.transforms import CellBox, cell_crop
 
 
 class ContractError(ValueError):
@@ -37,6 +41,13 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def crop(self, data: bytes) -> tuple[np.ndarray, CellBox, np.ndarray | None]:
+        """``transforms.cell_crop`` (crop, box, mask) of an encoded image, made as this contract
+        says: the scoring job's crops, and those of the report and the benchmarks that must
+        match them."""
+        return cell_crop(images.decode(data), self.crop_size, context=self.context,
+                         stain=self.stain)
 
     def same_as(self, other: Preprocessing) -> bool:
         return (self.crop_size == other.crop_size and abs(self.context - other.context) < 1e-9

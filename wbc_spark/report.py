@@ -44,7 +44,6 @@ from wbc_spark import artifact, explain, images, score, tables
 from wbc_spark.config import Config
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.folder import local_path
-from wbc_spark.transforms import cell_crop
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +291,7 @@ def render_cells(rows: pd.DataFrame, model, meta: dict, size: int, precision: st
             data = Path(local_path(str(r["path"]))).read_bytes()
             if r.get("sha256") and images.sha256(data) != r["sha256"]:
                 raise images.BadImage("the file changed since it was scored")
-            crop, _, _ = cell_crop(images.decode(data), pre.crop_size, context=pre.context,
-                                   stain=pre.stain)
+            crop, _, _ = pre.crop(data)
             crops.append(crop)
         except (OSError, images.BadImage) as exc:
             tile["problem"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

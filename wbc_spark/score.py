@@ -82,7 +82,6 @@ from wbc_spark.model import quantize
 from wbc_spark.model.transfer import inference_precision, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
-from wbc_spark.transforms import cell_crop
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +201,7 @@ def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, boo
         if data is None or len(data) != size * size * 3:
             raise images.BadImage(f"stored crop is not {size}x{size}x3")
         return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3), True
-    img = images.decode(data)
-    crop, box, _ = cell_crop(img, size, context=pre.context, stain=pre.stain)
+    crop, box, _ = pre.crop(data)
     return crop, box.found
 
 
