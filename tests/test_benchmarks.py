@@ -87,6 +87,7 @@ def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monke
     assert plain_labs == aligned_labs == ["B"] * 4
     assert plain_keys == aligned_keys == [f"k{i}" for i in range(6, 10)]
 
+
 def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tmp_path):
     """benchmarks/gpu_scoring.py times its own forward pass on the GPU: on the CPU in fp32 it
     must give the scoring path's logits and pooled features, and its crops the job's."""
