@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -86,8 +87,31 @@ def one_line(exc: BaseException) -> str:
             text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}"
+    raised = _python_worker_error(text)
+    if raised:
+        return raised
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+# The line a Python traceback ends with: "SomeError: message" (unindented).
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)(: |$)")
+
+
+def _python_worker_error(text: str) -> str | None:
+    """What a Python worker raised, where ``text`` carries its traceback (Spark passes the
+    worker's traceback up as a PythonException): the traceback's last "SomeError: message"
+    line, before the JVM's frames. None where there is no traceback."""
+    _, found, rest = text.partition("Traceback (most recent call last):")
+    if not found:
+        return None
+    raised = None
+    for line in rest.splitlines():
+        if line.startswith("\tat "):  # the JVM's stack: the worker's traceback is over
+            break
+        if _RAISED.match(line):
+            raised = line.strip()
+    return raised
 
 
 def run_job(name: str, doc: str, body, argv: list[str] | None = None) -> int:
