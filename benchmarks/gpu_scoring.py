@@ -1,7 +1,8 @@
 """The scoring path's work per image with the network on a CUDA GPU (issue 12's GPU check).
 
     python benchmarks/gpu_scoring.py --model runs/model/model.pt --images DIR [--n 2000]
-                                     [--workers 16,8] [--batches 64,256] [--json FILE]
+                                     [--workers 16,8] [--batches 64,256] [--udf 512]
+                                     [--json FILE]
 
 The scoring job needs Spark and Java. The lent GPU machine has neither, and pyspark (over
 300 MB) does not fit in what may travel to it. So this times, with the job's own functions,
@@ -16,7 +17,13 @@ with the network moved to the GPU:
    layers and head, the pooled features and logits copied back) per precision (fp32; bf16
    autocast on the frozen layers as on the CPU path, the trained layers in fp32) and batch
    size, images/s, with its predictions against the CPU's fp32 ones on the same crops;
-4. both together, the DataLoader's batches fed to the GPU, images/s, and which side limits.
+4. both together, the DataLoader's batches fed to the GPU, images/s, and which side limits;
+5. the scoring job's UDF body itself (``wbc_spark.score.classify_batches``) with
+   ``score.device`` "cuda" and then "cpu", in this one process on one thread as one Python
+   worker of the job runs it: ``--udf`` images in Arrow-sized batches (``score.batch_size``),
+   images/s, and the GPU's predictions against the CPU's (fp32 both; a model trained with
+   ``train.align`` is mapped by its first training lab's stored moments). Needs pyspark's
+   Python package (not its jars, nor Java); ``--udf 0`` leaves it out.
 
 Left out: the rest of ``classify_frame``'s per-batch work on the CPU (review distances, the
 results frame, Arrow), and the lab alignment (one multiply-add per channel). On the CPU
@@ -107,6 +114,8 @@ def main() -> int:
                     help="comma-separated DataLoader worker counts (the first keeps the crops)")
     ap.add_argument("--batches", default="64,256", help="GPU batch sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--udf", type=int, default=512,
+                    help="images for step 5, the scoring job's UDF body (0: leave it out)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
@@ -190,9 +199,64 @@ def main() -> int:
         print(f"4. preprocessing in {w} workers feeding the network (bf16, batch {batch}): "
               f"{rate_all:.1f} images/s; the limit is {limit}: preprocessing alone "
               f"{alone:.1f} images/s, the network alone {best:.0f}", flush=True)
+    if args.udf:
+        out["udf"] = udf_body(args.model, files[:args.udf], dev, meta)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def udf_body(model_path: str, files: list[Path], device: str, meta: dict) -> dict:
+    """Step 5: ``score.classify_batches`` over ``files`` on ``device`` and on the CPU."""
+    try:
+        from wbc_spark import score
+    except ImportError as exc:
+        raise SystemExit(f"step 5 needs pyspark's Python package ({exc}); pass --udf 0 to "
+                         "leave it out") from exc
+    import pandas as pd
+
+    from wbc_spark.align import LabAlignment
+    from wbc_spark.config import ScoreConfig
+
+    channel_map, how = None, "none (model trained without train.align)"
+    if meta.get("alignment"):
+        alignment = LabAlignment.from_state(meta["alignment"])
+        lab = sorted(alignment.labs)[0]
+        channel_map, how = alignment.map_for(lab), f"training lab {lab}'s stored moments"
+    size = ScoreConfig().batch_size
+    blobs = [f.read_bytes() for f in files]
+    result: dict = {"images": len(blobs), "batch_size": size, "channel_map": how}
+    frames = {}
+    for where in (device, "cpu"):
+        torch.set_num_threads(1)
+        batches = (pd.Series(blobs[i:i + size]) for i in range(0, len(blobs), size))
+        start = time.perf_counter()
+        frames[where] = pd.concat(score.classify_batches(
+            batches, model_path, "image", threads=1, precision="fp32",
+            channel_map=channel_map, device=where), ignore_index=True)
+        sync(device)
+        rate = len(blobs) / (time.perf_counter() - start)  # the model's load included
+        result[f"{where}_images_per_s"] = rate
+        errors = int(frames[where].error.notna().sum())
+        print(f"5. the scoring job's UDF body, score.device={where}, fp32, one thread, "
+              f"batches of {size}: {rate:.1f} images/s ({errors} unreadable; lab alignment: "
+              f"{how})", flush=True)
+        if where == "cpu":
+            break
+    if device != "cpu":
+        read = frames[device].error.isna() & frames["cpu"].error.isna()
+        gpu, cpu = frames[device][read], frames["cpu"][read]
+        probs = [c for c in gpu.columns if c.startswith("p_")]
+        same = float((gpu.predicted_class == cpu.predicted_class).mean())
+        diff = float((gpu[probs].to_numpy(float) - cpu[probs].to_numpy(float)).__abs__().max())
+        flags = float((gpu.needs_review == cpu.needs_review).mean())
+        result.update(compared=len(gpu), agreement=same, max_probability_difference=diff,
+                      same_flags=flags)
+        print(f"   {device} against cpu: the same class for {same:.1%} of {len(gpu)} readable "
+              f"images, "
+              f"the same review flag for {flags:.1%}; largest probability difference "
+              f"{diff:.5f}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monke
     assert plain_keys == aligned_keys == [f"k{i}" for i in range(6, 10)]
 
 
-def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tmp_path):
+def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tmp_path,
+                                                               monkeypatch):
     """benchmarks/gpu_scoring.py times its own forward pass on the GPU: on the CPU in fp32 it
     must give the scoring path's logits and pooled features, and its crops the job's."""
     import torch
@@ -119,3 +120,15 @@ def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tm
     assert np.allclose(pooled.numpy(), want_pooled, atol=1e-4)
     bf16_logits, _ = bench.network(model, crops, "cpu", "bf16")
     assert not torch.equal(bf16_logits, logits)  # the bf16 path really runs in bf16
+
+    # Step 5 runs the job's UDF body on the device and on the CPU; "cpu:0" (let through
+    # as a device, as score.device never is) takes the device's path here, and must agree
+    # with the CPU's.
+    from wbc_spark import score
+
+    monkeypatch.setattr(score, "resolve_device", lambda device, gpu=None: device)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    udf = bench.udf_body(str(tiny_artifact), files + [tmp_path / "junk.jpg"], "cpu:0", meta)
+    assert udf["images"] == 4 and udf["cpu:0_images_per_s"] > 0 and udf["cpu_images_per_s"] > 0
+    assert udf["compared"] == 3 and udf["agreement"] == 1.0 and udf["same_flags"] == 1.0
+    assert udf["max_probability_difference"] < 1e-4

@@ -33,6 +33,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("noequals", "section.key=value"),
     ("data.stain=macenko", "choose none or field"),
     ("score.precision=fp16", "choose auto or fp32 or bf16 or int8"),
+    ("score.device=tpu", "choose cpu or cuda or auto"),
     ("train.frozen_precision=int8", "choose auto or fp32 or bf16"),
     ("train.int8_calibration=-1", "0 for none"),
     ("train.frozen_precision=fp16", "choose auto or fp32 or bf16"),
@@ -51,6 +52,13 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
 def test_bad_values_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_int8_is_refused_on_a_gpu():
+    for device in ("cuda", "auto"):
+        with pytest.raises(ConfigError, match=f"score.precision=int8 with score.device={device}"):
+            load_config(None, ["score.precision=int8", f"score.device={device}"])
+    assert load_config(None, ["score.precision=int8", "score.device=cpu"]).score.device == "cpu"
 
 
 def test_a_spark_setting_merges_into_spark_conf(tmp_path):
@@ -86,3 +94,25 @@ def test_other_labels_may_not_repeat_a_class():
 
     with pytest.raises(ConfigError, match="other_labels repeats classes"):
         load_config(None, ["other_labels=[neutrophil, Platelet]"])
+
+
+def test_a_python_worker_s_error_is_reported_by_what_it_raised():
+    from wbc_spark.session import one_line
+
+    class PythonException(Exception):  # as pyspark passes a worker's failure up
+        pass
+
+    worker = PythonException(
+        "\n  An exception was thrown from the Python worker. Please see the stack trace below.\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/score.py", line 9, in classify\n'
+        "    raise images.BadImage('x')\n"
+        "wbc_spark.images.BadImage: first\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/transfer.py", line 101, in resolve_device\n'
+        "RuntimeError: score.device=cuda: no CUDA device\n\n"
+        "\tat org.apache.spark.api.python.BasePythonRunner.handle(PythonRunner.scala:572)\n"
+        "ValueError: not the worker's\n")
+    assert one_line(worker) == "RuntimeError: score.device=cuda: no CUDA device"
+    assert one_line(ValueError("plain: first line\nsecond")) == "ValueError: plain: first line"

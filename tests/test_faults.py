@@ -120,6 +120,23 @@ def test_killed_scoring_leaves_all_or_nothing_and_a_rerun_completes(tmp_path, ti
     assert not (res_dir / "_lock").exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_scoring_on_a_gpu_that_is_not_there_is_refused_and_auto_scores_on_the_cpu(
+        tmp_path, tiny_artifact):
+    lake = make_lake(tmp_path / "lake")
+    proc = spark_submit("score", *args(tmp_path, lake, tiny_artifact), "score.device=cuda")
+    assert proc.returncode == 1
+    failed = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+              if ln.startswith("score failed:")]
+    assert len(failed) == 1 and "RuntimeError: score.device=cuda: torch" in failed[0], failed
+    assert "sees no CUDA device in this worker; set score.device=cpu or auto" in failed[0]
+    assert not list((tmp_path / "res").glob("run=*/*.parquet"))  # nothing committed
+    proc = spark_submit("score", *args(tmp_path, lake, tiny_artifact), "score.device=auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = exactly_once(tmp_path, 8)
+    assert res.precision.notna().all()
+
+
 def test_a_corrupt_parquet_part_is_named_in_one_line_and_nothing_is_committed(tmp_path,
                                                                             tiny_artifact):
     lake = make_lake(tmp_path / "lake")

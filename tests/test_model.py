@@ -153,6 +153,36 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path):
     assert resolve_precision("fp32", frozenset({"amx_bf16"})) == "fp32"
 
 
+def test_a_gpu_is_used_only_where_torch_sees_one(monkeypatch):
+    from wbc_spark.model import transfer
+
+    monkeypatch.setattr(transfer.torch.cuda, "is_available", lambda: False)
+    transfer.resolve_device.cache_clear()
+    assert transfer.resolve_device("cpu") == "cpu"
+    assert transfer.resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="score.device=cuda: torch .* sees no CUDA device"):
+        transfer.resolve_device("cuda")
+    with pytest.raises(ValueError, match="choose one of cpu, cuda, auto"):
+        transfer.resolve_device("gpu")
+    monkeypatch.setattr(transfer.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transfer.torch.cuda, "get_device_name", lambda device: "a test GPU")
+    transfer.resolve_device.cache_clear()
+    assert transfer.resolve_device("auto") == "cuda"
+    assert transfer.resolve_device("cuda", "3") == "cuda:3"  # the GPU Spark assigned
+    transfer.resolve_device.cache_clear()
+
+
+def test_on_a_gpu_auto_precision_is_fp32_and_int8_is_refused():
+    from wbc_spark.model.transfer import resolve_precision
+
+    amx = frozenset({"amx_bf16", "avx512_bf16"})
+    assert resolve_precision("auto", amx) == "bf16"  # this CPU would take bf16
+    assert resolve_precision("auto", amx, device="cuda") == "fp32"
+    assert resolve_precision("bf16", amx, device="cuda:1") == "bf16"
+    with pytest.raises(ValueError, match="int8 on cuda:0: int8 is the CPU's"):
+        resolve_precision("int8", amx, device="cuda:0")
+
+
 def test_use_torch_lrn_swaps_every_lrn_and_keeps_the_output():
     from torch import nn
 

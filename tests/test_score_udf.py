@@ -104,3 +104,63 @@ def test_a_channel_map_moves_the_classes_not_the_lab_detector(tiny_artifact):
     assert not np.allclose(moved[probs].to_numpy(float), plain[probs].to_numpy(float))
     np.testing.assert_array_equal(moved.lab_distance, plain.lab_distance)
     assert list(moved.nearest_lab) == list(plain.nearest_lab)
+
+
+def test_score_device_cuda_is_refused_without_a_gpu(tiny_artifact, monkeypatch):
+    import pytest
+
+    from wbc_spark import score
+
+    monkeypatch.setattr(score.torch.cuda, "is_available", lambda: False)
+    score.resolve_device.cache_clear()
+    batches = iter([pd.Series([jpeg_bytes(smear(seed=1))])])
+    with pytest.raises(RuntimeError, match="score.device=cuda: .*set score.device=cpu or auto"):
+        next(classify_batches(batches, str(tiny_artifact), "image", device="cuda"))
+    score.resolve_device.cache_clear()
+
+
+def test_the_accelerator_path_gives_the_cpu_path_s_results(tiny_artifact):
+    """Off the CPU the network takes the batch whole and its outputs come back to the host
+    for the tables; run here on the device "cpu:0", that path gives the CPU path's numbers."""
+    import torch
+
+    from wbc_spark.align import ChannelMap
+
+    model, meta = artifact.load(tiny_artifact)
+    data = pd.Series([jpeg_bytes(smear(seed=s)) for s in range(20)] + [b"junk"])
+    moved = ChannelMap(torch.full((1,), 2.0), torch.full((1,), 0.25))
+    probs = [f"p_{c}" for c in CLASSES]
+    host = classify_frame(data, model, meta, "image", "fp32", channel_map=moved)
+    other = classify_frame(data, model, meta, "image", "auto", channel_map=moved,
+                           device="cpu:0")
+    assert list(other.precision) == [*["fp32"] * 20, None]  # "auto" off the CPU: fp32
+    assert other.error.notna().sum() == 1 and list(other.error) == list(host.error)
+    np.testing.assert_allclose(other[probs].to_numpy(float), host[probs].to_numpy(float),
+                               atol=1e-5)
+    # Squared distances in the thousands: float32 sums in another order differ in the 4th digit.
+    for column in ("cell_distance", "lab_distance"):
+        np.testing.assert_allclose(other[column].to_numpy(float), host[column].to_numpy(float),
+                                   rtol=1e-3)
+    assert list(other.predicted_class) == list(host.predicted_class)
+
+
+def test_task_gpu_reads_the_address_spark_assigned(monkeypatch):
+    import pyspark
+    from pyspark.resource import ResourceInformation
+
+    from wbc_spark.score import task_gpu
+
+    assert task_gpu() is None  # not in a Spark task
+
+    class Task:
+        def __init__(self, resources):
+            self._resources = resources
+
+        def resources(self):
+            return self._resources
+
+    monkeypatch.setattr(pyspark.TaskContext, "get",
+                        lambda: Task({"gpu": ResourceInformation("gpu", ["2", "3"])}))
+    assert task_gpu() == "2"
+    monkeypatch.setattr(pyspark.TaskContext, "get", lambda: Task({}))
+    assert task_gpu() is None

@@ -50,8 +50,8 @@ class Moments:
         squares = torch.zeros_like(total)
         for i in range(0, len(feats), chunk):
             x = feats[i:i + chunk].double()
-            total += x.sum((0, 2, 3))
-            squares += (x * x).sum((0, 2, 3))
+            total += x.sum((0, 2, 3)).cpu()
+            squares += (x * x).sum((0, 2, 3)).cpu()
         return cls(len(feats) * feats.shape[2] * feats.shape[3], total.numpy(),
                    squares.numpy(), len(feats))
 
@@ -97,7 +97,8 @@ class ChannelMap:
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats``: ... x C x H x W (images, or views x images)."""
-        out = feats.float() * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1)
+        scale, shift = self.scale.to(feats.device), self.shift.to(feats.device)
+        out = feats.float() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
         return out.clamp_min(0).to(feats.dtype)
 
 

@@ -29,6 +29,9 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 # Scoring may also run the frozen layers in int8 (model/quantize.py), from the calibration a
 # model was trained with; never chosen by "auto".
 SCORE_PRECISIONS: tuple[str, ...] = PRECISIONS + ("int8",)
+# Where scoring runs the network (model/transfer.py, resolve_device): "auto" is a CUDA GPU
+# where torch sees one, else the CPU.
+SCORE_DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class",
                              "lab_class_equal")  # wbc_spark/train.py
@@ -220,6 +223,12 @@ class ScoreConfig:
     # chosen by each Python worker's CPU), or "int8" (x86 quantisation, from the calibration
     # stored in the model; asked for, never chosen); the trained layers always in fp32.
     precision: str = "auto"
+    # Where each Python worker runs the network: "cpu", "cuda" (the GPU Spark assigned the
+    # task with spark.task.resource.gpu.amount, else the first; refused where torch sees
+    # none) or "auto" (a GPU where there is one, else the CPU). On a GPU, "auto" precision is
+    # bf16 where the GPU supports it; int8 is the CPU's path only. Decoding, locating and
+    # cropping stay on the CPU.
+    device: str = "cpu"
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
     # A model trained with train.align=true maps every image by a lab's moments: "" (the
     # default) measures them on score.lab_profile_images of the input's images (the smallest
@@ -426,9 +435,14 @@ def validate(config: Config) -> None:
     for name, value, choices in (
             ("train.frozen_precision", config.train.frozen_precision, PRECISIONS),
             ("train.step_precision", config.train.step_precision, PRECISIONS),
-            ("score.precision", config.score.precision, SCORE_PRECISIONS)):
+            ("score.precision", config.score.precision, SCORE_PRECISIONS),
+            ("score.device", config.score.device, SCORE_DEVICES)):
         if value not in choices:
             raise ConfigError(f"{name}={value!r}; choose {' or '.join(choices)}")
+    if config.score.device != "cpu" and config.score.precision == "int8":
+        raise ConfigError(f"score.precision=int8 with score.device={config.score.device}: "
+                          "int8 is the CPU's x86 quantisation; on a GPU score in bf16, fp32 "
+                          "or auto, or set score.device=cpu")
     if config.train.int8_calibration < 0:
         raise ConfigError(f"train.int8_calibration={config.train.int8_calibration}: a number "
                           "of training crops, 0 for none")

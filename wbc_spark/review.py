@@ -148,7 +148,7 @@ def head(model, frozen: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.
             pen = model.trainable(frozen[i:i + batch].float())
             logits.append(model.fc(pen))  # dropout is the identity in eval mode
             cell.append(pen)
-    return torch.cat(logits).numpy(), torch.cat(cell).numpy()
+    return torch.cat(logits).cpu().numpy(), torch.cat(cell).cpu().numpy()
 
 
 def pooled(frozen: torch.Tensor, batch: int = 256) -> np.ndarray:
@@ -156,7 +156,7 @@ def pooled(frozen: torch.Tensor, batch: int = 256) -> np.ndarray:
     part of ``embed``'s answer, without the trained blocks)."""
     with torch.inference_mode():
         return torch.cat([frozen[i:i + batch].float().mean((2, 3))
-                          for i in range(0, len(frozen), batch)]).numpy()
+                          for i in range(0, len(frozen), batch)]).cpu().numpy()
 
 
 def confidence_threshold(confidence: np.ndarray, correct: np.ndarray, target: float

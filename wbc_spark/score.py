@@ -79,7 +79,7 @@ from wbc_spark.config import LAB_PROFILE_MIN, Config, ConfigError
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import softmax, wilson
 from wbc_spark.model import quantize
-from wbc_spark.model.transfer import inference_precision, resolve_precision
+from wbc_spark.model.transfer import inference_precision, resolve_device, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
 
@@ -152,15 +152,32 @@ PER_CLASS_SCHEMA = T.StructType([
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(path: str, mtime: float, threads: int):
-    """One model per Python worker process (keyed by file and time, so a new model reloads)."""
+def _cached_model(path: str, mtime: float, threads: int, device: str):
+    """One model per Python worker process (keyed by file and time, so a new model reloads),
+    on ``device``."""
     torch.set_num_threads(threads)
     model, meta = artifact.load(path)
-    return model, meta
+    return model.to(device), meta
 
 
-def load_model_once(path: str, threads: int = 1):
-    return _cached_model(path, os.path.getmtime(path), threads)
+def load_model_once(path: str, threads: int = 1, device: str = "cpu"):
+    return _cached_model(path, os.path.getmtime(path), threads, device)
+
+
+def task_gpu() -> str | None:
+    """The address of the GPU Spark assigned the running task (a cluster started with
+    ``spark.task.resource.gpu.amount``), or None: outside a task, or no GPU assigned."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
+
+
+def worker_device(device: str) -> str:
+    """This Python worker's torch device for ``score.device`` (``resolve_device``, with the
+    GPU Spark assigned the task)."""
+    return resolve_device(device, task_gpu() if device != "cpu" else None)
 
 
 _INT8: dict[str, torch.nn.Module] = {}
@@ -185,13 +202,18 @@ def int8_frozen(model, meta: dict) -> torch.nn.Module:
     return _INT8[model_id]
 
 
-def frozen_pass(model, meta: dict, crops: torch.Tensor, precision: str) -> torch.Tensor:
-    """The frozen layers' output for uint8 ``crops``, in ``precision`` ("int8" or as
-    ``inference_precision``)."""
+def frozen_pass(model, meta: dict, crops: torch.Tensor, precision: str,
+                device: str = "cpu") -> torch.Tensor:
+    """The frozen layers' output for uint8 host ``crops``, in ``precision`` ("int8" or as
+    ``inference_precision``), on ``device`` (the model's; the output stays there)."""
     if precision == "int8":
         return int8_frozen(model, meta).embed_frozen(crops)
-    with inference_precision(precision):
-        return model.embed_frozen(crops)
+    if device == "cpu":
+        with inference_precision(precision):
+            return model.embed_frozen(crops)
+    # A GPU takes the whole batch at once; the CPU's chunks only bound its cache footprint.
+    with inference_precision(precision, device):
+        return model.frozen(model.normalize(crops.to(device)))
 
 
 def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, bool]:
@@ -223,10 +245,11 @@ def thresholds_of(meta: dict, settings) -> dict:
 
 
 def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32",
-                   thresholds: dict | None = None, channel_map: ChannelMap | None = None
-                   ) -> pd.DataFrame:
+                   thresholds: dict | None = None, channel_map: ChannelMap | None = None,
+                   device: str = "cpu") -> pd.DataFrame:
     """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
-    the frozen layers in ``precision`` (see ``inference_precision``), and flag the cells that
+    the frozen layers in ``precision`` (see ``inference_precision``) and the network on
+    ``device`` (the model's; images are decoded and cropped on the CPU), and flag the cells that
     need review (``wbc_spark.review``; ``thresholds`` replace the model's). ``channel_map``:
     the lab's alignment of the frozen outputs (a model trained with ``train.align``); the lab
     detector still compares the unaligned outputs.
@@ -262,11 +285,13 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         ok.append(i)
         out.at[i, "cell_found"] = found
     if crops:
-        precision = resolve_precision(precision)  # "auto" as this worker's CPU decides
+        # "auto" as this worker's CPU (or GPU) decides
+        precision = resolve_precision(precision, device=device)
         with torch.inference_mode():
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
-            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
+            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision,
+                                 device)
         lab_features = None
         if channel_map is not None:
             lab_features = review.pooled(frozen)  # the lab detector's: unaligned
@@ -294,18 +319,20 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
 
 def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
                      threads: int = 1, precision: str = "fp32",
-                     thresholds: dict | None = None, channel_map: ChannelMap | None = None
-                     ) -> Iterator[pd.DataFrame]:
-    """Body of the iterator pandas UDF: the model is loaded once, then each batch scored."""
-    model, meta = load_model_once(model_path, threads)
+                     thresholds: dict | None = None, channel_map: ChannelMap | None = None,
+                     device: str = "cpu") -> Iterator[pd.DataFrame]:
+    """Body of the iterator pandas UDF: the model is loaded once (on ``device``, as
+    ``resolve_device`` takes ``score.device``), then each batch scored."""
+    device = worker_device(device)
+    model, meta = load_model_once(model_path, threads, device)
     for data in batches:
         yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision,
-                             thresholds, channel_map)
+                             thresholds, channel_map, device)
 
 
 def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
              precision: str = "fp32", thresholds: dict | None = None,
-             channel_map: ChannelMap | None = None):
+             channel_map: ChannelMap | None = None, device: str = "cpu"):
     """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
     from pyspark import SparkFiles
     from pyspark.sql.functions import pandas_udf
@@ -313,7 +340,7 @@ def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
     @pandas_udf(prediction_schema(classes))
     def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads,
-                                    precision, thresholds, channel_map)
+                                    precision, thresholds, channel_map, device)
 
     return classify
 
@@ -336,12 +363,14 @@ MOMENTS_SCHEMA = T.StructType([
 
 
 def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
-                    threads: int = 1, precision: str = "fp32") -> Iterator[pd.DataFrame]:
+                    threads: int = 1, precision: str = "fp32", device: str = "cpu"
+                    ) -> Iterator[pd.DataFrame]:
     """Body of the ``mapInPandas`` that measures a lab profile: each batch's readable images
-    through the frozen layers, summed as ``Moments`` (unreadable ones are skipped here; the
-    scoring pass records them)."""
-    model, meta = load_model_once(model_path, threads)
-    precision = resolve_precision(precision)
+    through the frozen layers (on ``device``, as the scoring pass), summed as ``Moments``
+    (unreadable ones are skipped here; the scoring pass records them)."""
+    device = worker_device(device)
+    model, meta = load_model_once(model_path, threads, device)
+    precision = resolve_precision(precision, device=device)
     for batch in batches:
         crops = []
         for blob in batch["data"]:
@@ -353,7 +382,7 @@ def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
             continue
         with torch.inference_mode():
             m = Moments.of(frozen_pass(model, meta, torch.from_numpy(np.stack(crops)),
-                                       precision))
+                                       precision, device))
         yield pd.DataFrame({"count": [m.count], "images": [m.images],
                             "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
 
@@ -390,7 +419,7 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
               .limit(s.lab_profile_images).repartition(spark.sparkContext.defaultParallelism))
     partial = sample.select("data").mapInPandas(
         lambda batches: partial_moments(batches, _spark_file(model_file), kind,
-                                        s.threads_per_worker, s.precision),
+                                        s.threads_per_worker, s.precision, s.device),
         MOMENTS_SCHEMA).collect()
     parts = [Moments(r["count"], np.asarray(r.total), np.asarray(r.squares), r.images)
              for r in partial]
@@ -627,7 +656,11 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
             .withColumn("_n", first).where(F.col("_n") == 1).drop("_n")
             .repartition(tasks))
     detail = ""
-    if s.precision == "auto":
+    if s.device != "cpu":
+        detail = (" (score.device={}: each Python worker on a GPU where it has one{}; "
+                  "\"auto\" precision is fp32 there)").format(
+                      s.device, "" if s.device == "auto" else ", refused where it has none")
+    elif s.precision == "auto":
         detail = (f" ({resolve_precision('auto')} on the driver's CPU; each Python worker "
                   "chooses by its own)")
     elif s.precision == "int8":
@@ -640,7 +673,7 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     if channel_map is not None:
         log.info("lab alignment (train.align): every image mapped by %s", profile)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
-                   thresholds, channel_map)
+                   thresholds, channel_map, s.device)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
     unnamed = folder.unlistable(s.input) if kind == "image" else []
     scored = (todo.withColumn("_p", udf("data")).drop("data")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
-from wbc_spark.config import SCORE_PRECISIONS
+from wbc_spark.config import SCORE_DEVICES, SCORE_PRECISIONS
 from wbc_spark.model.weights import (InputConvention, Normalize, PretrainedModel,
                                      build_architecture)
 
@@ -42,13 +42,21 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 @functools.cache
-def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> str:
+def resolve_precision(precision: str, flags: frozenset[str] | None = None,
+                      device: str = "cpu") -> str:
     """``precision`` as it runs on a CPU with ``flags`` (default: this process's): "auto"
     becomes "bf16" where the CPU has AVX512-BF16 or AMX and "fp32" elsewhere (logged once
-    per process); "fp32", "bf16" and "int8" (scoring only) stay as asked."""
+    per process); "fp32", "bf16" and "int8" (scoring only) stay as asked. On a CUDA
+    ``device`` "auto" is "fp32": bf16 was no faster there (an H200, docs/PERFORMANCE.md) and
+    fp32 gives the CPU's predictions; int8 is refused (the CPU's x86 quantisation)."""
     if precision not in SCORE_PRECISIONS:
         raise ValueError(f"precision={precision!r}; choose one of "
                          f"{', '.join(SCORE_PRECISIONS)}")
+    if device != "cpu":
+        if precision == "int8":
+            raise ValueError(f"precision int8 on {device}: int8 is the CPU's x86 "
+                             "quantisation; choose fp32, bf16 or auto on a GPU")
+        return "fp32" if precision == "auto" else precision
     if precision != "auto":
         return precision
     native = sorted(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
@@ -59,18 +67,43 @@ def resolve_precision(precision: str, flags: frozenset[str] | None = None) -> st
     return chosen
 
 
-def inference_precision(precision: str) -> contextlib.AbstractContextManager:
-    """Context for a forward pass in ``precision``: "fp32", "bf16" (convolutions and
-    matrix products in bfloat16 through CPU autocast; fast on CPUs with AVX512-BF16 or AMX,
-    slow elsewhere) or "auto" (``resolve_precision``); training steps use it with
-    ``train.step_precision`` (``wbc_spark.train.train_one_epoch``)."""
-    precision = resolve_precision(precision)
+def inference_precision(precision: str, device: str = "cpu"
+                        ) -> contextlib.AbstractContextManager:
+    """Context for a forward pass in ``precision`` on ``device``: "fp32", "bf16"
+    (convolutions and matrix products in bfloat16 through autocast; on a CPU fast with
+    AVX512-BF16 or AMX, slow elsewhere) or "auto" (``resolve_precision``); training steps use
+    it with ``train.step_precision`` (``wbc_spark.train.train_one_epoch``)."""
     if precision == "int8":
         raise ValueError("int8 is not an autocast context: run the frozen layers through "
                          "wbc_spark.score.frozen_pass")
-    if precision == "fp32":
+    if resolve_precision(precision, device=device) == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def resolve_device(device: str, gpu: str | None = None) -> str:
+    """The torch device this process runs the network on, for ``score.device``: "cpu";
+    "cuda": ``cuda:<gpu>`` where the cluster assigned this task GPU ``gpu``, else "cuda"
+    (torch's current GPU), refused where torch sees no CUDA device; "auto": as "cuda" where
+    torch sees one, else "cpu" (logged once per process)."""
+    if device not in SCORE_DEVICES:
+        raise ValueError(f"device={device!r}; choose one of {', '.join(SCORE_DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = (f"built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "a CPU-only build")
+        if device == "auto":
+            log.info("device auto: cpu (torch %s, %s, sees no CUDA device)",
+                     torch.__version__, build)
+            return "cpu"
+        raise RuntimeError(f"score.device=cuda: torch {torch.__version__} ({build}) sees no "
+                           "CUDA device in this worker; set score.device=cpu or auto")
+    chosen = f"cuda:{gpu}" if gpu is not None else "cuda"
+    log.info("device %s: %s (%s)", device, chosen,
+             torch.cuda.get_device_name(torch.device(chosen)))
+    return chosen
 
 
 class _TorchvisionInput(nn.Module):
