@@ -23,7 +23,9 @@ with the network moved to the GPU:
    worker of the job runs it: ``--udf`` images in Arrow-sized batches (``score.batch_size``),
    images/s, and the GPU's predictions against the CPU's (fp32 both; a model trained with
    ``train.align`` is mapped by its first training lab's stored moments). Needs pyspark's
-   Python package (not its jars, nor Java); ``--udf 0`` leaves it out.
+   Python package (not its jars, nor Java); ``--udf 0`` leaves it out. ``--udf-only``
+   runs step 5 alone on the device, without the CPU's pass: started as N processes at once,
+   it stands for N Python workers of one GPU executor (each prints its start and end).
 
 Left out: the rest of ``classify_frame``'s per-batch work on the CPU (review distances, the
 results frame, Arrow), and the lab alignment (one multiply-add per channel). On the CPU
@@ -116,13 +118,15 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--udf", type=int, default=512,
                     help="images for step 5, the scoring job's UDF body (0: leave it out)")
+    ap.add_argument("--udf-only", action="store_true",
+                    help="step 5 alone, on --device only (--udf images, repeated as needed)")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
 
     found = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in SUFFIXES)
     if not found:
         raise SystemExit(f"{args.images}: no images found")
-    files = [found[i % len(found)] for i in range(args.n)]
+    files = [found[i % len(found)] for i in range(max(args.n, args.udf))]
     model, meta = artifact.load(args.model)
     model.eval()
     pre = Preprocessing.from_artifact(meta)
@@ -133,6 +137,12 @@ def main() -> int:
     print(f"device {out['device']}, torch {out['torch']}, {out['cpu_cores']} CPU cores; "
           f"{len(files)} images ({len(found)} distinct) from {args.images}; "
           f"model {meta['model_id']}", flush=True)
+
+    if args.udf_only:
+        out["udf"] = udf_body(args.model, files[:args.udf], dev, meta, compare=False)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return 0
 
     # 1. preprocessing on one core
     torch.set_num_threads(1)
@@ -206,8 +216,10 @@ def main() -> int:
     return 0
 
 
-def udf_body(model_path: str, files: list[Path], device: str, meta: dict) -> dict:
-    """Step 5: ``score.classify_batches`` over ``files`` on ``device`` and on the CPU."""
+def udf_body(model_path: str, files: list[Path], device: str, meta: dict,
+             compare: bool = True) -> dict:
+    """Step 5: ``score.classify_batches`` over ``files`` on ``device`` and (``compare``) on
+    the CPU."""
     try:
         from wbc_spark import score
     except ImportError as exc:
@@ -227,15 +239,16 @@ def udf_body(model_path: str, files: list[Path], device: str, meta: dict) -> dic
     blobs = [f.read_bytes() for f in files]
     result: dict = {"images": len(blobs), "batch_size": size, "channel_map": how}
     frames = {}
-    for where in (device, "cpu"):
+    for where in (device, "cpu") if compare else (device,):
         torch.set_num_threads(1)
         batches = (pd.Series(blobs[i:i + size]) for i in range(0, len(blobs), size))
-        start = time.perf_counter()
+        start, result[f"{where}_started_at"] = time.perf_counter(), time.time()
         frames[where] = pd.concat(score.classify_batches(
             batches, model_path, "image", threads=1, precision="fp32",
             channel_map=channel_map, device=where), ignore_index=True)
         sync(device)
         rate = len(blobs) / (time.perf_counter() - start)  # the model's load included
+        result[f"{where}_ended_at"] = time.time()
         result[f"{where}_images_per_s"] = rate
         errors = int(frames[where].error.notna().sum())
         print(f"5. the scoring job's UDF body, score.device={where}, fp32, one thread, "
@@ -243,7 +256,7 @@ def udf_body(model_path: str, files: list[Path], device: str, meta: dict) -> dic
               f"{how})", flush=True)
         if where == "cpu":
             break
-    if device != "cpu":
+    if compare and device != "cpu":
         read = frames[device].error.isna() & frames["cpu"].error.isna()
         gpu, cpu = frames[device][read], frames["cpu"][read]
         probs = [c for c in gpu.columns if c.startswith("p_")]
