@@ -1,6 +1,8 @@
 """The arithmetic the benchmarks print (their timings are measured by running them)."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,14 @@ def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tm
     assert udf["images"] == 4 and udf["cpu:0_images_per_s"] > 0 and udf["cpu_images_per_s"] > 0
     assert udf["compared"] == 3 and udf["agreement"] == 1.0 and udf["same_flags"] == 1.0
     assert udf["max_probability_difference"] < 1e-4
+
+    # --udf-only: step 5 alone on the device, its start and end for the processes' sum.
+    out = tmp_path / "udf.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_scoring.py", "--model", str(tiny_artifact),
+                                      "--images", str(tmp_path), "--device", "cpu", "--n", "1",
+                                      "--udf", "5", "--udf-only", "--json", str(out)])
+    assert bench.main() == 0
+    only = json.loads(out.read_text())
+    assert "network" not in only and only["udf"]["images"] == 5  # the 4 files, repeated
+    assert only["udf"]["cpu_ended_at"] > only["udf"]["cpu_started_at"]
+    assert "agreement" not in only["udf"]
