@@ -167,8 +167,13 @@ def test_a_gpu_is_used_only_where_torch_sees_one(monkeypatch):
     monkeypatch.setattr(transfer.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(transfer.torch.cuda, "get_device_name", lambda device: "a test GPU")
     transfer.resolve_device.cache_clear()
+    monkeypatch.setattr(transfer.torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(transfer.torch.backends.cuda.matmul, "allow_tf32", True)
     assert transfer.resolve_device("auto") == "cuda"
     assert transfer.resolve_device("cuda", "3") == "cuda:3"  # the GPU Spark assigned
+    # fp32 on the GPU is fp32, not TF32
+    assert not transfer.torch.backends.cudnn.allow_tf32
+    assert not transfer.torch.backends.cuda.matmul.allow_tf32
     transfer.resolve_device.cache_clear()
 
 

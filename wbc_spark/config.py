@@ -226,8 +226,8 @@ class ScoreConfig:
     # Where each Python worker runs the network: "cpu", "cuda" (the GPU Spark assigned the
     # task with spark.task.resource.gpu.amount, else the first; refused where torch sees
     # none) or "auto" (a GPU where there is one, else the CPU). On a GPU, "auto" precision is
-    # bf16 where the GPU supports it; int8 is the CPU's path only. Decoding, locating and
-    # cropping stay on the CPU.
+    # fp32 (TF32 off, so fp32 is the CPU's arithmetic); int8 is the CPU's path only.
+    # Decoding, locating and cropping stay on the CPU.
     device: str = "cpu"
     outside_links: str = "refuse"  # as data.outside_links, for the folder scored
     # A model trained with train.align=true maps every image by a lab's moments: "" (the

@@ -101,6 +101,11 @@ def resolve_device(device: str, gpu: str | None = None) -> str:
         raise RuntimeError(f"score.device=cuda: torch {torch.__version__} ({build}) sees no "
                            "CUDA device in this worker; set score.device=cpu or auto")
     chosen = f"cuda:{gpu}" if gpu is not None else "cuda"
+    # fp32 on the GPU is fp32: PyTorch lets cuDNN's convolutions run in TF32 by default, which
+    # moved probabilities by up to 0.0034 from the CPU's on an H200 (0.00000 without it,
+    # docs/PERFORMANCE.md). This worker process only scores, so the switch is its own.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     log.info("device %s: %s (%s)", device, chosen,
              torch.cuda.get_device_name(torch.device(chosen)))
     return chosen
