@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from wbc_spark import artifact  # noqa: E402
+from wbc_spark import artifact, review  # noqa: E402
+from wbc_spark.model.inference import frozen_pass  # noqa: E402
 from wbc_spark.preprocessing import Preprocessing  # noqa: E402
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -71,19 +72,14 @@ class Crops(Dataset):
         return torch.from_numpy(np.ascontiguousarray(crop))
 
 
-def network(model, crops: torch.Tensor, device: str, precision: str
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def network(model, meta: dict, crops: torch.Tensor, device: str, precision: str
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, pooled frozen features) on the host for uint8 host ``crops``: the scoring
-    path's network with the frozen layers in ``precision``, the trained layers in fp32."""
-    x = crops.to(device, non_blocking=True)
+    path's network (``frozen_pass`` in ``precision``, then ``review.head`` in fp32)."""
     with torch.inference_mode():
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16,
-                            enabled=precision == "bf16"):
-            frozen = model.frozen(model.normalize(x))
-        frozen = frozen.float()
-        logits = model.fc(model.trainable(frozen))
-        pooled = frozen.mean((2, 3))
-    return logits.cpu(), pooled.cpu()
+        frozen = frozen_pass(model, meta, crops, precision, device)
+    logits, _ = review.head(model, frozen)
+    return logits, review.pooled(frozen)
 
 
 def sync(device: str) -> None:
@@ -91,7 +87,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def network_rate(model, crops: torch.Tensor, device: str, precision: str, batch: int,
+def network_rate(model, meta: dict, crops: torch.Tensor, device: str, precision: str, batch: int,
                  repeats: int = 3) -> float:
     """Images/s of ``network`` over ``crops`` in batches of ``batch``, best of ``repeats``
     after one warm-up pass."""
@@ -100,7 +96,7 @@ def network_rate(model, crops: torch.Tensor, device: str, precision: str, batch:
         sync(device)
         start = time.perf_counter()
         for i in range(0, len(crops), batch):
-            network(model, crops[i:i + batch], device, precision)
+            network(model, meta, crops[i:i + batch], device, precision)
         sync(device)
         if r:
             best = min(best, time.perf_counter() - start)
@@ -176,15 +172,15 @@ def main() -> int:
         print(f"2. preprocessing in {w} DataLoader workers: {rate:.1f} images/s", flush=True)
 
     # 3. the network alone, from crops already in host memory
-    ref_logits, _ = network(model, torch.stack(one), "cpu", "fp32")
+    ref_logits, _ = network(model, meta, torch.stack(one), "cpu", "fp32")
     model.to(dev)
     out["network"] = {}
     for precision in ("fp32", "bf16"):
-        logits, _ = network(model, torch.stack(one), dev, precision)
-        agree = float((logits.argmax(1) == ref_logits.argmax(1)).float().mean())
-        diff = float((logits - ref_logits).abs().max())
+        logits, _ = network(model, meta, torch.stack(one), dev, precision)
+        agree = float((logits.argmax(1) == ref_logits.argmax(1)).mean())
+        diff = float(np.abs(logits - ref_logits).max())
         for b in batches:
-            r = network_rate(model, crops, dev, precision, b)
+            r = network_rate(model, meta, crops, dev, precision, b)
             out["network"][f"{precision}_batch{b}"] = r
             print(f"3. network alone on {dev}, {precision}, batch {b}: {r:.0f} images/s",
                   flush=True)
@@ -200,7 +196,7 @@ def main() -> int:
         sync(dev)
         start = time.perf_counter()
         for crops_batch in DataLoader(data, batch_size=batch, num_workers=w, pin_memory=pin):
-            network(model, crops_batch, dev, "bf16")
+            network(model, meta, crops_batch, dev, "bf16")
         sync(dev)
         rate_all = len(files) / (time.perf_counter() - start)
         out["end_to_end_images_per_s"][w] = rate_all

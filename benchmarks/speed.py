@@ -58,8 +58,9 @@ from PIL import Image
 from wbc_spark import artifact, metrics
 from wbc_spark.config import SCORE_PRECISIONS, load_config, shared_lake
 from wbc_spark.model.googlenet import use_torch_lrn
+from wbc_spark.model.inference import frozen_pass
 from wbc_spark.model.transfer import resolve_precision
-from wbc_spark.score import classify_frame, frozen_pass
+from wbc_spark.score import classify_frame
 from wbc_spark.sources.krd_wbc import default_root
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ network alone at the scoring batch size in each precision, the frozen layers' op
 share of CPU time (torch.profiler), and the instruction set oneDNN reports
 (``ONEDNN_VERBOSE``), so the figures say whether AVX-512, AVX512-BF16 or AMX ran;
 with ``--ingest``, the same for the ingest job's per-file work. int8 is the scoring job's own
-path (``wbc_spark.score.frozen_pass``: eager static quantisation of the frozen layers from the
-model's calibration; torch 2.14 has no ``quantize_fx``, and its PT2E path runs through
-``torch.compile``, which failed on this network with freezing on); ``benchmarks/int8.py``
-checks its accuracy (docs/PERFORMANCE.md).
+path (``wbc_spark.model.inference.frozen_pass``: eager static quantisation of the frozen
+layers from the model's calibration; torch 2.14 has no ``quantize_fx``, and its PT2E path
+runs through ``torch.compile``, which failed on this network with freezing on);
+``benchmarks/int8.py`` checks its accuracy (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ import torch
 
 from wbc_spark import artifact, images, review
 from wbc_spark.config import SCORE_PRECISIONS
+from wbc_spark.model.inference import frozen_pass, int8_frozen
 from wbc_spark.model.transfer import resolve_precision
 from wbc_spark.preprocessing import Preprocessing
-from wbc_spark.score import classify_frame, frozen_pass, int8_frozen, review_model
+from wbc_spark.score import classify_frame, review_model
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import CROP_STAINS
 from wbc_spark.transforms import crop_box, locate_cell

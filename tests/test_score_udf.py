@@ -51,7 +51,7 @@ def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifa
     import pytest
     import torch
 
-    from wbc_spark import score
+    from wbc_spark.model import inference
     from wbc_spark.model.quantize import calibration_state
     from wbc_spark.model.weights import InputConvention
     from wbc_spark.transforms import cell_crop
@@ -75,7 +75,7 @@ def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifa
     assert meta8["int8"]["images"] == 6
     fp32 = classify_frame(data, model8, meta8, "image", "fp32")
     int8 = classify_frame(data, model8, meta8, "image", "int8")
-    assert model_id in score._INT8
+    assert model_id in inference._INT8
     probs = [f"p_{c}" for c in CLASSES]
     assert int8.error.isna().all()
     assert (int8.precision == "int8").all() and (fp32.precision == "fp32").all()

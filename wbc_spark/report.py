@@ -42,6 +42,7 @@ from pyspark.sql import types as T
 
 from wbc_spark import artifact, explain, images, score, tables
 from wbc_spark.config import Config
+from wbc_spark.model.inference import frozen_pass, require_int8
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources.folder import local_path
 
@@ -299,8 +300,7 @@ def render_cells(rows: pd.DataFrame, model, meta: dict, size: int, precision: st
     if crops:
         with torch.inference_mode():
             # As scoring computed them, so the map explains the prediction in the table.
-            frozen = score.frozen_pass(model, meta, torch.from_numpy(np.stack(crops)),
-                                       precision)
+            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision)
         maps, _ = explain.class_activation_maps(model, frozen.float())
         up = explain.upsample(maps, pre.crop_size)
         shown = iter(range(len(crops)))
@@ -376,7 +376,7 @@ def run_report(spark: SparkSession, config: Config) -> dict:
     model_path = str(Path(s.model).resolve())
     _, meta = artifact.load(model_path, expected_classes=list(config.classes))
     if s.precision == "int8":  # refused here, not in every Python worker
-        score.require_int8(meta, model_path)
+        require_int8(meta, model_path)
     model_id, classes = meta["model_id"], list(meta["classes"])
     schema = score.results_schema(classes)
     stored = tables.read(spark, s.results, T.StructType(

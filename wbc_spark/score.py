@@ -78,8 +78,8 @@ from wbc_spark.align import ChannelMap, LabAlignment, Moments
 from wbc_spark.config import LAB_PROFILE_MIN, Config, ConfigError
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
 from wbc_spark.metrics import softmax, wilson
-from wbc_spark.model import quantize
-from wbc_spark.model.transfer import inference_precision, resolve_device, resolve_precision
+from wbc_spark.model.inference import frozen_pass, require_int8
+from wbc_spark.model.transfer import resolve_device, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
 
@@ -178,42 +178,6 @@ def worker_device(device: str) -> str:
     """This Python worker's torch device for ``score.device`` (``resolve_device``, with the
     GPU Spark assigned the task)."""
     return resolve_device(device, task_gpu() if device != "cpu" else None)
-
-
-_INT8: dict[str, torch.nn.Module] = {}
-
-
-def require_int8(meta: dict, what: str) -> None:
-    if not meta.get("int8"):
-        raise artifact.ArtifactError(
-            f"{what}: no int8 calibration in the model (trained with train.int8_calibration=0, "
-            "or before int8 existed); score with score.precision=fp32, bf16 or auto, or train "
-            "it again")
-
-
-def int8_frozen(model, meta: dict) -> torch.nn.Module:
-    """The model's frozen layers in int8, built once per process from the calibration its
-    training stored; refuses a model trained without one."""
-    model_id = meta["model_id"]
-    if model_id not in _INT8:
-        require_int8(meta, f"model {model_id}")
-        _INT8.clear()  # one model per worker at a time
-        _INT8[model_id] = quantize.from_calibration(model, meta["int8"]).eval()
-    return _INT8[model_id]
-
-
-def frozen_pass(model, meta: dict, crops: torch.Tensor, precision: str,
-                device: str = "cpu") -> torch.Tensor:
-    """The frozen layers' output for uint8 host ``crops``, in ``precision`` ("int8" or as
-    ``inference_precision``), on ``device`` (the model's; the output stays there)."""
-    if precision == "int8":
-        return int8_frozen(model, meta).embed_frozen(crops)
-    if device == "cpu":
-        with inference_precision(precision):
-            return model.embed_frozen(crops)
-    # A GPU takes the whole batch at once; the CPU's chunks only bound its cache footprint.
-    with inference_precision(precision, device):
-        return model.frozen(model.normalize(crops.to(device)))
 
 
 def _prepare(data: bytes | None, kind: str, meta: dict) -> tuple[np.ndarray, bool]:

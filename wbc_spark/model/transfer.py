@@ -75,7 +75,7 @@ def inference_precision(precision: str, device: str = "cpu"
     it with ``train.step_precision`` (``wbc_spark.train.train_one_epoch``)."""
     if precision == "int8":
         raise ValueError("int8 is not an autocast context: run the frozen layers through "
-                         "wbc_spark.score.frozen_pass")
+                         "wbc_spark.model.inference.frozen_pass")
     if resolve_precision(precision, device=device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -199,11 +199,11 @@ class WBCNet(nn.Module):
     #: machine's limit").
     chunk_per_thread = 8
 
-    def embed_frozen(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_frozen(self, images: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Output of the frozen part for uint8 N x H x W x 3 images (no gradient), computed
-        ``chunk_per_thread`` x torch threads images at a time."""
+        ``chunk`` images at a time (default ``chunk_per_thread`` x torch threads)."""
         return in_chunks(lambda x: self.frozen(self.normalize(x)), images,
-                         self.chunk_per_thread * torch.get_num_threads())
+                         chunk or self.chunk_per_thread * torch.get_num_threads())
 
     def head(self, frozen_out: torch.Tensor) -> torch.Tensor:
         """Trainable part: frozen-part output -> class logits."""
