@@ -205,10 +205,7 @@ def main() -> int:
     parser.add_argument("--figure", default=str(REPO / "runs" / "crops_per_lab.png"))
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("wbc_spark.train", "wbc_spark.model.transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    crossval.benchmark_process(args.threads)
     parts = set(args.only.split(","))
     config = load_config(args.config, args.overrides)
     dataset = args.dataset or config.data.dataset

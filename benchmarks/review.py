@@ -214,10 +214,7 @@ def main() -> int:
     parser.add_argument("--predictions", default=str(REPO / "runs" / "review_predictions.npz"))
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("wbc_spark.train", "wbc_spark.model.transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
+    crossval.benchmark_process(args.threads)
     config = load_config(args.config, args.overrides)
     classes, others = list(config.classes), list(config.other_labels)
     dataset = args.dataset or config.data.dataset

@@ -34,6 +34,15 @@ from wbc_spark.transforms import cell_crop, locate_cell
 log = logging.getLogger(__name__)
 
 
+def benchmark_process(threads: int) -> None:
+    """Set up a benchmark's process: timed INFO logs without each epoch's, ``threads`` torch
+    threads."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("wbc_spark.train", "wbc_spark.model.transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(threads)
+
+
 def load_dataset(path: str, classes: list[str], wanted: Preprocessing | None = None
                  ) -> pd.DataFrame:
     """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
