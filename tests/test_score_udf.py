@@ -164,3 +164,33 @@ def test_task_gpu_reads_the_address_spark_assigned(monkeypatch):
     assert task_gpu() == "2"
     monkeypatch.setattr(pyspark.TaskContext, "get", lambda: Task({}))
     assert task_gpu() is None
+
+
+def test_a_model_cut_at_inception4d_is_saved_loaded_and_scored_at_its_own_cut(fake_weights,
+                                                                                tmp_path):
+    """README's adapting recipe trains inception4e too: its frozen outputs are inception4d's
+    528 channels, which its review detectors are fitted on and scoring must feed them."""
+    import torch
+    from conftest import smear_review, toy_confusion
+
+    from wbc_spark.model.transfer import build_classifier
+    from wbc_spark.model.weights import load_bvlc
+
+    pm = load_bvlc(fake_weights)
+    model = build_classifier(pm, len(CLASSES), freeze_until="inception4d").eval()
+    path = tmp_path / "model.pt"
+    artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
+                  preprocessing={"crop_size": 224, "context": 1.5}, config={},
+                  provenance=pm.provenance, metrics={}, temperature=1.0,
+                  review=smear_review(model).to_state(), confusion=toy_confusion().to_state())
+    loaded, meta = artifact.load(path)
+    assert meta["architecture"]["freeze_until"] == "inception4d"
+    assert loaded.freeze_until == "inception4d"
+    frozen = loaded.embed_frozen(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))
+    assert frozen.shape[1] == 528
+    data = pd.Series([jpeg_bytes(smear(seed=s)) for s in (7, 8)] + [b"junk"])
+    out = classify_frame(data, loaded, meta, "image")
+    assert list(out.error.isna()) == [True, True, False]
+    good = out[out.error.isna()]
+    assert np.allclose(good[[f"p_{c}" for c in CLASSES]].to_numpy(float).sum(1), 1.0)
+    assert np.isfinite(good.lab_distance.to_numpy(float)).all()
