@@ -73,14 +73,20 @@ def fake_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, fake_weights) -> Path:
     """A model artifact built from the fake weights (untrained head), for scoring tests."""
+    return save_tiny_artifact(tmp_path_factory.mktemp("model") / "model.pt", fake_weights)
+
+
+def save_tiny_artifact(path: Path, fake_weights: Path, freeze_until: str = "inception4e"
+                       ) -> Path:
+    """Save at ``path`` a model of the fake weights cut at ``freeze_until`` (untrained head),
+    with review detectors fitted on synthetic smears and a toy confusion."""
     from wbc_spark import artifact
     from wbc_spark.model.transfer import build_classifier
     from wbc_spark.model.weights import load_bvlc
 
     pm = load_bvlc(fake_weights)
-    model = build_classifier(pm, len(CLASSES))
+    model = build_classifier(pm, len(CLASSES), freeze_until=freeze_until)
     model.eval()
-    path = tmp_path_factory.mktemp("model") / "model.pt"
     artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
                   preprocessing={"crop_size": 224, "context": 1.5}, config={},
                   provenance=pm.provenance, metrics={}, temperature=1.0,

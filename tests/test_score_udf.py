@@ -171,18 +171,9 @@ def test_a_model_cut_at_inception4d_is_saved_loaded_and_scored_at_its_own_cut(fa
     """README's adapting recipe trains inception4e too: its frozen outputs are inception4d's
     528 channels, which its review detectors are fitted on and scoring must feed them."""
     import torch
-    from conftest import smear_review, toy_confusion
+    from conftest import save_tiny_artifact
 
-    from wbc_spark.model.transfer import build_classifier
-    from wbc_spark.model.weights import load_bvlc
-
-    pm = load_bvlc(fake_weights)
-    model = build_classifier(pm, len(CLASSES), freeze_until="inception4d").eval()
-    path = tmp_path / "model.pt"
-    artifact.save(path, model, classes=CLASSES, source="bvlc", convention=pm.convention,
-                  preprocessing={"crop_size": 224, "context": 1.5}, config={},
-                  provenance=pm.provenance, metrics={}, temperature=1.0,
-                  review=smear_review(model).to_state(), confusion=toy_confusion().to_state())
+    path = save_tiny_artifact(tmp_path / "model.pt", fake_weights, freeze_until="inception4d")
     loaded, meta = artifact.load(path)
     assert meta["architecture"]["freeze_until"] == "inception4d"
     assert loaded.freeze_until == "inception4d"
