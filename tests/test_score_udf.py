@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import CLASSES, jpeg_bytes, smear
 
 from wbc_spark import artifact
@@ -166,19 +167,21 @@ def test_task_gpu_reads_the_address_spark_assigned(monkeypatch):
     assert task_gpu() is None
 
 
-def test_a_model_cut_at_inception4d_is_saved_loaded_and_scored_at_its_own_cut(fake_weights,
-                                                                                tmp_path):
-    """README's adapting recipe trains inception4e too: its frozen outputs are inception4d's
-    528 channels, which its review detectors are fitted on and scoring must feed them."""
+@pytest.mark.parametrize("cut, channels", [("inception4d", 528), ("inception4c", 512)])
+def test_a_model_cut_below_inception4e_is_saved_loaded_and_scored_at_its_own_cut(
+        fake_weights, tmp_path, cut, channels):
+    """README's adapting recipe trains inception4d and 4e too (session 33's recipe: 4e only):
+    its frozen outputs are the cut's channels, which its review detectors are fitted on and
+    scoring must feed them."""
     import torch
     from conftest import save_tiny_artifact
 
-    path = save_tiny_artifact(tmp_path / "model.pt", fake_weights, freeze_until="inception4d")
+    path = save_tiny_artifact(tmp_path / "model.pt", fake_weights, freeze_until=cut)
     loaded, meta = artifact.load(path)
-    assert meta["architecture"]["freeze_until"] == "inception4d"
-    assert loaded.freeze_until == "inception4d"
+    assert meta["architecture"]["freeze_until"] == cut
+    assert loaded.freeze_until == cut
     frozen = loaded.embed_frozen(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))
-    assert frozen.shape[1] == 528
+    assert frozen.shape[1] == channels
     data = pd.Series([jpeg_bytes(smear(seed=s)) for s in (7, 8)] + [b"junk"])
     out = classify_frame(data, loaded, meta, "image")
     assert list(out.error.isna()) == [True, True, False]
