@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import CLASSES, jpeg_bytes, smear
+from conftest import CLASSES, jpeg_bytes, save_tiny_artifact, smear
 
 from wbc_spark import artifact
 from wbc_spark.score import classify_batches, classify_frame
@@ -49,7 +49,6 @@ def test_iterator_loads_the_model_once(tiny_artifact, monkeypatch):
 
 
 def test_int8_scoring_needs_the_model_s_calibration_and_follows_fp32(tiny_artifact, tmp_path):
-    import pytest
     import torch
 
     from wbc_spark.model import inference
@@ -108,8 +107,6 @@ def test_a_channel_map_moves_the_classes_not_the_lab_detector(tiny_artifact):
 
 
 def test_score_device_cuda_is_refused_without_a_gpu(tiny_artifact, monkeypatch):
-    import pytest
-
     from wbc_spark import score
 
     monkeypatch.setattr(score.torch.cuda, "is_available", lambda: False)
@@ -174,7 +171,6 @@ def test_a_model_cut_below_inception4e_is_saved_loaded_and_scored_at_its_own_cut
     its frozen outputs are the cut's channels, which its review detectors are fitted on and
     scoring must feed them."""
     import torch
-    from conftest import save_tiny_artifact
 
     path = save_tiny_artifact(tmp_path / "model.pt", fake_weights, freeze_until=cut)
     loaded, meta = artifact.load(path)
