@@ -18,7 +18,7 @@ jobs do (``crossval.lab_alignment``): each training lab by its moments from up t
 training images, a test lab not in training by a profile of up to 256 of its test images
 (the scoring job's lab profile; no labels). ``train.align=false`` measures without.
 
-Two levers of prediction, measured beside the plain model in parts 1 and 2 when asked for:
+Two levers of prediction, measured beside the plain model in parts 1-3 when asked for:
 ``--tta N`` averages each test image's calibrated probabilities over the first N of its
 eight flips and rotations; ``--heads K`` trains K heads per run (the plain run's seed and
 K - 1 more) and averages their probabilities. The plain model's figures stay the first
@@ -172,6 +172,25 @@ def line(name: str, rep: dict, classes: list[str], seconds: float | None = None)
             + f"\n{'':<34} recall: {recall}")
 
 
+def draws_summary(reps: list[dict], classes: list[str]) -> dict:
+    """The adaptation draws of one k: mean [95% interval] of balanced accuracy and
+    macro-F1, mean recall per class and ECE, and each draw's report."""
+    return {"balanced_accuracy": crossval.mean_interval([r["balanced_accuracy"] for r in reps]),
+            "macro_f1": crossval.mean_interval([r["macro_f1"] for r in reps]),
+            "recall": {c: float(np.mean([r["per_class"][c]["recall"] for r in reps]))
+                       for c in classes},
+            "ece": float(np.mean([r["ece"] for r in reps])),
+            "draws": reps}
+
+
+def draws_line(name: str, new: str, reps: list[dict], classes: list[str]) -> str:
+    s = draws_summary(reps, classes)
+    m, lo, hi = s["balanced_accuracy"]
+    return (f"{name}: balanced accuracy on the rest of {new} {m:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"over {len(reps)} draws, macro-F1 {s['macro_f1'][0]:.3f}; recall "
+            + "  ".join(f"{c[:4]} {s['recall'][c]:.2f}" for c in classes))
+
+
 class Lines(list):
     """The report: each line printed as it is added, so a long run shows its parts as they
     finish (and a failure late in the run loses none of them)."""
@@ -195,9 +214,9 @@ def main() -> int:
     parser.add_argument("--only", default="heldout,both,adapt,krd",
                         help="comma-separated parts to run: heldout, both, adapt, krd")
     parser.add_argument("--tta", type=int, default=1, choices=range(1, 9), metavar="N",
-                        help="parts 1 and 2 also scored on the mean of N flips/rotations")
+                        help="parts 1-3 also scored on the mean of N flips/rotations")
     parser.add_argument("--heads", type=int, default=1, metavar="K",
-                        help="parts 1 and 2 also scored by the mean of K heads (seeds)")
+                        help="parts 1-3 also scored by the mean of K heads (seeds)")
     parser.add_argument("--view-seed", type=int, default=1234,
                         help="seed of the augmented views (another draw of the training crops' "
                              "jitter; train.seed=N draws the heads' initialisation and batches)")
@@ -333,7 +352,7 @@ def main() -> int:
         for home in [lab for lab in labs if args.home in ("", lab)]:
             new = next(lab for lab in labs if lab != home)
             for k in map(int, args.ks.split(",")):
-                reps = []
+                reps, variant_reps = [], {}
                 for draw in range(args.draws):
                     # k cells per class of the new lab, whole groups, drawn at random.
                     new_rows = np.flatnonzero(source == new)
@@ -351,26 +370,23 @@ def main() -> int:
                     te = np.setdiff1d(new_rows[~same[new_rows]], chosen)
                     pool = np.concatenate([np.flatnonzero(source == home), chosen])
                     tr, va = inner_validation(meta, pool, t.val_fraction, draw)
-                    reps.append(run(f"{home} + {k}/class of {new}, draw {draw}", tr, va, te,
-                                    seed=draw, run_id=100 * k + draw)[0])
-                bal = [r["balanced_accuracy"] for r in reps]
-                mf1 = [r["macro_f1"] for r in reps]
-                out["adapt"][f"{home} + k of {new}"] = out["adapt"].get(
-                    f"{home} + k of {new}", {})
-                out["adapt"][f"{home} + k of {new}"][k] = {
-                    "balanced_accuracy": crossval.mean_interval(bal),
-                    "macro_f1": crossval.mean_interval(mf1),
-                    "recall": {c: float(np.mean([r["per_class"][c]["recall"] for r in reps]))
-                               for c in classes},
-                    "ece": float(np.mean([r["ece"] for r in reps])),
-                    "draws": reps}
-                m, lo, hi = crossval.mean_interval(bal)
-                report_lines.append(
-                    f"adaptation: {home} + {k:>2}/class of {new}: balanced accuracy on the rest "
-                    f"of {new} {m:.3f} [{lo:.3f}, {hi:.3f}] over {args.draws} draws, macro-F1 "
-                    f"{np.mean(mf1):.3f}; recall " + "  ".join(
-                        f"{c[:4]} {np.mean([r['per_class'][c]['recall'] for r in reps]):.2f}"
-                        for c in classes))
+                    rep, variants = run(f"{home} + {k}/class of {new}, draw {draw}", tr, va,
+                                        te, seed=draw, run_id=100 * k + draw, heads=args.heads)
+                    reps.append(rep)
+                    for variant, p in variants.items():
+                        if variant != "original":
+                            variant_reps.setdefault(variant, []).append(
+                                evaluate(labels[te], p, classes))
+                name = f"{home} + k of {new}"
+                out["adapt"].setdefault(name, {})[k] = draws_summary(reps, classes)
+                report_lines.append(draws_line(f"adaptation: {home} + {k:>2}/class of {new}",
+                                               new, reps, classes))
+                for variant, vreps in variant_reps.items():
+                    out.setdefault("variants", {}).setdefault("adapt", {}).setdefault(
+                        name, {}).setdefault(k, {})[variant] = draws_summary(vreps, classes)
+                    report_lines.append(draws_line(
+                        f"adaptation: {home} + {k:>2}/class of {new} [{variant}]", new, vreps,
+                        classes))
 
     if "krd" in parts and "KRD-WBC" in labs:
         rows = np.flatnonzero(source == "KRD-WBC")

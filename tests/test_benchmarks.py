@@ -53,6 +53,27 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
     assert np.abs(levers.low_passed(ramp).astype(int) - ramp).max() <= 6  # a slope stays
 
 
+def test_adaptation_draws_are_summarised_with_their_interval_and_recalls():
+    crosslab = _benchmark("crosslab")
+    classes = ["A", "B"]
+    # Three draws' reports: two classes, one labelled 0/1 each, probabilities per draw.
+    y = np.array([0, 0, 1, 1])
+    probs = [np.array([[.9, .1], [.8, .2], [.3, .7], [.4, .6]]),    # all right
+             np.array([[.9, .1], [.2, .8], [.3, .7], [.4, .6]]),    # one A missed
+             np.array([[.9, .1], [.8, .2], [.6, .4], [.7, .3]])]    # both B missed
+    reps = [crosslab.evaluate(y, p, classes) for p in probs]
+    s = crosslab.draws_summary(reps, classes)
+    mean, lo, hi = s["balanced_accuracy"]
+    assert mean == pytest.approx((1.0 + 0.75 + 0.5) / 3)
+    assert lo < mean < hi
+    assert s["recall"] == pytest.approx({"A": (1 + .5 + 1) / 3, "B": (1 + 1 + 0) / 3})
+    assert len(s["draws"]) == 3
+    text = crosslab.draws_line("adaptation: X + 5/class of Y", "Y", reps, classes)
+    assert text.startswith("adaptation: X + 5/class of Y: balanced accuracy on the rest of Y "
+                           f"{mean:.3f} [{lo:.3f}, {hi:.3f}] over 3 draws")
+    assert text.endswith("recall A 0.83  B 0.67")
+
+
 def test_the_align_lever_adds_an_aligned_variant_beside_the_plain_training(monkeypatch):
     import torch
 
