@@ -246,3 +246,54 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
     assert not torch.equal(aligned, plain)
     assert (feats[te].float().mean() - feats[tr].float().mean()).abs() > 1
     assert (aligned.float().mean() - feats[tr].float().mean()).abs() < 0.3
+
+
+def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_views():
+    import numpy as np
+    import pytest
+    import torch
+
+    from wbc_spark.evaluation import crossval
+
+    labs, feats, keys = _two_labs()
+    calls = {"fit_temperature": [], "predict": []}
+
+    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
+        return type("R", (), {"temperature": 1.5})()
+
+    def fake_temperature(logits, labels):
+        calls["fit_temperature"].append((np.asarray(logits).shape, list(labels)))
+        return 0.7
+
+    def fake_predict(model, f, temperature):
+        calls["predict"].append((len(f), temperature))
+        return np.full((len(f), 2), 0.5)
+
+    class Model:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def init_head(self):
+            pass
+
+    tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
+    y = np.arange(70) % 2
+    views = torch.stack([feats, feats.flip(-1), feats.flip(-2)])  # 3 views x 70 images
+    with pytest.MonkeyPatch().context() as m:
+        m.setattr(crossval, "fit", fake_fit)
+        m.setattr(crossval, "HeadOnly", lambda model: None)
+        m.setattr(crossval, "head_logits", lambda model, f: np.zeros((len(f), 2)))
+        m.setattr(crossval, "fit_temperature", fake_temperature)
+        m.setattr(crossval, "predict_probs", fake_predict)
+        m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
+        probs, _, _ = crossval.train_and_test(
+            Model(), torch.stack([feats, feats]), {"original": feats, "tta": views}, y, tr, va,
+            te, crossval.Recipe(epochs=1, batch_size=8), 2, labs=labs)
+    assert set(probs) == {"original", "tta"} and probs["tta"].shape == (30, 2)
+    # One fit, on the 10 validation images' logits in each of the 3 views, with their labels.
+    assert calls["fit_temperature"] == [((3, 10, 2), list(y[va]))]
+    # The original crops keep the training's temperature; each flipped view gets the new one.
+    assert calls["predict"] == [(30, 1.5)] + [(30, 0.7)] * 3

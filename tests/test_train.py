@@ -42,6 +42,26 @@ def test_temperature_recovers_a_known_scale():
     assert t == pytest.approx(3.0, rel=0.15)
 
 
+def test_temperature_of_averaged_views_is_fitted_on_their_mean_probabilities():
+    rng = np.random.default_rng(1)
+    n, k = 3000, 4
+    true = rng.normal(0, 2, (n, k))
+    y = np.array([rng.choice(k, p=p) for p in softmax(true)])
+    # Four views that disagree by noise: each view's own temperature is too high for their
+    # mean (averaging softens), the fit on the mean must land lower and give a lower NLL.
+    views = np.stack([true + rng.normal(0, 1.5, (n, k)) for _ in range(4)])
+    t_mean = fit_temperature(views, y)
+    t_single = fit_temperature(views[0], y)
+    assert t_mean < t_single
+
+    def nll(t):
+        mean = np.mean([softmax(v / t) for v in views], axis=0)
+        return -np.log(mean[np.arange(n), y]).mean()
+
+    assert nll(t_mean) < nll(t_single)
+    assert nll(t_mean) <= min(nll(t_mean * 0.9), nll(t_mean * 1.1))
+
+
 def test_optimizer_groups_use_discriminative_rates():
     net = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 3, freeze_until="inception4e")
     opt, _ = make_optimizer(net, Recipe(lr=1e-2, block_lr_factor=0.1), steps=10)

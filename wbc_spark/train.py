@@ -161,12 +161,17 @@ def head_logits(model, features: torch.Tensor, batch_size: int = 128) -> np.ndar
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising the validation negative log-likelihood: SciPy's bounded scalar
-    search over log T in [log 0.05, log 20] (the NLL is unimodal in log T)."""
+    search over log T in [log 0.05, log 20] (the NLL is unimodal in log T). ``logits`` N x
+    classes, or views x N x classes: then the likelihood of the views' mean probabilities, as
+    test-time flips score an image."""
     y = torch.as_tensor(labels)
     z = torch.as_tensor(logits, dtype=torch.float64)
 
     def nll(log_t: float) -> float:
-        return float(nn.functional.cross_entropy(z / math.exp(log_t), y))
+        if z.dim() == 2:
+            return float(nn.functional.cross_entropy(z / math.exp(log_t), y))
+        mean = torch.softmax(z / math.exp(log_t), dim=-1).mean(0)
+        return float(nn.functional.nll_loss(torch.log(mean.clamp_min(1e-300)), y))
 
     best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
                            options={"xatol": 1e-6})

@@ -28,7 +28,8 @@ from wbc_spark.evaluation.activation_maps import area_on_cell, crop_mask, mass_o
 from wbc_spark.explain import class_activation_maps
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
-from wbc_spark.train import HeadOnly, Recipe, feature_batches, fit, frozen_features, predict_probs
+from wbc_spark.train import (HeadOnly, Recipe, feature_batches, fit, fit_temperature,
+                             frozen_features, head_logits, predict_probs)
 from wbc_spark.transforms import cell_crop, locate_cell
 
 log = logging.getLogger(__name__)
@@ -253,9 +254,12 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
         test = rows(f, te)
         if name == "original":
             original_test = test  # kept for the activation maps
-        if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities
-            probs[name] = np.mean([predict_probs(model, v, result.temperature)
-                                   for v in test], axis=0)
+        if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities,
+            # with a temperature fitted on the validation images' views (the mean of softer
+            # views is softer still: one view's temperature leaves it underconfident)
+            t = fit_temperature(np.stack([head_logits(model, v) for v in rows(f, va)]),
+                                labels[va])
+            probs[name] = np.mean([predict_probs(model, v, t) for v in test], axis=0)
         else:
             probs[name] = predict_probs(model, test, result.temperature)
     maps, _ = class_activation_maps(model, original_test)
