@@ -197,6 +197,19 @@ def test_lab_alignment_counts_a_copy_once():
     assert a.labs["A"].images == 31
 
 
+class _StubModel:
+    """What train_and_test asks of a model when fit and predict are replaced."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def init_head(self):
+        pass
+
+
 def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_without_keys():
     import numpy as np
     import pytest
@@ -215,16 +228,6 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
         seen.setdefault("test", []).append(f)
         return np.zeros((len(f), 2))
 
-    class Model:
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-        def init_head(self):
-            pass
-
     tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
     mp = pytest.MonkeyPatch()
     with mp.context() as m:
@@ -232,7 +235,7 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
         m.setattr(crossval, "HeadOnly", lambda model: None)
         m.setattr(crossval, "predict_probs", fake_predict)
         m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
-        args = (Model(), torch.stack([feats, feats]), {"original": feats}, np.arange(70) % 2,
+        args = (_StubModel(), torch.stack([feats, feats]), {"original": feats}, np.arange(70) % 2,
                 tr, va, te, crossval.Recipe(epochs=1, batch_size=8), 2)
         crossval.train_and_test(*args, labs=labs, align=False)
         plain = seen.pop("test")[0]
@@ -269,16 +272,6 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
         calls["predict"].append((len(f), temperature))
         return np.full((len(f), 2), 0.5)
 
-    class Model:
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
-        def init_head(self):
-            pass
-
     tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
     y = np.arange(70) % 2
     views = torch.stack([feats, feats.flip(-1), feats.flip(-2)])  # 3 views x 70 images
@@ -290,7 +283,7 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
         m.setattr(crossval, "predict_probs", fake_predict)
         m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
         probs, _, _ = crossval.train_and_test(
-            Model(), torch.stack([feats, feats]), {"original": feats, "tta": views}, y, tr, va,
+            _StubModel(), torch.stack([feats, feats]), {"original": feats, "tta": views}, y, tr, va,
             te, crossval.Recipe(epochs=1, batch_size=8), 2, labs=labs)
     assert set(probs) == {"original", "tta"} and probs["tta"].shape == (30, 2)
     # One fit, on the 10 validation images' logits in each of the 3 views, with their labels.
