@@ -20,9 +20,10 @@ training images, a test lab not in training by a profile of up to 256 of its tes
 
 Two levers of prediction, measured beside the plain model in parts 1-3 when asked for:
 ``--tta N`` averages each test image's calibrated probabilities over the first N of its
-eight flips and rotations; ``--heads K`` trains K heads per run (the plain run's seed and
-K - 1 more) and averages their probabilities. The plain model's figures stay the first
-member's on the original crops, the same as without them.
+eight flips and rotations (at a temperature fitted on the validation images' flips and
+rotations); ``--heads K`` trains K heads per run (the plain run's seed and K - 1 more; with
+unfrozen blocks, K whole models) and averages their probabilities. The plain model's
+figures stay the first member's on the original crops, the same as without them.
 
 Prints per setting balanced accuracy, macro-F1, per-class recall (each with its 95% interval),
 ECE, the largest predicted-to-true share ratio of any class (a "sink" class), the confusion
