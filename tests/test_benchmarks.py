@@ -56,7 +56,7 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
 def test_adaptation_draws_are_summarised_with_their_interval_and_recalls():
     crosslab = _benchmark("crosslab")
     classes = ["A", "B"]
-    # Three draws' reports: two classes, one labelled 0/1 each, probabilities per draw.
+    # Three draws' reports on the same four cells, two of each class.
     y = np.array([0, 0, 1, 1])
     probs = [np.array([[.9, .1], [.8, .2], [.3, .7], [.4, .6]]),    # all right
              np.array([[.9, .1], [.2, .8], [.3, .7], [.4, .6]]),    # one A missed

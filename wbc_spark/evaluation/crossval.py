@@ -255,8 +255,8 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
         if name == "original":
             original_test = test  # kept for the activation maps
         if f.dim() == 5:  # views x images x ...: average the views' calibrated probabilities,
-            # with a temperature fitted on the validation images' views (the mean of softer
-            # views is softer still: one view's temperature leaves it underconfident)
+            # at a temperature fitted on the validation images' views: their mean is softer
+            # than any one view, so one view's temperature would leave it underconfident
             t = fit_temperature(np.stack([head_logits(model, v) for v in rows(f, va)]),
                                 labels[va])
             probs[name] = np.mean([predict_probs(model, v, t) for v in test], axis=0)
