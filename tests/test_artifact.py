@@ -57,3 +57,36 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_artifact, monkeypatch):
                       preprocessing={}, config={}, provenance={}, metrics={})
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _resave(source, target, **extra) -> dict:
+    model, meta = artifact.load(source)
+    artifact.save(target, model, classes=CLASSES, source="bvlc",
+                  convention=artifact.InputConvention.from_dict(
+                      meta["preprocessing"]["input_convention"]),
+                  preprocessing={}, config={}, provenance={}, metrics={}, **extra)
+    return artifact.load(target)[1]
+
+
+def test_test_views_are_recorded_and_change_the_model_id(tmp_path, tiny_artifact):
+    one = _resave(tiny_artifact, tmp_path / "one.pt")
+    again = _resave(tiny_artifact, tmp_path / "again.pt", test_views=1)
+    four = _resave(tiny_artifact, tmp_path / "four.pt", test_views=4)
+    assert one["test_views"] == 1 and four["test_views"] == 4
+    assert one["model_id"] == again["model_id"] != four["model_id"]
+
+
+@pytest.mark.parametrize("views", [0, 9, "4"])
+def test_an_artifact_with_impossible_test_views_is_refused(tmp_path, tiny_artifact, views):
+    raw = torch.load(tiny_artifact, weights_only=True)
+    raw["test_views"] = views
+    torch.save(raw, tmp_path / "model.pt")
+    with pytest.raises(artifact.ArtifactError, match="test_views="):
+        artifact.load(tmp_path / "model.pt")
+
+
+def test_an_artifact_from_before_test_views_scores_one_view(tmp_path, tiny_artifact):
+    raw = torch.load(tiny_artifact, weights_only=True)
+    raw.pop("test_views")
+    torch.save(raw, tmp_path / "model.pt")
+    assert artifact.load(tmp_path / "model.pt")[1]["test_views"] == 1

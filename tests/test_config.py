@@ -29,6 +29,8 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.use_gpu=true", "GPU training is not implemented yet"),
     ("model.freeze_until=inception9z", "choose none or one of"),
     ("model.source=hub", "choose one of bvlc, torchvision"),
+    ("model.test_views=0", "choose 1 to 8"),
+    ("model.test_views=9", "choose 1 to 8"),
     ("train.test_fold=5", "test_fold"),
     ("noequals", "section.key=value"),
     ("data.stain=macenko", "choose none or field"),

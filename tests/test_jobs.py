@@ -246,7 +246,10 @@ def test_training_twice_on_the_same_data_gives_the_same_model(tmp_path, fake_wei
 
 def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path, fake_weights):
     """train.align: the artifact keeps each training lab's moments; scoring measures the
-    input's own lab profile once, keeps it, reuses it, and refuses what it cannot measure."""
+    input's own lab profile once, keeps it, reuses it, and refuses what it cannot measure.
+    The model averages two test-time views (model.test_views=2), aligned alike."""
+    import json
+
     import torch
     from conftest import CLASSES
 
@@ -263,9 +266,19 @@ def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path,
     run_ok("train_distributed", *paths, f"model.weights_dir={fake_weights}",
            f"train.output={model}", f"train.petastorm_cache={tmp_path / 'cache'}",
            "train.views=2", "train.epochs=1", "train.num_processes=2", "train.align=true",
-           "train.int8_calibration=0")
-    state = torch.load(model / "model.pt", weights_only=True)["alignment"]
+           "train.int8_calibration=0", "model.test_views=2")
+    saved = torch.load(model / "model.pt", weights_only=True)
+    state = saved["alignment"]
     assert sorted(state["labs"]) == ["north", "south"]
+    # two test-time views: the artifact's temperature is the views' mean's, and the
+    # evaluation keeps one view's figures beside
+    evaluation = json.loads((model / "evaluation.json").read_text())
+    assert saved["test_views"] == evaluation["test_views"] == 2
+    assert saved["temperature"] == evaluation["temperature"]
+    single = evaluation["single_view"]
+    assert 0.05 <= single["temperature"] <= 20
+    assert sorted(single["test_per_lab"]) == ["north", "south"]
+    assert single["test"]["n"] == evaluation["test"]["n"]
     assert state["reference"]["images"] == sum(m["images"] for m in state["labs"].values())
 
     new_lab = tmp_path / "elsewhere"

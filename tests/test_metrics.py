@@ -58,3 +58,15 @@ def test_ece_perfect_and_overconfident():
 def test_confusion_png(tmp_path):
     confusion_png([[3, 1], [0, 5]], ["Neutrophil", "Basophil"], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 500
+
+
+def test_mean_probs_averages_the_views_softmax():
+    from wbc_spark.metrics import mean_probs, softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 5))
+    out = mean_probs(logits, 2.0)
+    assert out.shape == (4, 5) and np.allclose(out.sum(1), 1.0)
+    assert np.allclose(out, (softmax(logits[0], 2) + softmax(logits[1], 2)
+                             + softmax(logits[2], 2)) / 3)
+    assert np.array_equal(mean_probs(logits[:1], 2.0), softmax(logits[0], 2.0))

@@ -184,3 +184,24 @@ def test_a_model_cut_below_inception4e_is_saved_loaded_and_scored_at_its_own_cut
     good = out[out.error.isna()]
     assert np.allclose(good[[f"p_{c}" for c in CLASSES]].to_numpy(float).sum(1), 1.0)
     assert np.isfinite(good.lab_distance.to_numpy(float)).all()
+
+
+def test_a_model_with_test_views_scores_the_mean_of_the_flips(tiny_artifact):
+    from wbc_spark.transforms import cell_crop, dihedral
+
+    model, meta = artifact.load(tiny_artifact)
+    crops = np.stack([cell_crop(smear(seed=s), 224)[0] for s in (7, 8, 9)])
+    cols = [f"p_{c}" for c in CLASSES]
+    # each flip scored alone by the one-view model, then the same crops by a four-view one
+    alone = [classify_frame(pd.Series([c.tobytes() for c in dihedral(crops, k)]), model, meta,
+                            "crop") for k in range(4)]
+    four = classify_frame(pd.Series([c.tobytes() for c in crops]), model,
+                          {**meta, "test_views": 4}, "crop")
+    expected = np.mean([a[cols].to_numpy(float) for a in alone], axis=0)
+    assert np.allclose(four[cols].to_numpy(float), expected, atol=1e-5)
+    assert not np.allclose(expected, alone[0][cols].to_numpy(float), atol=1e-4)
+    assert list(four.predicted_class) == [CLASSES[i] for i in expected.argmax(1)]
+    assert np.allclose(four.confidence, expected.max(1), atol=1e-5)
+    # the detectors compare the image itself
+    assert np.allclose(four.cell_distance, alone[0].cell_distance)
+    assert np.allclose(four.lab_distance, alone[0].lab_distance)

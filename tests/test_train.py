@@ -325,3 +325,30 @@ def test_petastorms_pyarrow_deprecation_warnings_are_hidden_but_no_others():
     assert _future_warnings("import wbc_spark; import petastorm.spark") == 0
     assert _future_warnings("import wbc_spark, warnings; "
                             "warnings.warn('ours', FutureWarning)") == 1
+
+
+def test_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fake_weights):
+    import pandas as pd
+
+    from wbc_spark.model.transfer import build_classifier
+    from wbc_spark.model.weights import load_bvlc
+    from wbc_spark.train import frozen_features, head_logits
+    from wbc_spark.training_worker import view_logits
+    from wbc_spark.transforms import dihedral
+
+    model = build_classifier(load_bvlc(fake_weights), 5, freeze_until="inception4e")
+    crops = np.random.default_rng(1).integers(0, 255, (5, 224, 224, 3), dtype=np.uint8)
+    pd.DataFrame({"crop": [c.tobytes() for c in crops], "label_index": [0, 1, 2, 3, 4],
+                  "row": [3, 4, 5, 6, 7]}).to_parquet(tmp_path / "part-0.parquet",
+                                                      row_group_size=2)
+
+    class Converter:
+        file_urls = [(tmp_path / "part-0.parquet").as_uri()]
+
+    out = view_logits(model, Converter(), 224, 3, "fp32", [3, 4, 5, 6, 7], ["lab"] * 8, None)
+    assert out.shape == (2, 5, 5)  # views 1 and 2 (view 0 is the caller's)
+    for k in (1, 2):
+        feats, _ = frozen_features(model, [(torch.from_numpy(dihedral(crops, k)), [0] * 5)])
+        assert np.allclose(out[k - 1], head_logits(model, feats), atol=1e-4)
+    with pytest.raises(RuntimeError, match="another order"):
+        view_logits(model, Converter(), 224, 2, "fp32", [7, 6, 5, 4, 3], ["lab"] * 8, None)

@@ -47,15 +47,17 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
          convention: InputConvention, preprocessing: dict, config: dict, provenance: dict,
          metrics: dict, temperature: float = 1.0, trained_on: dict | None = None,
          review: dict | None = None, confusion: dict | None = None,
-         int8: dict | None = None, alignment: dict | None = None) -> str:
-    """Atomically write the artifact; return its model ID (see ``model_digest``)."""
+         int8: dict | None = None, alignment: dict | None = None, test_views: int = 1) -> str:
+    """Atomically write the artifact; return its model ID (see ``model_digest``).
+    ``test_views``: how many flips and rotations of each image its probabilities average
+    (``temperature`` was fitted on that mean)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     review = review or {}
     confusion = confusion or {}
     int8 = int8 or {}
     alignment = alignment or {}
     model_id = model_digest(state, temperature, review, preprocessing, confusion, int8,
-                            alignment)
+                            alignment, test_views)
     payload = {
         "format": FORMAT,
         "model_id": model_id,
@@ -66,6 +68,9 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
                          "dropout": float(model.dropout.p)},
         "preprocessing": {**preprocessing, "input_convention": convention.to_dict()},
         "temperature": float(temperature),
+        # Each image scored on the mean of its first test_views flips and rotations
+        # (wbc_spark.transforms.dihedral); absent in artifacts older than it: 1.
+        "test_views": int(test_views),
         "config": config,
         "weights_provenance": provenance,
         "versions": versions(),
@@ -103,11 +108,11 @@ def save(path: str | os.PathLike, model: WBCNet, *, classes: list[str], source: 
 
 def model_digest(state: dict, temperature: float, review: dict, preprocessing: dict,
                  confusion: dict | None = None, int8: dict | None = None,
-                 alignment: dict | None = None) -> str:
+                 alignment: dict | None = None, test_views: int = 1) -> str:
     """The model ID: a digest of everything that changes a prediction, a flag or a corrected
     share (weights, temperature, review detectors and thresholds, preprocessing, held-out
-    confusion, int8 calibration, lab alignment), so a recalibrated model is a new model whose results do not
-    mix with the old one's."""
+    confusion, int8 calibration, lab alignment, test-time views), so a recalibrated model is a
+    new model whose results do not mix with the old one's."""
     digest = hashlib.sha256()
     for k in sorted(state):
         digest.update(k.encode())
@@ -132,6 +137,8 @@ def model_digest(state: dict, temperature: float, review: dict, preprocessing: d
         walk("int8", int8)
     if alignment:
         walk("alignment", alignment)
+    if test_views != 1:  # a single view keeps the IDs of the models made before views existed
+        digest.update(f"test_views={int(test_views)}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -159,6 +166,10 @@ def load(path: str | os.PathLike, *, expected_classes: list[str] | None = None
             f"{path}: model is for classes {classes}, but {list(expected_classes)} were asked "
             "for; use a model trained for these classes or change 'classes' in the config"
         )
+    views = payload.setdefault("test_views", 1)
+    if not isinstance(views, int) or not 1 <= views <= 8:
+        raise ArtifactError(f"{path}: test_views={views!r}; a model averages 1 to 8 flips and "
+                            "rotations of each image")
     arch = payload["architecture"]
     convention = InputConvention.from_dict(payload["preprocessing"]["input_convention"])
     model = rebuild(arch["source"], convention, len(classes), arch["freeze_until"],

@@ -113,6 +113,11 @@ class ModelConfig:
     weights_dir: str = ""  # explicit BVLC folder; empty: the documented lookup order
     freeze_until: str = "inception4e"  # this block and every block before it stay frozen
     dropout: float = 0.4
+    # Each image scored on the mean of its first test_views flips and rotations
+    # (wbc_spark.transforms.dihedral; 1: the image alone). A property of the model: its
+    # temperature, review thresholds and confusion are fitted on that mean, and scoring costs
+    # test_views times the network's time.
+    test_views: int = 1
 
 
 @dataclass
@@ -419,6 +424,9 @@ def validate(config: Config) -> None:
     if config.model.freeze_until not in ("none", *BLOCKS[:-1]):
         raise ConfigError(f"model.freeze_until={config.model.freeze_until!r}; choose none or "
                           f"one of {', '.join(BLOCKS[:-1])}")
+    if not 1 <= config.model.test_views <= 8:
+        raise ConfigError(f"model.test_views={config.model.test_views}; choose 1 to 8 (the "
+                          "first N of an image's eight flips and rotations)")
     if config.train.use_gpu:
         # The model, batches and cached features stay on the CPU and the processes talk over
         # gloo: a GPU would sit idle. Refused until the device placement and the nccl process

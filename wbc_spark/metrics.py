@@ -26,6 +26,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def mean_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The mean over views of ``softmax`` of views x N x classes ``logits``: how test-time
+    flips score each image (``model.test_views``)."""
+    return np.mean([softmax(z, temperature) for z in logits], axis=0)
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
     m = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -216,7 +216,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
         val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,
         plain_pooled: np.ndarray, plain_labels: np.ndarray, plain_labs: np.ndarray,
         val_labs: np.ndarray, val_pooled: np.ndarray | None = None, max_train: int = 20_000,
-        seed: int = 0) -> ReviewModel:
+        seed: int = 0, val_probs: np.ndarray | None = None) -> ReviewModel:
     """Fit the detectors and set the thresholds on the validation split.
 
     The cell detector is fitted on training views (``train_frozen``, at most ``max_train``,
@@ -226,7 +226,9 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     the unflagged; the cell threshold at the ``settings.cell_quantile`` of validation cells;
     each lab's threshold at the ``settings.lab_quantile`` of its own validation cells
     (``val_labs``). ``val_pooled``: the validation cells' pooled outputs for the lab detector,
-    when ``val_frozen`` is aligned (``wbc_spark.align``) and they differ.
+    when ``val_frozen`` is aligned (``wbc_spark.align``) and they differ. ``val_probs``: the
+    validation cells' probabilities where they are not ``val_frozen``'s at ``temperature``
+    (a model that averages test-time views, ``model.test_views``).
     """
     model.eval()
     pick = np.arange(len(train_frozen))
@@ -236,7 +238,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen, lab_features=val_pooled)
-    probs = softmax(logits, temperature)
+    probs = softmax(logits, temperature) if val_probs is None else val_probs
     conf_t, coverage = confidence_threshold(probs.max(1), probs.argmax(1) == val_labels,
                                             settings.target_accuracy)
     cell_d = cell.distance(cell_va)

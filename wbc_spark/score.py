@@ -77,11 +77,12 @@ from wbc_spark import artifact, differential, images, preprocessing, review, tab
 from wbc_spark.align import ChannelMap, LabAlignment, Moments
 from wbc_spark.config import LAB_PROFILE_MIN, Config, ConfigError
 from wbc_spark.ingest import path_columns, read_dataset, withhold_outside
-from wbc_spark.metrics import softmax, wilson
+from wbc_spark.metrics import mean_probs, wilson
 from wbc_spark.model.inference import frozen_pass, require_int8
 from wbc_spark.model.transfer import resolve_device, resolve_precision
 from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import folder
+from wbc_spark.transforms import dihedral
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,16 @@ def thresholds_of(meta: dict, settings) -> dict:
             "lab_threshold": d.lab_threshold}
 
 
+def view_logits(model, meta: dict, crops: np.ndarray, precision: str, device: str,
+                channel_map: ChannelMap | None) -> np.ndarray:
+    """The head's logits of uint8 ``crops`` (one flip or rotation of a batch)."""
+    with torch.inference_mode():
+        frozen = frozen_pass(model, meta, torch.from_numpy(crops), precision, device)
+    if channel_map is not None:
+        frozen = channel_map(frozen)
+    return review.head(model, frozen)[0]
+
+
 def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32",
                    thresholds: dict | None = None, channel_map: ChannelMap | None = None,
                    device: str = "cpu") -> pd.DataFrame:
@@ -251,18 +262,23 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
     if crops:
         # "auto" as this worker's CPU (or GPU) decides
         precision = resolve_precision(precision, device=device)
+        stack = np.stack(crops)
         with torch.inference_mode():
             # The frozen layers in ``precision``, the trained layers in fp32: the same
             # arithmetic as training and calibration (cached features, fp32 head).
-            frozen = frozen_pass(model, meta, torch.from_numpy(np.stack(crops)), precision,
-                                 device)
+            frozen = frozen_pass(model, meta, torch.from_numpy(stack), precision, device)
         lab_features = None
         if channel_map is not None:
             lab_features = review.pooled(frozen)  # the lab detector's: unaligned
             frozen = channel_map(frozen)
         logits, cell_features, lab_features = review.embed(model, frozen,
                                                            lab_features=lab_features)
-        probs = softmax(logits, float(meta["temperature"]))
+        # A model with test_views > 1 averages its views' probabilities (temperature fitted
+        # on that mean); the detectors compare the image itself.
+        views = [logits] + [view_logits(model, meta, dihedral(stack, k), precision, device,
+                                        channel_map)
+                            for k in range(1, int(meta.get("test_views", 1)))]
+        probs = mean_probs(np.stack(views), float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
         idx = np.asarray(ok)
         for j, c in enumerate(classes):

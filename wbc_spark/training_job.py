@@ -90,7 +90,8 @@ def run_training(spark: SparkSession, config: Config) -> dict:
         job = TrainingJob(
             classes=classes, recipe=Recipe.from_config(t), model_source=config.model.source,
             weights_dir=weights_dir, freeze_until=config.model.freeze_until,
-            dropout=config.model.dropout, crop_size=contract.crop_size,
+            dropout=config.model.dropout, test_views=config.model.test_views,
+            crop_size=contract.crop_size,
             preprocessing=contract.to_dict(), threads_per_process=t.threads_per_process,
             views=t.views, cache_gib=t.cache_gib, frozen_precision=t.frozen_precision,
             int8_calibration=t.int8_calibration, align=t.align,

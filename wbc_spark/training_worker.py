@@ -34,7 +34,8 @@ from wbc_spark.model.transfer import build_classifier, parameter_summary, resolv
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.sources.folder import local_path
 from wbc_spark.train import (Batch, FitResult, HeadOnly, Recipe, feature_batches, fit,
-                             frozen_features)
+                             fit_temperature, frozen_features, head_logits)
+from wbc_spark.transforms import dihedral
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class TrainingJob:
     weights_dir: str  # resolved on the driver ("" for torchvision)
     freeze_until: str
     dropout: float
+    test_views: int  # flips/rotations each image's probabilities average (model.test_views)
     crop_size: int
     preprocessing: dict  # preprocessing.Preprocessing.to_dict() of the dataset
     threads_per_process: int
@@ -203,6 +205,27 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
             pending, held = rest.to_batches(), rest.num_rows
     if held:
         yield emit(pa.Table.from_batches(pending))
+
+
+def view_logits(model, converter, size: int, views: int, precision: str, rows: list[int],
+                sources: list[str], alignment: LabAlignment | None) -> np.ndarray:
+    """(views - 1) x N x classes: the head's logits of views 1.. of each image of a split
+    (``transforms.dihedral``; view 0, the image itself, the caller has), in the order of
+    ``rows``, each batch aligned by its labs' moments. Batch by batch: only logits are kept."""
+    out = []
+    for k in range(1, views):
+        seen: list[int] = []
+        logits = []
+        for images, labels in converter_batches(converter, size, seen):
+            flipped = torch.from_numpy(dihedral(images.numpy(), k))
+            feats, _ = frozen_features(model, [(flipped, labels)], precision)
+            if alignment:
+                alignment.apply(feats, [sources[r] for r in seen[-len(images):]], inplace=True)
+            logits.append(head_logits(model, feats))
+        if seen != rows:
+            raise RuntimeError("a split's crops came back in another order for a flipped view")
+        out.append(np.concatenate(logits))
+    return np.stack(out)
 
 
 # Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
@@ -398,6 +421,20 @@ def distributed_worker(job: TrainingJob) -> dict | None:
 
     summary = None
     if main:
+        views = None
+        val_probs = None
+        if job.test_views > 1:
+            # Test-time flips: every validation and test image's views through the network,
+            # a temperature fitted on the views' mean (softer than any one view's), and the
+            # review thresholds and the test report on that mean, as scoring will give it.
+            views = {name: np.concatenate([head_logits(model, feats)[None], view_logits(
+                model, conv, size, job.test_views, precision, r, job.sources, alignment)])
+                for name, feats, conv, r in (("val", val[0], job.conv_val, val_rows),
+                                             ("test", test[0], job.conv_test, rows))}
+            views["temperature"] = fit_temperature(views["val"], val[1])
+            val_probs = metrics.mean_probs(views["val"], views["temperature"])
+            log.info("%d test-time views: temperature %.3f (one view's %.3f)", job.test_views,
+                     views["temperature"], result.temperature)
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
         plain_pooled, plain_labels, plain_labs, int8, alignment_state = plain
@@ -406,7 +443,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                plain_pooled=plain_pooled, plain_labels=plain_labels,
                                plain_labs=plain_labs,
                                val_labs=np.asarray([job.sources[r] for r in val_rows]),
-                               val_pooled=val_pooled, seed=recipe.seed)
+                               val_pooled=val_pooled, seed=recipe.seed, val_probs=val_probs)
         test_feats, labels = test
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
         run = {"processes": world, "local_mode": job.local_mode,
@@ -415,7 +452,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
         summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
                                    parameter_summary(model), detectors, run, int8,
-                                   alignment_state, test_pooled)
+                                   alignment_state, test_pooled, views)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -429,18 +466,27 @@ def distributed_worker(job: TrainingJob) -> dict | None:
 def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
                      test_feats: torch.Tensor, labels: np.ndarray, rows: list[int], params: dict,
                      detectors: review.ReviewModel, run: dict, int8: dict | None = None,
-                     alignment: dict | None = None, test_pooled: np.ndarray | None = None
-                     ) -> dict:
+                     alignment: dict | None = None, test_pooled: np.ndarray | None = None,
+                     views: dict | None = None) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact.
     ``test_pooled``: the test crops' unaligned pooled outputs, for the lab detector, when
-    ``test_feats`` are aligned."""
+    ``test_feats`` are aligned. ``views``: with ``model.test_views`` > 1, the test images'
+    views' logits ("test", views x N x classes) and their temperature: the report,
+    flags and confusion are then the views' mean's, and one view's figures are kept beside."""
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     logits, cell_f, lab_f = review.embed(model, test_feats, lab_features=test_pooled)
     probs = metrics.softmax(logits, result.temperature)
-    report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     labs = np.asarray([job.sources[r] for r in rows])
+    temperature = result.temperature
+    single_view = None
+    if views is not None:
+        single_view = {"temperature": result.temperature, **_test_summary(
+            labels, probs, labs, classes)}
+        temperature = views["temperature"]
+        probs = metrics.mean_probs(views["test"], temperature)
+    report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
     confusion = differential.Confusion.from_predictions(classes, labels, probs.argmax(1),
@@ -452,8 +498,9 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
     evaluation = {
         "split": job.split_sizes, "test_fold": job.test_fold, "folds": job.folds,
         "best_epoch": result.best_epoch, "best_val_macro_f1": result.best_val_macro_f1,
-        "temperature": result.temperature, "history": result.history,
-        "parameters": params, "test": report, "test_per_lab": per_lab,
+        "temperature": temperature, "test_views": job.test_views,
+        # With test_views > 1: the same model scored on each image alone, for comparison.
+        "single_view": single_view, "history": result.history, "parameters": params, "test": report, "test_per_lab": per_lab,
         "trained_on": job.trained_on, "run": run,
         "review": review_report(reasons, probs.argmax(1) == labels, beyond,
                                 detectors.validation),
@@ -472,9 +519,9 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
         metrics={"test": {k: report[k] for k in ("n", "accuracy", "balanced_accuracy",
                                                   "macro_f1", "ece")},
                  "best_val_macro_f1": result.best_val_macro_f1},
-        temperature=result.temperature, trained_on=job.trained_on,
+        temperature=temperature, trained_on=job.trained_on,
         review=detectors.to_state(), confusion=confusion.to_state(), int8=int8,
-        alignment=alignment,
+        alignment=alignment, test_views=job.test_views,
     )
     evaluation["model_id"] = model_id
     ids = [job.image_ids[r] for r in rows]
@@ -494,7 +541,24 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
     return {"model_id": model_id, "test": {k: report[k] for k in (
         "n", "accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci",
         "macro_f1", "macro_f1_ci", "ece")}, "best_epoch": result.best_epoch,
-        "temperature": result.temperature, "report_text": text, "run": run}
+        "temperature": temperature, "test_views": job.test_views, "report_text": text,
+        "run": run}
+
+
+def _test_summary(labels: np.ndarray, probs: np.ndarray, labs: np.ndarray, classes: list[str]
+                  ) -> dict:
+    """The headline figures of a test fold's ``probs``, overall and per lab."""
+    keys = ("n", "accuracy", "balanced_accuracy", "balanced_accuracy_ci", "macro_f1",
+            "macro_f1_ci", "ece")
+
+    def summary(mask: np.ndarray) -> dict:
+        r = metrics.classification_report(labels[mask], probs[mask].argmax(1), classes,
+                                          probs[mask])
+        return {**{k: r[k] for k in keys},
+                "recall": {c: r["per_class"][c]["recall"] for c in classes}}
+
+    return {"test": summary(np.ones(len(labels), bool)),
+            "test_per_lab": {str(lab): summary(labs == lab) for lab in sorted(set(labs))}}
 
 
 def review_report(reasons: list, correct: np.ndarray, beyond: np.ndarray, validation: dict
