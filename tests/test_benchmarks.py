@@ -166,3 +166,30 @@ def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tm
     assert "network" not in only and only["udf"]["images"] == 5  # the 4 files, repeated
     assert only["udf"]["cpu_ended_at"] > only["udf"]["cpu_started_at"]
     assert "agreement" not in only["udf"]
+
+
+def test_adapt_route_draws_k_labelled_cells_per_class_and_keeps_the_rest_apart(tmp_path):
+    from wbc_spark.config import CLASSES
+
+    adapt = _benchmark("adapt_route")
+    lab = tmp_path / "lab"
+    for c, cls in enumerate(CLASSES):
+        (lab / cls).mkdir(parents=True)
+        for i in range(6 + c):
+            (lab / cls / f"{cls[:2]}_{i}.jpg").write_bytes(bytes([c, i]))
+        (lab / cls / ".hidden").write_bytes(b"x")
+    picked = []
+    for draw in (0, 0, 1):
+        work = tmp_path / f"w{len(picked)}"
+        rest = adapt.draw_labelled(lab, 3, draw, work)
+        assert rest == {cls: 3 + c for c, cls in enumerate(CLASSES)}
+        labelled = {cls: sorted(p.name for p in (work / "labelled" / cls).iterdir())
+                    for cls in CLASSES}
+        for cls in CLASSES:
+            others = {p.name for p in (work / "rest" / cls).iterdir()}
+            assert len(labelled[cls]) == 3 and not others & set(labelled[cls])
+            assert others | set(labelled[cls]) == {p.name for p in (lab / cls).glob("*.jpg")}
+        picked.append(labelled)
+    assert picked[0] == picked[1] != picked[2]  # seeded by the draw
+    with pytest.raises(SystemExit, match="need more than k=6"):
+        adapt.draw_labelled(lab, 6, 0, tmp_path / "few")

@@ -1,0 +1,110 @@
+"""Adapting to a new lab by the route users take: README's "Adapting to your lab", end to end.
+
+    .venv/bin/python benchmarks/adapt_route.py [--k 25] [--draw 0] [--views 1 4]
+                                               [--new ../shared/data/PBC-dev]
+
+1. Draws ``--k`` images per class of the new lab's folder (one sub-folder per class, as
+   PBC-dev is laid out; draw ``--draw``) into runs/bench_adapt/labelled/<class>/, the lab's
+   labelled cells; the rest of its five classes go to runs/bench_adapt/rest/<class>/ (hard
+   links where the file system allows, else copies).
+2. ``deploy/submit.sh ingest`` of KRD-WBC and of the labelled folder (``data.lab=new_lab``)
+   into one dataset (once per draw, kept);
+3. for each ``--views`` value N, ``deploy/submit.sh train_distributed`` with README's adapting
+   settings (``ADAPTING``) and ``model.test_views=N``: the same seed, so the same weights,
+   calibrated for N test-time views;
+4. ``deploy/submit.sh score`` of the rest of the new lab with each model, a fresh results
+   table each, and the scores of its images against their folders: balanced accuracy and
+   macro-F1 with 95% intervals, per-class recall, the share called each class, the share
+   flagged for review (``benchmarks/lab_route.py``'s summary).
+
+Every job's wall time is printed. Nothing here changes the jobs: they run as a user runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.lab_route import submit, summarise  # noqa: E402
+from wbc_spark.config import CLASSES, shared_lake  # noqa: E402
+from wbc_spark.sources.krd_wbc import default_root  # noqa: E402
+
+# README's adapting command (besides train.output and model.test_views).
+ADAPTING = ("train.align=false", "train.sampling=lab_class_equal",
+            "model.freeze_until=inception4c", "train.block_lr_factor=0.3", "augment.hed=0",
+            "augment.grey=0", "augment.density=0", "augment.resolution=0",
+            "augment.frame_edge=0")
+
+
+def draw_labelled(new_lab: Path, k: int, draw: int, work: Path) -> dict[str, int]:
+    """Split each class folder of ``new_lab`` into ``k`` labelled images (seeded by ``draw``)
+    and the rest, under ``work``/labelled and ``work``/rest; the rest's count per class."""
+    rest_counts = {}
+    for index, cls in enumerate(CLASSES):
+        files = sorted(p for p in (new_lab / cls).iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        if len(files) <= k:
+            raise SystemExit(f"{new_lab / cls}: {len(files)} images, need more than k={k}")
+        pick = set(np.random.default_rng([draw, index]).choice(len(files), k, replace=False))
+        for i, f in enumerate(files):
+            target = work / ("labelled" if i in pick else "rest") / cls / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+        rest_counts[cls] = len(files) - k
+    return rest_counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new", default=str(shared_lake("PBC-dev", "WBC_SPARK_PBC_DEV")),
+                    help="the new lab: one sub-folder per class")
+    ap.add_argument("--home", default=str(default_root()), help="KRD-WBC, the home lab")
+    ap.add_argument("--k", type=int, default=25, help="labelled images per class")
+    ap.add_argument("--draw", type=int, default=0)
+    ap.add_argument("--views", type=int, nargs="+", default=[1, 4],
+                    help="model.test_views of each model trained")
+    ap.add_argument("--work", default="runs/bench_adapt")
+    args = ap.parse_args(argv)
+    work = (REPO / args.work / f"k{args.k}_draw{args.draw}").resolve()
+    dataset = work / "dataset"
+    if not dataset.exists():
+        shutil.rmtree(work, ignore_errors=True)
+        rest = draw_labelled(Path(args.new), args.k, args.draw, work)
+        print(f"new lab {args.new}: {args.k} labelled per class; rest {rest}", flush=True)
+        paths = (f"data.dataset={dataset}", f"data.quarantine={work / 'quarantine'}")
+        s = submit("ingest", "data.source=krd_wbc", f"data.lake={args.home}", *paths)
+        s += submit("ingest", "data.source=folder", f"data.lake={work / 'labelled'}",
+                    "data.lab=new_lab", *paths)
+        print(f"ingest: {s:.0f} s", flush=True)
+    report = []
+    for views in args.views:
+        model = work / f"model_views{views}"
+        results = work / f"results_views{views}"
+        t = submit("train_distributed", f"data.dataset={dataset}", f"train.output={model}",
+                   f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING,
+                   f"model.test_views={views}")
+        for old in (results, Path(f"{results}_per_class"),
+                    Path(f"{results}_per_class_versions"), Path(f"{results}_lab_profiles")):
+            shutil.rmtree(old, ignore_errors=True)
+        s = submit("score", f"score.model={model / 'model.pt'}",
+                   f"score.input={work / 'rest'}", f"score.results={results}")
+        report.append(f"model.test_views={views}: training {t:.0f} s, scoring {s:.0f} s "
+                      f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
+                      f"{summarise(results)}")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYSPARK_PYTHON", str(REPO / ".venv/bin/python"))
+    main()
