@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.lab_route import submit, summarise  # noqa: E402
+from benchmarks.lab_route import submit, summarise, train_and_score  # noqa: E402
 from wbc_spark.config import CLASSES, shared_lake  # noqa: E402
 from wbc_spark.sources.krd_wbc import default_root  # noqa: E402
 
@@ -89,16 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ingest: {s:.0f} s", flush=True)
     report = []
     for views in args.views:
-        model = work / f"model_views{views}"
-        results = work / f"results_views{views}"
-        t = submit("train_distributed", f"data.dataset={dataset}", f"train.output={model}",
-                   f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING,
-                   f"model.test_views={views}")
-        for old in (results, Path(f"{results}_per_class"),
-                    Path(f"{results}_per_class_versions"), Path(f"{results}_lab_profiles")):
-            shutil.rmtree(old, ignore_errors=True)
-        s = submit("score", f"score.model={model / 'model.pt'}",
-                   f"score.input={work / 'rest'}", f"score.results={results}")
+        t, s, results = train_and_score(
+            dataset, work, f"views{views}", work / "rest",
+            f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING,
+            f"model.test_views={views}")
         report.append(f"model.test_views={views}: training {t:.0f} s, scoring {s:.0f} s "
                       f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
                       f"{summarise(results)}")

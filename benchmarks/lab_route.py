@@ -46,6 +46,28 @@ def submit(job: str, *args: str) -> float:
     return time.monotonic() - start
 
 
+def score_afresh(model: Path, lake: str | Path, results: Path) -> float:
+    """Score ``lake`` with ``model`` into a fresh ``results`` table (the tables beside it
+    too); the job's wall time in seconds."""
+    for old in (results, *(Path(f"{results}{suffix}") for suffix in (
+            "_per_class", "_per_class_versions", "_lab_profiles"))):
+        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+    return submit("score", f"score.model={model}", f"score.input={lake}",
+                  f"score.results={results}")
+
+
+def train_and_score(dataset: Path, work: Path, name: str, lake: str | Path, *settings: str
+                    ) -> tuple[float, float, Path]:
+    """Train on ``dataset`` with ``settings`` into ``work``/model_``name``, score ``lake``
+    with it into a fresh ``work``/results_``name``: (training s, scoring s, results table)."""
+    model, results = work / f"model_{name}", work / f"results_{name}"
+    t = submit("train_distributed", f"data.dataset={dataset}", f"train.output={model}",
+               *settings)
+    return t, score_afresh(model / "model.pt", lake, results), results
+
+
 def read_results(table: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(class folder, predicted class, needs review, error) of every scored image."""
     t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
@@ -96,16 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ingest: {s:.0f} s", flush=True)
     report = []
     for align in args.align:
-        model = work / f"model_{align}"
-        results = work / f"results_{align}"
-        t = submit("train_distributed", f"data.dataset={dataset}", f"train.output={model}",
-                   f"train.align={align}")
-        for old in (results, Path(f"{results}_per_class"), Path(f"{results}_lab_profiles")):
-            shutil.rmtree(old, ignore_errors=True)
-            if old.is_symlink() or old.is_file():
-                old.unlink()
-        s = submit("score", f"score.model={model / 'model.pt'}", f"score.input={args.score}",
-                   f"score.results={results}")
+        t, s, results = train_and_score(dataset, work, align, args.score, f"train.align={align}")
         report.append(f"train.align={align}: training {t:.0f} s, scoring {s:.0f} s "
                       f"({args.score})\n{summarise(results)}")
     print("\n".join(report))
