@@ -76,7 +76,7 @@ def test_test_views_are_recorded_and_change_the_model_id(tmp_path, tiny_artifact
     assert one["model_id"] == again["model_id"] != four["model_id"]
 
 
-@pytest.mark.parametrize("views", [0, 9, "4"])
+@pytest.mark.parametrize("views", [0, 9, "4", True])
 def test_an_artifact_with_impossible_test_views_is_refused(tmp_path, tiny_artifact, views):
     raw = torch.load(tiny_artifact, weights_only=True)
     raw["test_views"] = views

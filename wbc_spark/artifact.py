@@ -167,7 +167,7 @@ def load(path: str | os.PathLike, *, expected_classes: list[str] | None = None
             "for; use a model trained for these classes or change 'classes' in the config"
         )
     views = payload.setdefault("test_views", 1)
-    if not isinstance(views, int) or not 1 <= views <= 8:
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= 8:
         raise ArtifactError(f"{path}: test_views={views!r}; a model averages 1 to 8 flips and "
                             "rotations of each image")
     arch = payload["architecture"]
