@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -228,6 +228,14 @@ def view_logits(model, converter, size: int, views: int, precision: str, rows: l
     return np.stack(out)
 
 
+class TestViews(NamedTuple):
+    """What ``model.test_views`` > 1 adds to the test report: the temperature fitted on the
+    validation images' views, and the test images' views 1.. (``view_logits``)."""
+
+    temperature: float
+    others: np.ndarray  # (views - 1) x N x classes
+
+
 # Unaugmented training crops for the lab detector (wbc_spark.review): at most this many
 # batches of 64 (the frozen layers run once more on them, on the last rank only).
 PLAIN_BATCHES = 16
@@ -427,14 +435,15 @@ def distributed_worker(job: TrainingJob) -> dict | None:
             # Test-time flips: every validation and test image's views through the network,
             # a temperature fitted on the views' mean (softer than any one view's), and the
             # review thresholds and the test report on that mean, as scoring will give it.
-            views = {name: np.concatenate([head_logits(model, feats)[None], view_logits(
-                model, conv, size, job.test_views, precision, r, job.sources, alignment)])
-                for name, feats, conv, r in (("val", val[0], job.conv_val, val_rows),
-                                             ("test", test[0], job.conv_test, rows))}
-            views["temperature"] = fit_temperature(views["val"], val[1])
-            val_probs = metrics.mean_probs(views["val"], views["temperature"])
+            val_views = np.concatenate([head_logits(model, val[0])[None], view_logits(
+                model, job.conv_val, size, job.test_views, precision, val_rows, job.sources,
+                alignment)])
+            views = TestViews(fit_temperature(val_views, val[1]), view_logits(
+                model, job.conv_test, size, job.test_views, precision, rows, job.sources,
+                alignment))
+            val_probs = metrics.mean_probs(val_views, views.temperature)
             log.info("%d test-time views: temperature %.3f (one view's %.3f)", job.test_views,
-                     views["temperature"], result.temperature)
+                     views.temperature, result.temperature)
         # The review detectors: fitted on this rank's training views, thresholds on the
         # validation split (the test fold is only evaluated).
         plain_pooled, plain_labels, plain_labs, int8, alignment_state = plain
@@ -467,12 +476,11 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
                      test_feats: torch.Tensor, labels: np.ndarray, rows: list[int], params: dict,
                      detectors: review.ReviewModel, run: dict, int8: dict | None = None,
                      alignment: dict | None = None, test_pooled: np.ndarray | None = None,
-                     views: dict | None = None) -> dict:
+                     views: TestViews | None = None) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact.
     ``test_pooled``: the test crops' unaligned pooled outputs, for the lab detector, when
-    ``test_feats`` are aligned. ``views``: with ``model.test_views`` > 1, the test images'
-    views' logits ("test", views x N x classes) and their temperature: the report,
-    flags and confusion are then the views' mean's, and one view's figures are kept beside."""
+    ``test_feats`` are aligned. ``views``: with ``model.test_views`` > 1, the report, flags
+    and confusion are the views' mean's, and one view's figures are kept beside."""
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -484,8 +492,8 @@ def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
     if views is not None:
         single_view = {"temperature": result.temperature, **_test_summary(
             labels, probs, labs, classes)}
-        temperature = views["temperature"]
-        probs = metrics.mean_probs(views["test"], temperature)
+        temperature = views.temperature
+        probs = metrics.mean_probs(np.concatenate([logits[None], views.others]), temperature)
     report = metrics.classification_report(labels, probs.argmax(1), classes, probs)
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, np.ones(len(probs), bool), detectors)
