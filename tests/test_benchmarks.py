@@ -193,3 +193,21 @@ def test_adapt_route_draws_k_labelled_cells_per_class_and_keeps_the_rest_apart(t
     assert picked[0] == picked[1] != picked[2]  # seeded by the draw
     with pytest.raises(SystemExit, match="need more than k=6"):
         adapt.draw_labelled(lab, 6, 0, tmp_path / "few")
+
+
+def test_adapt_route_trains_with_the_settings_of_readmes_adapting_command():
+    """The route benchmark measures README's command: the same settings, apart from the
+    views and the output folder it varies itself."""
+    import re
+    import shlex
+
+    readme = (BENCHMARKS.parent / "README.md").read_text()
+    section = readme.split("### Adapting to your lab", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    command = re.search(r"deploy/submit\.sh train_distributed(.*?)#", block.replace("\\\n", " "),
+                        re.S).group(1)
+    settings = set(shlex.split(command))
+    adapting = set(_benchmark("adapt_route").ADAPTING)
+    assert adapting <= settings, adapting - settings
+    rest = {s.split("=", 1)[0] for s in settings - adapting}
+    assert rest == {"model.test_views", "train.output"}
