@@ -23,6 +23,12 @@ Settings:
 - lab held out: the model trained on one lab only, corrected with the confusion on its own
   lab's held-out part, slides drawn from the other lab.
 
+A lab scored through the jobs (``--results`` tables with their ``--models``, e.g. the rest of
+PBC-dev that ``benchmarks/adapt_route.py`` scores with each adapted model): slides drawn from
+the scored cells whose folder names their class, each table's corrected with its model's
+confusion for the lab most of its cells lie nearest to, as the scoring job does it. No
+``--predictions`` needed.
+
 ``--count-out`` and ``--pooled`` measure the alternatives: leaving more flagged cells out of
 the differential, and correcting with the pooled confusion.
 
@@ -43,6 +49,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as pads
+import torch
 
 from wbc_spark import differential
 from wbc_spark.differential import Confusion, estimate
@@ -142,12 +150,51 @@ def measure(true, top, counted, shares, confusion, size) -> dict:
     return out
 
 
+def scored_pool(table: str | Path, classes: list[str]) -> tuple[Pool, str, int]:
+    """The cells of a results table whose folder is one of ``classes`` (their truth) and
+    that were scored: their Pool, the lab most of them lie nearest to, and how many rows
+    were left out (other folders, unreadable files)."""
+    t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
+        columns=["path", "predicted_class", "review_reason", "nearest_lab", "error"]
+    ).to_pandas()
+    folder = t["path"].map(lambda p: Path(p.removeprefix("file:")).parent.name)
+    keep = (folder.isin(classes) & t["error"].isna() & t["predicted_class"].isin(classes)
+            ).to_numpy()
+    if not keep.any():
+        raise SystemExit(f"{table}: no scored cell in a folder named for one of {classes}")
+    t, folder = t[keep], folder[keep]
+    pool = Pool(folder.map(classes.index).to_numpy(),
+                t["predicted_class"].map(classes.index).to_numpy(),
+                t["review_reason"].tolist())
+    return pool, str(t["nearest_lab"].mode().iloc[0]), int((~keep).sum())
+
+
+def scored_settings(tables: list[str], models: list[str], pooled: bool
+                    ) -> tuple[list[str], list]:
+    """``--results`` with their ``--models``: one in-lab setting, a part per table."""
+    if len(tables) != len(models):
+        raise SystemExit(f"{len(tables)} --results tables for {len(models)} --models")
+    parts, classes = [], None
+    for table, model in zip(tables, models):
+        state = torch.load(model, map_location="cpu", weights_only=True)
+        if "confusion" not in state:
+            raise SystemExit(f"{model}: no differential confusion in the artifact")
+        confusion = Confusion.from_state(state["confusion"])
+        classes = classes or list(confusion.classes)
+        confusion.check(classes)
+        pool, lab, left = scored_pool(table, classes)
+        print(f"{table}: {len(pool.labels)} scored cells ({left} rows left out), nearest "
+              f"lab {lab}; confusion of {model}")
+        parts.append((pool, confusion if pooled else confusion.for_lab(lab)))
+    return classes, [("in-lab", f"scored ({len(parts)} tables)", parts)]
+
+
 def half_of(groups: np.ndarray) -> np.ndarray:
     """0 or 1 per row, by a hash of its duplicate group (duplicates stay together)."""
     return np.asarray([hashlib.sha256(g.encode()).digest()[0] % 2 for g in groups])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predictions", default=str(REPO / "runs" / "review_predictions.npz"))
     parser.add_argument("--slides", type=int, default=500, help="per setting and size")
@@ -160,13 +207,27 @@ def main() -> int:
                         help="review reasons that leave a cell out of the differential")
     parser.add_argument("--pooled", action="store_true",
                         help="correct with the pooled confusion, not the slide's lab's")
+    parser.add_argument("--results", nargs="+", default=[],
+                        help="scored results tables (cells in folders named for their class)")
+    parser.add_argument("--models", nargs="+", default=[],
+                        help="the model.pt that scored each --results table")
     parser.add_argument("--json", default=str(REPO / "runs" / "differential.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    differential.COUNTED_OUT = tuple(r for r in args.count_out.split(",") if r)
+    rng = np.random.default_rng(args.seed)
+    if args.results:
+        classes, settings = scored_settings(args.results, args.models, args.pooled)
+    else:
+        classes, settings = held_out_settings(args, rng)
+    return report(args, classes, settings, rng, start)
+
+
+def held_out_settings(args, rng: np.random.Generator) -> tuple[list[str], list]:
+    """The in-lab and lab-held-out settings from ``benchmarks/review.py``'s predictions."""
     if not Path(args.predictions).is_file():
         raise SystemExit(f"{args.predictions}: not found; run benchmarks/review.py first (it "
                          "saves every model's held-out predictions)")
-    start = time.perf_counter()
-    differential.COUNTED_OUT = tuple(r for r in args.count_out.split(",") if r)
     d = np.load(args.predictions)
     classes = [str(c) for c in d["classes"]]
     if "split_group" not in d.files:
@@ -181,7 +242,6 @@ def main() -> int:
         return (Pool(labels[rows], d[f"run{i}_{part}_probs"].argmax(1),
                      d[f"run{i}_{part}_reasons"]), rows)
 
-    rng = np.random.default_rng(args.seed)
     settings: list[tuple[str, str, list[tuple[Pool, Confusion]]]] = []
     inlab = [i for i in runs if names[i].startswith("in-lab")]
     pools = [pool(i, "test") for i in inlab]
@@ -207,7 +267,12 @@ def main() -> int:
             settings.append(("lab held out", names[i], [(other, own.confusion(classes))]))
     if not settings:
         raise SystemExit(f"{args.predictions}: no runs to simulate from")
+    return classes, settings
 
+
+def report(args, classes: list[str], settings: list, rng: np.random.Generator,
+           start: float) -> int:
+    """Simulate each setting's slides, print the table and write ``--json``."""
     out: dict = {"settings": {}, "ranges": {**RANGES, "Neutrophil": NEUTROPHIL},
                  "args": vars(args)}
     lines = []
@@ -242,7 +307,8 @@ def main() -> int:
                     f"{m['corrected_width_pp']:11.1f}{ok}")
     lines.append(f"cells left out: {list(differential.COUNTED_OUT)}; confusion: "
                  f"{'pooled' if args.pooled else 'the lab of the slide, shrunk to the pooled'};"
-                 f" in-lab confusion measured on {args.confusion_cells or 'half the'} cells")
+                 + (" (each table's model's)" if args.results else
+                    f" in-lab confusion measured on {args.confusion_cells or 'half the'} cells"))
     lines.append(f"targets (200 cells): corrected MAE <= 1.5 pp in-lab, <= 3 pp lab held out; "
                  f"coverage 93-97% for every class. Wall time "
                  f"{time.perf_counter() - start:.0f} s")

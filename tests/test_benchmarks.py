@@ -211,3 +211,53 @@ def test_adapt_route_trains_with_the_settings_of_readmes_adapting_command():
     assert adapting <= settings, adapting - settings
     rest = {s.split("=", 1)[0] for s in settings - adapting}
     assert rest == {"model.test_views", "train.output"}
+
+
+def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
+    """``--results``/``--models``: the truth is each cell's folder, unreadable cells and other
+    folders are left out, and each table is corrected with its model's confusion for the lab
+    most of its cells lie nearest to."""
+    import pandas as pd
+    import torch
+
+    from wbc_spark.config import CLASSES
+    from wbc_spark.differential import Confusion
+
+    bench = _benchmark("differential")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(300):
+        truth = CLASSES[i % 5]
+        called = truth if rng.random() < 0.9 else CLASSES[(i + 1) % 5]
+        rows.append({"path": f"file:/lab/{truth}/c{i}.jpg", "predicted_class": called,
+                     "review_reason": "low_confidence" if i % 7 == 0 else "",
+                     "nearest_lab": "ours" if i % 10 else "KRD-WBC", "error": None})
+    rows.append({"path": "file:/lab/Platelet/p.jpg", "predicted_class": "Basophil",
+                 "review_reason": "", "nearest_lab": "ours", "error": None})
+    rows.append({"path": "file:/lab/Monocyte/bad.jpg", "predicted_class": None,
+                 "review_reason": "unreadable", "nearest_lab": None, "error": "not an image"})
+    table = tmp_path / "results" / "run=1"
+    table.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(table / "part-0.parquet")
+    pool, lab, left = bench.scored_pool(tmp_path / "results", list(CLASSES))
+    assert (lab, left, len(pool.labels)) == ("ours", 2, 300)
+    assert np.array_equal(pool.labels, np.arange(300) % 5)
+    assert pool.counts.all()  # low_confidence cells stay in the differential
+
+    own = np.zeros((5, 6), int)
+    own[np.arange(5), np.arange(5)] = 9
+    own[np.arange(5), (np.arange(5) + 1) % 5] = 1
+    confusion = Confusion(tuple(CLASSES), own * 10, {"ours": own})
+    model = tmp_path / "model.pt"
+    torch.save({"confusion": confusion.to_state()}, model)
+    classes, settings = bench.scored_settings([str(tmp_path / "results")], [str(model)], False)
+    [(kind, _, [(_, used)])] = settings
+    assert classes == list(CLASSES) and kind == "in-lab"
+    assert np.allclose(used.counts, confusion.for_lab("ours").counts)
+    with pytest.raises(SystemExit, match="1 --results tables for 2 --models"):
+        bench.scored_settings([str(tmp_path / "results")], [str(model)] * 2, False)
+    out = tmp_path / "d.json"
+    assert bench.main(["--results", str(tmp_path / "results"), "--models", str(model),
+                       "--slides", "4", "--sizes", "50", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["settings"]["scored (1 tables), 50 cells"]
+    assert res["slides"] == 4 and set(res["per_class"]) == set(CLASSES)
