@@ -15,7 +15,10 @@
 4. ``deploy/submit.sh score`` of the rest of the new lab with each model, a fresh results
    table each, and the scores of its images against their folders: balanced accuracy and
    macro-F1 with 95% intervals, per-class recall, the share called each class, the share
-   flagged for review (``benchmarks/lab_route.py``'s summary).
+   flagged for review (``benchmarks/lab_route.py``'s summary);
+5. the differential of slides of 200 cells drawn in blood's shares from those scored cells,
+   raw against corrected with the model's confusion for the new lab
+   (``benchmarks/differential.py --results``; written to ``differential_views{N}.json``).
 
 Every job's wall time is printed. Nothing here changes the jobs: they run as a user runs them.
 """
@@ -33,6 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import differential  # noqa: E402
 from benchmarks.lab_route import submit, summarise, train_and_score  # noqa: E402
 from wbc_spark.config import CLASSES, shared_lake  # noqa: E402
 from wbc_spark.sources.krd_wbc import default_root  # noqa: E402
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         report.append(f"model.test_views={views}: training {t:.0f} s, scoring {s:.0f} s "
                       f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
                       f"{summarise(results)}")
+        differential.main(["--results", str(results),
+                           "--models", str(work / f"model_views{views}" / "model.pt"),
+                           "--slides", "300", "--sizes", "200",
+                           "--json", str(work / f"differential_views{views}.json")])
     print("\n".join(report))
 
 
