@@ -150,10 +150,11 @@ def measure(true, top, counted, shares, confusion, size) -> dict:
     return out
 
 
-def scored_pool(table: str | Path, classes: list[str]) -> tuple[Pool, str, int]:
+def scored_pool(table: str | Path, classes: list[str]) -> tuple[Pool, str | None, int]:
     """The cells of a results table whose folder is one of ``classes`` (their truth) and
     that were scored: their Pool, the lab most of them lie nearest to, and how many rows
-    were left out (other folders, unreadable files)."""
+    were left out (other folders, unreadable files); no lab where none was recorded (the
+    pooled confusion is then used, as the scoring job does)."""
     t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
         columns=["path", "predicted_class", "review_reason", "nearest_lab", "error"]
     ).to_pandas()
@@ -166,7 +167,9 @@ def scored_pool(table: str | Path, classes: list[str]) -> tuple[Pool, str, int]:
     pool = Pool(folder.map(classes.index).to_numpy(),
                 t["predicted_class"].map(classes.index).to_numpy(),
                 t["review_reason"].tolist())
-    return pool, str(t["nearest_lab"].mode().iloc[0]), int((~keep).sum())
+    nearest = t["nearest_lab"].dropna()  # none: a model without the lab detector
+    lab = str(nearest.mode().iloc[0]) if len(nearest) else None
+    return pool, lab, int((~keep).sum())
 
 
 def scored_settings(tables: list[str], models: list[str], pooled: bool

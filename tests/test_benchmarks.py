@@ -243,6 +243,10 @@ def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
     assert (lab, left, len(pool.labels)) == ("ours", 2, 300)
     assert np.array_equal(pool.labels, np.arange(300) % 5)
     assert pool.counts.all()  # low_confidence cells stay in the differential
+    bare = tmp_path / "bare" / "run=1"
+    bare.mkdir(parents=True)
+    pd.DataFrame(rows).assign(nearest_lab=None).to_parquet(bare / "part-0.parquet")
+    assert bench.scored_pool(tmp_path / "bare", list(CLASSES))[1] is None  # pooled confusion
 
     own = np.zeros((5, 6), int)
     own[np.arange(5), np.arange(5)] = 9
