@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model.pt that scored each --results table")
     parser.add_argument("--json", default=str(REPO / "runs" / "differential.json"))
     args = parser.parse_args(argv)
+    if args.models and not args.results:
+        parser.error("--models needs the --results tables they scored")
     start = time.perf_counter()
     differential.COUNTED_OUT = tuple(r for r in args.count_out.split(",") if r)
     rng = np.random.default_rng(args.seed)

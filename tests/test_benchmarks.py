@@ -260,6 +260,8 @@ def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
     assert np.allclose(used.counts, confusion.for_lab("ours").counts)
     with pytest.raises(SystemExit, match="1 --results tables for 2 --models"):
         bench.scored_settings([str(tmp_path / "results")], [str(model)] * 2, False)
+    with pytest.raises(SystemExit):  # argparse's error: models without their tables
+        bench.main(["--models", str(model)])
     out = tmp_path / "d.json"
     assert bench.main(["--results", str(tmp_path / "results"), "--models", str(model),
                        "--slides", "4", "--sizes", "50", "--json", str(out)]) == 0
