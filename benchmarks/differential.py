@@ -25,7 +25,7 @@ Settings:
 
 A lab scored through the jobs (``--results`` tables with their ``--models``, e.g. the rest of
 PBC-dev that ``benchmarks/adapt_route.py`` scores with each adapted model): slides drawn from
-the scored cells whose folder names their class, each table's corrected with its model's
+the cells that model scored whose folder names their class, each table's corrected with its model's
 confusion for the lab most of its cells lie nearest to, as the scoring job does it. No
 ``--predictions`` needed.
 
@@ -45,18 +45,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
-import torch
-
-from wbc_spark import differential
-from wbc_spark.differential import Confusion, estimate
-from wbc_spark.metrics import wilson
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.lab_route import results_frame  # noqa: E402
+from wbc_spark import artifact, differential  # noqa: E402
+from wbc_spark.differential import Confusion, estimate  # noqa: E402
+from wbc_spark.metrics import wilson  # noqa: E402
 RANGES = {"Lymphocyte": (0.20, 0.45), "Monocyte": (0.02, 0.10), "Eosinophil": (0.01, 0.06),
           "Basophil": (0.0, 0.02)}
 NEUTROPHIL = (0.40, 0.75)
@@ -150,21 +151,22 @@ def measure(true, top, counted, shares, confusion, size) -> dict:
     return out
 
 
-def scored_pool(table: str | Path, classes: list[str]) -> tuple[Pool, str | None, int]:
-    """The cells of a results table whose folder is one of ``classes`` (their truth) and
-    that were scored: their Pool, the lab most of them lie nearest to, and how many rows
-    were left out (other folders, unreadable files); no lab where none was recorded (the
-    pooled confusion is then used, as the scoring job does)."""
-    t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
-        columns=["path", "predicted_class", "review_reason", "nearest_lab", "error"]
-    ).to_pandas()
-    folder = t["path"].map(lambda p: Path(p.removeprefix("file:")).parent.name)
-    keep = (folder.isin(classes) & t["error"].isna() & t["predicted_class"].isin(classes)
+def scored_pool(table: str | Path, classes: list[str], model_id: str
+                ) -> tuple[Pool, str | None, int]:
+    """The cells of a results table that model ``model_id`` scored and whose folder is one of
+    ``classes`` (their truth): their Pool, the lab most of them lie nearest to, and how many
+    of the model's rows were left out (other folders, unreadable files); no lab where none
+    was recorded (the pooled confusion is then used, as the scoring job does)."""
+    t = results_frame(table, "predicted_class", "review_reason", "nearest_lab", "error",
+                      "model_id")
+    t = t[t["model_id"] == model_id]  # a table may hold other models' runs too
+    keep = (t["folder"].isin(classes) & t["error"].isna() & t["predicted_class"].isin(classes)
             ).to_numpy()
     if not keep.any():
-        raise SystemExit(f"{table}: no scored cell in a folder named for one of {classes}")
-    t, folder = t[keep], folder[keep]
-    pool = Pool(folder.map(classes.index).to_numpy(),
+        raise SystemExit(f"{table}: no cell scored by model {model_id} in a folder named for "
+                         f"one of {classes}")
+    t = t[keep]
+    pool = Pool(t["folder"].map(classes.index).to_numpy(),
                 t["predicted_class"].map(classes.index).to_numpy(),
                 t["review_reason"].tolist())
     nearest = t["nearest_lab"].dropna()  # none: a model without the lab detector
@@ -179,13 +181,12 @@ def scored_settings(tables: list[str], models: list[str], pooled: bool
         raise SystemExit(f"{len(tables)} --results tables for {len(models)} --models")
     parts, classes = [], None
     for table, model in zip(tables, models):
-        state = torch.load(model, map_location="cpu", weights_only=True)
-        if "confusion" not in state:
+        meta = artifact.load(model, expected_classes=classes)[1]
+        if "confusion" not in meta:
             raise SystemExit(f"{model}: no differential confusion in the artifact")
-        confusion = Confusion.from_state(state["confusion"])
-        classes = classes or list(confusion.classes)
-        confusion.check(classes)
-        pool, lab, left = scored_pool(table, classes)
+        confusion = Confusion.from_state(meta["confusion"])
+        classes = list(confusion.classes)
+        pool, lab, left = scored_pool(table, classes, meta["model_id"])
         print(f"{table}: {len(pool.labels)} scored cells ({left} rows left out), nearest "
               f"lab {lab}; confusion of {model}")
         parts.append((pool, confusion if pooled else confusion.for_lab(lab)))

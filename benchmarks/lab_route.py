@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as pads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,12 +69,18 @@ def train_and_score(dataset: Path, work: Path, name: str, lake: str | Path, *set
     return t, score_afresh(model / "model.pt", lake, results), results
 
 
+def results_frame(table: str | Path, *columns: str) -> pd.DataFrame:
+    """``columns`` of every row of a results table, and ``folder``: the name of the folder
+    its image lies in (for a labelled folder scored as it is, the image's class)."""
+    t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
+        columns=["path", *columns]).to_pandas()
+    return t.assign(folder=t["path"].map(lambda p: Path(p.removeprefix("file:")).parent.name))
+
+
 def read_results(table: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(class folder, predicted class, needs review, error) of every scored image."""
-    t = pads.dataset(str(table), format="parquet", partitioning="hive").to_table(
-        columns=["path", "predicted_class", "needs_review", "error"]).to_pandas()
-    folder = t["path"].map(lambda p: Path(p.removeprefix("file:")).parent.name)
-    return (folder.to_numpy(), t["predicted_class"].to_numpy(),
+    t = results_frame(table, "predicted_class", "needs_review", "error")
+    return (t["folder"].to_numpy(), t["predicted_class"].to_numpy(),
             t["needs_review"].fillna(False).to_numpy(bool), t["error"].notna().to_numpy())
 
 

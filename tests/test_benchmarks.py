@@ -213,10 +213,10 @@ def test_adapt_route_trains_with_the_settings_of_readmes_adapting_command():
     assert rest == {"model.test_views", "train.output"}
 
 
-def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
-    """``--results``/``--models``: the truth is each cell's folder, unreadable cells and other
-    folders are left out, and each table is corrected with its model's confusion for the lab
-    most of its cells lie nearest to."""
+def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path, tiny_artifact):
+    """``--results``/``--models``: the truth is each cell's folder, unreadable cells, other
+    folders and other models' rows are left out, and each table is corrected with its
+    model's confusion for the lab most of its cells lie nearest to."""
     import pandas as pd
     import torch
 
@@ -224,6 +224,14 @@ def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
     from wbc_spark.differential import Confusion
 
     bench = _benchmark("differential")
+    own = np.zeros((5, 6), int)
+    own[np.arange(5), np.arange(5)] = 9
+    own[np.arange(5), (np.arange(5) + 1) % 5] = 1
+    confusion = Confusion(tuple(CLASSES), own * 10, {"ours": own})
+    model = tmp_path / "model.pt"
+    payload = torch.load(tiny_artifact, weights_only=True)
+    torch.save({**payload, "confusion": confusion.to_state()}, model)
+    mid = payload["model_id"]
     rng = np.random.default_rng(0)
     rows = []
     for i in range(300):
@@ -231,29 +239,28 @@ def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path):
         called = truth if rng.random() < 0.9 else CLASSES[(i + 1) % 5]
         rows.append({"path": f"file:/lab/{truth}/c{i}.jpg", "predicted_class": called,
                      "review_reason": "low_confidence" if i % 7 == 0 else "",
-                     "nearest_lab": "ours" if i % 10 else "KRD-WBC", "error": None})
+                     "nearest_lab": "ours" if i % 10 else "KRD-WBC", "error": None,
+                     "model_id": mid})
     rows.append({"path": "file:/lab/Platelet/p.jpg", "predicted_class": "Basophil",
-                 "review_reason": "", "nearest_lab": "ours", "error": None})
+                 "review_reason": "", "nearest_lab": "ours", "error": None, "model_id": mid})
     rows.append({"path": "file:/lab/Monocyte/bad.jpg", "predicted_class": None,
-                 "review_reason": "unreadable", "nearest_lab": None, "error": "not an image"})
+                 "review_reason": "unreadable", "nearest_lab": None, "error": "not an image",
+                 "model_id": mid})
+    rows += [{**rows[0], "model_id": "another model"}] * 3
     table = tmp_path / "results" / "run=1"
     table.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(table / "part-0.parquet")
-    pool, lab, left = bench.scored_pool(tmp_path / "results", list(CLASSES))
+    pool, lab, left = bench.scored_pool(tmp_path / "results", list(CLASSES), mid)
     assert (lab, left, len(pool.labels)) == ("ours", 2, 300)
     assert np.array_equal(pool.labels, np.arange(300) % 5)
     assert pool.counts.all()  # low_confidence cells stay in the differential
     bare = tmp_path / "bare" / "run=1"
     bare.mkdir(parents=True)
     pd.DataFrame(rows).assign(nearest_lab=None).to_parquet(bare / "part-0.parquet")
-    assert bench.scored_pool(tmp_path / "bare", list(CLASSES))[1] is None  # pooled confusion
+    assert bench.scored_pool(tmp_path / "bare", list(CLASSES), mid)[1] is None  # pooled
+    with pytest.raises(SystemExit, match="no cell scored by model nobody"):
+        bench.scored_pool(tmp_path / "results", list(CLASSES), "nobody")
 
-    own = np.zeros((5, 6), int)
-    own[np.arange(5), np.arange(5)] = 9
-    own[np.arange(5), (np.arange(5) + 1) % 5] = 1
-    confusion = Confusion(tuple(CLASSES), own * 10, {"ours": own})
-    model = tmp_path / "model.pt"
-    torch.save({"confusion": confusion.to_state()}, model)
     classes, settings = bench.scored_settings([str(tmp_path / "results")], [str(model)], False)
     [(kind, _, [(_, used)])] = settings
     assert classes == list(CLASSES) and kind == "in-lab"
