@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ingest: {s:.0f} s", flush=True)
     report = []
     for views in args.views:
-        t, s, results = train_and_score(
+        t, s, model, results = train_and_score(
             dataset, work, f"views{views}", work / "rest",
             f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING,
             f"model.test_views={views}")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
                       f"{summarise(results)}")
         differential.main(["--results", str(results),
-                           "--models", str(work / f"model_views{views}" / "model.pt"),
+                           "--models", str(model),
                            "--slides", "300", "--sizes", "200",
                            "--json", str(work / f"differential_views{views}.json")])
     print("\n".join(report))

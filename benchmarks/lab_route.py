@@ -60,13 +60,15 @@ def score_afresh(model: Path, lake: str | Path, results: Path) -> float:
 
 
 def train_and_score(dataset: Path, work: Path, name: str, lake: str | Path, *settings: str
-                    ) -> tuple[float, float, Path]:
+                    ) -> tuple[float, float, Path, Path]:
     """Train on ``dataset`` with ``settings`` into ``work``/model_``name``, score ``lake``
-    with it into a fresh ``work``/results_``name``: (training s, scoring s, results table)."""
+    with it into a fresh ``work``/results_``name``: (training s, scoring s, the model's
+    artifact, the results table)."""
     model, results = work / f"model_{name}", work / f"results_{name}"
     t = submit("train_distributed", f"data.dataset={dataset}", f"train.output={model}",
                *settings)
-    return t, score_afresh(model / "model.pt", lake, results), results
+    artifact = model / "model.pt"
+    return t, score_afresh(artifact, lake, results), artifact, results
 
 
 def results_frame(table: str | Path, *columns: str) -> pd.DataFrame:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ingest: {s:.0f} s", flush=True)
     report = []
     for align in args.align:
-        t, s, results = train_and_score(dataset, work, align, args.score, f"train.align={align}")
+        t, s, _, results = train_and_score(dataset, work, align, args.score,
+                                           f"train.align={align}")
         report.append(f"train.align={align}: training {t:.0f} s, scoring {s:.0f} s "
                       f"({args.score})\n{summarise(results)}")
     print("\n".join(report))
