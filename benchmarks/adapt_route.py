@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/adapt_route.py [--k 25] [--draw 0] [--views 1 4]
                                                [--new ../shared/data/PBC-dev]
+                                               [--tag T section.key=value ...]
 
 1. Draws ``--k`` images per class of the new lab's folder (one sub-folder per class, as
    PBC-dev is laid out; draw ``--draw``) into runs/bench_adapt/labelled/<class>/, the lab's
@@ -10,8 +11,9 @@
 2. ``deploy/submit.sh ingest`` of KRD-WBC and of the labelled folder (``data.lab=new_lab``)
    into one dataset (once per draw, kept);
 3. for each ``--views`` value N, ``deploy/submit.sh train_distributed`` with README's adapting
-   settings (``ADAPTING``) and ``model.test_views=N``: the same seed, so the same weights,
-   calibrated for N test-time views;
+   settings (``ADAPTING``), any ``section.key=value`` given after them (a lever to measure;
+   its models and tables are named with ``--tag``) and ``model.test_views=N``: the same
+   seed, so the same weights, calibrated for N test-time views;
 4. ``deploy/submit.sh score`` of the rest of the new lab with each model, a fresh results
    table each, and the scores of its images against their folders: balanced accuracy and
    macro-F1 with 95% intervals, per-class recall, the share called each class, the share
@@ -79,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--views", type=int, nargs="+", default=[1, 4],
                     help="model.test_views of each model trained")
     ap.add_argument("--work", default="runs/bench_adapt")
+    ap.add_argument("--tag", default="", help="suffix of the models' and tables' names "
+                    "(needed with overrides, so README's own runs are not overwritten)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value after README's settings")
     args = ap.parse_args(argv)
+    if args.overrides and not args.tag:
+        ap.error("overrides need a --tag, or they would replace README's runs' models")
     work = (REPO / args.work / f"k{args.k}_draw{args.draw}").resolve()
     dataset = work / "dataset"
     if not dataset.exists():
@@ -94,16 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     report = []
     for views in args.views:
         t, s, model, results = train_and_score(
-            dataset, work, f"views{views}", work / "rest",
-            f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING,
+            dataset, work, f"views{views}{args.tag}", work / "rest",
+            f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING, *args.overrides,
             f"model.test_views={views}")
-        report.append(f"model.test_views={views}: training {t:.0f} s, scoring {s:.0f} s "
+        report.append(f"model.test_views={views} {' '.join(args.overrides)}: training {t:.0f} s, scoring {s:.0f} s "
                       f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
                       f"{summarise(results)}")
         differential.main(["--results", str(results),
                            "--models", str(model),
                            "--slides", "300", "--sizes", "200",
-                           "--json", str(work / f"differential_views{views}.json")])
+                           "--json", str(work / f"differential_views{views}{args.tag}.json")])
     print("\n".join(report))
 
 

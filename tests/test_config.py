@@ -32,6 +32,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("model.test_views=0", "choose 1 to 8"),
     ("model.test_views=9", "choose 1 to 8"),
     ("train.test_fold=5", "test_fold"),
+    ("train.batch_size=33", "multiple of train.num_processes"),
     ("noequals", "section.key=value"),
     ("data.stain=macenko", "choose none or field"),
     ("score.precision=fp16", "choose auto or fp32 or bf16 or int8"),

@@ -20,6 +20,7 @@ from wbc_spark.train import (
     fit_temperature,
     frozen_features,
     make_optimizer,
+    rank_batches,
     train_one_epoch,
 )
 
@@ -170,6 +171,17 @@ def test_feature_batches_cover_the_cache():
     assert len(batches) == 2 and len(set(seen.tolist())) == 8
     for f, y in batches:
         assert torch.equal(f.view(-1).long(), y)
+
+
+def test_a_recipe_takes_the_same_steps_in_any_number_of_processes():
+    # 543 training images, 32 views a step: 16 steps an epoch whether one process draws 32
+    # or each of two draws 16 (until session 40 two processes took 8 steps of 2 x 32).
+    assert rank_batches(543, 32, 1) == (32, 16)
+    assert rank_batches(543, 32, 2) == (16, 16)
+    assert rank_batches(543, 32, 4) == (8, 16)
+    assert rank_batches(10, 32, 2) == (16, 1)
+    with pytest.raises(ValueError, match="not a multiple of 3 processes"):
+        rank_batches(543, 32, 3)
 
 
 def test_balanced_sampling_evens_out_the_classes():

@@ -132,7 +132,10 @@ class TrainConfig:
     # Memory for those cached outputs per process (81.5 KB a view at inception4e): on a
     # large dataset fewer views are cached, and a logged warning says so.
     cache_gib: float = 4.0
-    batch_size: int = 32  # per process
+    # Views per training step, all processes together (each draws batch_size /
+    # num_processes): the same steps in one process or many. Until session 40 it was per
+    # process, so two processes took half the steps of the benchmarks' one.
+    batch_size: int = 32
     lr: float = 3e-3  # for the new head; upper Inception blocks get lr * block_lr_factor
     block_lr_factor: float = 0.1
     weight_decay: float = 1e-4
@@ -479,6 +482,11 @@ def validate(config: Config) -> None:
                           f"{' or '.join(SAMPLINGS)}")
     if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
+    world = max(1, config.train.num_processes)
+    if config.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={config.train.batch_size}: views per step, all "
+                          f"{world} processes together; make it a multiple of "
+                          "train.num_processes")
     if not 0 <= config.train.test_fold < config.train.folds:
         raise ConfigError(f"train.test_fold must be in 0..{config.train.folds - 1}")
     if config.score.tasks_per_core < 1:

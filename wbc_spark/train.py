@@ -186,6 +186,15 @@ class FitResult:
     history: list[dict]
 
 
+def rank_batches(n_train: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(views each of ``world`` processes draws per step, steps per epoch) for a step of
+    ``batch_size`` views in all: DistributedDataParallel averages the processes' gradients,
+    so a recipe takes the same steps of the same size in any number of processes (one in the
+    benchmarks, two in local mode, more on a cluster)."""
+    if batch_size % world:
+        raise ValueError(f"train.batch_size={batch_size} is not a multiple of {world} "
+                         "processes")
+    return batch_size // world, max(1, n_train // batch_size)
 
 
 def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,

@@ -34,7 +34,7 @@ from wbc_spark.model.transfer import build_classifier, parameter_summary, resolv
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.sources.folder import local_path
 from wbc_spark.train import (Batch, FitResult, HeadOnly, Recipe, feature_batches, fit,
-                             fit_temperature, frozen_features, head_logits)
+                             fit_temperature, frozen_features, head_logits, rank_batches)
 from wbc_spark.transforms import dihedral
 
 log = logging.getLogger(__name__)
@@ -420,10 +420,10 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                    val[1])
             test = (alignment.apply(test[0], [job.sources[r] for r in rows], inplace=True),
                     test[1])
-    steps = max(1, job.n_train // (recipe.batch_size * world))
+    per_rank, steps = rank_batches(job.n_train, recipe.batch_size, world)
     rng = np.random.default_rng([recipe.seed, rank()])
     result = fit(model, train_head,
-                 lambda epoch: feature_batches(train_feats, train_labels, recipe.batch_size,
+                 lambda epoch: feature_batches(train_feats, train_labels, per_rank,
                                                steps, rng, recipe.sampling, train_labs),
                  steps, val, recipe, len(classes), job.class_counts)
 
