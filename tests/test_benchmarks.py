@@ -213,6 +213,13 @@ def test_adapt_route_trains_with_the_settings_of_readmes_adapting_command():
     assert rest == {"model.test_views", "train.output"}
 
 
+def test_adapt_route_refuses_a_lever_without_a_tag(capsys):
+    """Overrides without ``--tag`` would write over the models of README's own settings."""
+    with pytest.raises(SystemExit):
+        _benchmark("adapt_route").main(["--k", "25", "train.epochs=20"])
+    assert "overrides need a --tag" in capsys.readouterr().err
+
+
 def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path, tiny_artifact):
     """``--results``/``--models``: the truth is each cell's folder, unreadable cells, other
     folders and other models' rows are left out, and each table is corrected with its
