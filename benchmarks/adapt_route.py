@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             dataset, work, f"views{views}{args.tag}", work / "rest",
             f"train.petastorm_cache={work / 'petastorm_cache'}", *ADAPTING, *args.overrides,
             f"model.test_views={views}")
-        report.append(f"model.test_views={views} {' '.join(args.overrides)}: training {t:.0f} s, scoring {s:.0f} s "
+        setting = " ".join([f"model.test_views={views}", *args.overrides])
+        report.append(f"{setting}: training {t:.0f} s, scoring {s:.0f} s "
                       f"(the rest of {args.new}, k={args.k}, draw {args.draw})\n"
                       f"{summarise(results)}")
         differential.main(["--results", str(results),
