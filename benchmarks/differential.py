@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.lab_route import results_frame  # noqa: E402
 from wbc_spark import artifact, differential  # noqa: E402
-from wbc_spark.differential import Confusion, estimate  # noqa: E402
+from wbc_spark.differential import Confusion, estimate, scope_lab  # noqa: E402
 from wbc_spark.metrics import wilson  # noqa: E402
 RANGES = {"Lymphocyte": (0.20, 0.45), "Monocyte": (0.02, 0.10), "Eosinophil": (0.01, 0.06),
           "Basophil": (0.0, 0.02)}
@@ -169,8 +169,7 @@ def scored_pool(table: str | Path, classes: list[str], model_id: str
     pool = Pool(t["folder"].map(classes.index).to_numpy(),
                 t["predicted_class"].map(classes.index).to_numpy(),
                 t["review_reason"].tolist())
-    nearest = t["nearest_lab"].dropna()  # none: a model without the lab detector
-    lab = str(nearest.mode().iloc[0]) if len(nearest) else None
+    lab = scope_lab(t["nearest_lab"].dropna().astype(str).value_counts().sort_index().to_dict())
     return pool, lab, int((~keep).sum())
 
 

@@ -259,7 +259,7 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
     from wbc_spark.evaluation import crossval
 
     labs, feats, keys = _two_labs()
-    calls = {"fit_temperature": [], "predict": []}
+    calls = {"fit_temperature": [], "predict": [], "mean_probs": []}
 
     def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
         return type("R", (), {"temperature": 1.5})()
@@ -272,6 +272,10 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
         calls["predict"].append((len(f), temperature))
         return np.full((len(f), 2), 0.5)
 
+    def fake_mean_probs(logits, temperature):
+        calls["mean_probs"].append((np.asarray(logits).shape, temperature))
+        return np.full(np.asarray(logits).shape[1:], 0.5)
+
     tr, va, te = np.arange(0, 30), np.arange(30, 40), np.arange(40, 70)
     y = np.arange(70) % 2
     views = torch.stack([feats, feats.flip(-1), feats.flip(-2)])  # 3 views x 70 images
@@ -281,6 +285,7 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
         m.setattr(crossval, "head_logits", lambda model, f: np.zeros((len(f), 2)))
         m.setattr(crossval, "fit_temperature", fake_temperature)
         m.setattr(crossval, "predict_probs", fake_predict)
+        m.setattr(crossval.metrics, "mean_probs", fake_mean_probs)
         m.setattr(crossval, "class_activation_maps", lambda model, f: (None, None))
         probs, _, _ = crossval.train_and_test(
             _StubModel(), torch.stack([feats, feats]), {"original": feats, "tta": views}, y, tr, va,
@@ -288,5 +293,7 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
     assert set(probs) == {"original", "tta"} and probs["tta"].shape == (30, 2)
     # One fit, on the 10 validation images' logits in each of the 3 views, with their labels.
     assert calls["fit_temperature"] == [((3, 10, 2), list(y[va]))]
-    # The original crops keep the training's temperature; each flipped view gets the new one.
-    assert calls["predict"] == [(30, 1.5)] + [(30, 0.7)] * 3
+    # The original crops keep the training's temperature; the mean of the 3 views' probabilities
+    # gets the new one.
+    assert calls["predict"] == [(30, 1.5)]
+    assert calls["mean_probs"] == [((3, 30, 2), 0.7)]

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from wbc_spark.differential import Confusion, ConfusionError, counts_as_cell, estimate
+from wbc_spark.differential import (Confusion, ConfusionError, counts_as_cell, estimate,
+                                    scope_lab)
 
 CLASSES = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
 K = len(CLASSES)
@@ -106,6 +107,13 @@ def test_uncertain_confusion_widens_the_interval():
     sure = estimate(counts, held_out(rates, per_class=2000))
     unsure = estimate(counts, held_out(rates, per_class=10))
     assert (unsure.high - unsure.low)[2] > (sure.high - sure.low)[2]
+
+
+def test_a_scope_is_corrected_for_the_lab_most_of_its_cells_lie_nearest_to():
+    assert scope_lab({"KRD-WBC": 3, "PBC-dev": 9}) == "PBC-dev"
+    assert scope_lab({"KRD-WBC": 5, "PBC-dev": 5}) == "KRD-WBC"  # a tie: the first listed
+    assert scope_lab({"KRD-WBC": 0, "PBC-dev": 0}) is None  # none placed: the pooled
+    assert scope_lab({}) is None
 
 
 def test_empty_scope_and_bad_counts():

@@ -339,13 +339,13 @@ def test_petastorms_pyarrow_deprecation_warnings_are_hidden_but_no_others():
                             "warnings.warn('ours', FutureWarning)") == 1
 
 
-def test_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fake_weights):
+def test_split_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fake_weights):
     import pandas as pd
 
     from wbc_spark.model.transfer import build_classifier
     from wbc_spark.model.weights import load_bvlc
     from wbc_spark.train import frozen_features, head_logits
-    from wbc_spark.training_worker import view_logits
+    from wbc_spark.training_worker import split_view_logits
     from wbc_spark.transforms import dihedral
 
     model = build_classifier(load_bvlc(fake_weights), 5, freeze_until="inception4e")
@@ -357,10 +357,12 @@ def test_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fake_weig
     class Converter:
         file_urls = [(tmp_path / "part-0.parquet").as_uri()]
 
-    out = view_logits(model, Converter(), 224, 3, "fp32", [3, 4, 5, 6, 7], ["lab"] * 8, None)
+    out = split_view_logits(model, Converter(), 224, 3, "fp32", [3, 4, 5, 6, 7], ["lab"] * 8,
+                            None)
     assert out.shape == (2, 5, 5)  # views 1 and 2 (view 0 is the caller's)
     for k in (1, 2):
         feats, _ = frozen_features(model, [(torch.from_numpy(dihedral(crops, k)), [0] * 5)])
         assert np.allclose(out[k - 1], head_logits(model, feats), atol=1e-4)
     with pytest.raises(RuntimeError, match="another order"):
-        view_logits(model, Converter(), 224, 2, "fp32", [7, 6, 5, 4, 3], ["lab"] * 8, None)
+        split_view_logits(model, Converter(), 224, 2, "fp32", [7, 6, 5, 4, 3], ["lab"] * 8,
+                          None)

@@ -31,7 +31,7 @@ showed a confusion.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +44,14 @@ PRIOR_CELLS = 5.0
 def counts_as_cell(reason: str | None) -> bool:
     """Whether a classified cell with this ``review_reason`` enters the differential."""
     return not (set((reason or "").split(";")) & set(COUNTED_OUT))
+
+
+def scope_lab(nearest: Mapping[str, int]) -> str | None:
+    """The lab whose confusion corrects a scope: the one most of its cells lie nearest to
+    (``nearest``: cells per training lab; the first listed wins a tie); None where no cell
+    was placed (a model without the lab detector), and the pooled confusion is used."""
+    counts = {lab: n for lab, n in nearest.items() if n > 0}
+    return max(counts, key=counts.get) if counts else None
 
 
 class ConfusionError(ValueError):

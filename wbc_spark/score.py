@@ -554,8 +554,8 @@ def per_class_rows(counts: pd.DataFrame, classes: list[str],
     out = []
     for d in counts.to_dict("records"):
         tally = np.asarray([_count(d[f"counted_{c}"]) for c in classes])
-        near = [_count(d.get(f"lab_{i}")) for i in range(len(labs))]
-        lab = labs[int(np.argmax(near))] if near and max(near) > 0 else None
+        lab = differential.scope_lab({name: _count(d.get(f"lab_{i}"))
+                                      for i, name in enumerate(labs)})
         corrected = differential.estimate(tally, confusion.for_lab(lab))
         classified = sum(_count(d[c]) for c in classes)
         total = int(tally.sum())

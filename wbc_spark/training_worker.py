@@ -207,8 +207,9 @@ def converter_batches(converter, size: int, rows: list | None = None, batch: int
         yield emit(pa.Table.from_batches(pending))
 
 
-def view_logits(model, converter, size: int, views: int, precision: str, rows: list[int],
-                sources: list[str], alignment: LabAlignment | None) -> np.ndarray:
+def split_view_logits(model, converter, size: int, views: int, precision: str,
+                      rows: list[int], sources: list[str], alignment: LabAlignment | None
+                      ) -> np.ndarray:
     """(views - 1) x N x classes: the head's logits of views 1.. of each image of a split
     (``transforms.dihedral``; view 0, the image itself, the caller has), in the order of
     ``rows``, each batch aligned by its labs' moments. Batch by batch: only logits are kept."""
@@ -230,7 +231,7 @@ def view_logits(model, converter, size: int, views: int, precision: str, rows: l
 
 class TestViews(NamedTuple):
     """What ``model.test_views`` > 1 adds to the test report: the temperature fitted on the
-    validation images' views, and the test images' views 1.. (``view_logits``)."""
+    validation images' views, and the test images' views 1.. (``split_view_logits``)."""
 
     temperature: float
     others: np.ndarray  # (views - 1) x N x classes
@@ -435,10 +436,10 @@ def distributed_worker(job: TrainingJob) -> dict | None:
             # Test-time flips: every validation and test image's views through the network,
             # a temperature fitted on the views' mean (softer than any one view's), and the
             # review thresholds and the test report on that mean, as scoring will give it.
-            val_views = np.concatenate([head_logits(model, val[0])[None], view_logits(
+            val_views = np.concatenate([head_logits(model, val[0])[None], split_view_logits(
                 model, job.conv_val, size, job.test_views, precision, val_rows, job.sources,
                 alignment)])
-            views = TestViews(fit_temperature(val_views, val[1]), view_logits(
+            views = TestViews(fit_temperature(val_views, val[1]), split_view_logits(
                 model, job.conv_test, size, job.test_views, precision, rows, job.sources,
                 alignment))
             val_probs = metrics.mean_probs(val_views, views.temperature)

@@ -259,7 +259,7 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
             # than any one view, so one view's temperature would leave it underconfident
             t = fit_temperature(np.stack([head_logits(model, v) for v in rows(f, va)]),
                                 labels[va])
-            probs[name] = np.mean([predict_probs(model, v, t) for v in test], axis=0)
+            probs[name] = metrics.mean_probs(np.stack([head_logits(model, v) for v in test]), t)
         else:
             probs[name] = predict_probs(model, test, result.temperature)
     maps, _ = class_activation_maps(model, original_test)
