@@ -178,10 +178,12 @@ def test_adapt_route_draws_k_labelled_cells_per_class_and_keeps_the_rest_apart(t
         for i in range(6 + c):
             (lab / cls / f"{cls[:2]}_{i}.jpg").write_bytes(bytes([c, i]))
         (lab / cls / ".hidden").write_bytes(b"x")
+    catalog = adapt.folder_catalog(lab)
+    assert len(catalog) == sum(6 + c for c in range(len(CLASSES)))
     picked = []
     for draw in (0, 0, 1):
         work = tmp_path / f"w{len(picked)}"
-        rest = adapt.draw_labelled(lab, 3, draw, work)
+        rest = adapt.draw_labelled(catalog, 3, draw, work)
         assert rest == {cls: 3 + c for c, cls in enumerate(CLASSES)}
         labelled = {cls: sorted(p.name for p in (work / "labelled" / cls).iterdir())
                     for cls in CLASSES}
@@ -191,8 +193,40 @@ def test_adapt_route_draws_k_labelled_cells_per_class_and_keeps_the_rest_apart(t
             assert others | set(labelled[cls]) == {p.name for p in (lab / cls).glob("*.jpg")}
         picked.append(labelled)
     assert picked[0] == picked[1] != picked[2]  # seeded by the draw
-    with pytest.raises(SystemExit, match="need more than k=6"):
-        adapt.draw_labelled(lab, 6, 0, tmp_path / "few")
+    # A class with fewer than 2k images gives half of them; one image is refused.
+    rest = adapt.draw_labelled(catalog, 4, 0, tmp_path / "half")
+    assert [rest[cls] for cls in CLASSES] == [6 - 3, 7 - 3, 8 - 4, 9 - 4, 10 - 4]
+    with pytest.raises(SystemExit, match="need 2 or more"):
+        adapt.draw_labelled(catalog[(catalog.label != CLASSES[0])
+                                    | catalog.path.str.endswith("_0.jpg")], 3, 0, tmp_path / "one")
+
+
+def test_adapt_route_draws_a_duplicate_pair_as_one_and_keeps_it_together(tmp_path):
+    """``--reverse``: KRD-WBC's label file gives the new lab; a known duplicate pair shares a
+    group, and both images land on the same side, whatever the draw."""
+    import pandas as pd
+
+    from wbc_spark.config import CLASSES
+
+    adapt = _benchmark("adapt_route")
+    rows = []
+    for c, cls in enumerate(CLASSES):
+        for i in range(8):
+            path = tmp_path / "lake" / f"image{c * 10 + i}.jpg"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(bytes([c, i]))
+            rows.append((str(path), cls, "dup" if (c, i) in ((0, 0), (0, 1)) else str(path)))
+    catalog = pd.DataFrame(rows, columns=["path", "label", "group"])
+    sides = set()
+    for draw in range(8):
+        work = tmp_path / f"w{draw}"
+        rest = adapt.draw_labelled(catalog, 3, draw, work)
+        labelled = {p.name for p in (work / "labelled" / CLASSES[0]).iterdir()}
+        pair = {"image0.jpg", "image1.jpg"}
+        assert pair <= labelled or not pair & labelled
+        assert len(labelled) == (4 if pair <= labelled else 3) == 8 - rest[CLASSES[0]]
+        sides.add(pair <= labelled)
+    assert sides == {True, False}  # eight draws put the pair on both sides
 
 
 def test_adapt_route_trains_with_the_settings_of_readmes_adapting_command():
