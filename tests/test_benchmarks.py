@@ -315,3 +315,33 @@ def test_the_differential_benchmark_draws_slides_from_a_scored_lab(tmp_path, tin
                        "--slides", "4", "--sizes", "50", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["settings"]["scored (1 tables), 50 cells"]
     assert res["slides"] == 4 and set(res["per_class"]) == set(CLASSES)
+
+
+def test_the_gpu_job_lake_copies_are_new_images_with_the_original_pixels(tmp_path):
+    """benchmarks/gpu_job/make_lake.py: every copy has its own SHA-256 (the scoring job scores
+    it) and decodes to its original's pixels (the job does its original's work)."""
+    from conftest import jpeg_bytes, smear
+    from wbc_spark import images
+
+    spec = importlib.util.spec_from_file_location("bench_make_lake",
+                                                  BENCHMARKS / "gpu_job" / "make_lake.py")
+    lake_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lake_module)
+    src = tmp_path / "img"
+    src.mkdir()
+    originals = {}
+    for seed in range(2):
+        data = jpeg_bytes(smear(seed=seed))
+        (src / f"cell{seed}.jpg").write_bytes(data)
+        originals[f"cell{seed}"] = np.asarray(images.decode(data))
+    assert lake_module.make_lake(src, tmp_path / "lake", 3) == 6
+    copies = sorted((tmp_path / "lake").rglob("*.jpg"))
+    assert len(copies) == 6
+    assert len({p.parent.name for p in copies}) == 3
+    assert len({images.sha256(p.read_bytes()) for p in copies}
+               | {images.sha256((src / f"cell{s}.jpg").read_bytes()) for s in range(2)}) == 8
+    for p in copies:
+        original = originals[p.stem.rsplit("_c", 1)[0]]
+        assert np.array_equal(np.asarray(images.decode(p.read_bytes())), original)
+    with pytest.raises(SystemExit, match="no .jpg files"):
+        lake_module.make_lake(tmp_path / "lake", tmp_path / "none", 1)
