@@ -345,3 +345,46 @@ def test_the_gpu_job_lake_copies_are_new_images_with_the_original_pixels(tmp_pat
         assert np.array_equal(np.asarray(images.decode(p.read_bytes())), original)
     with pytest.raises(SystemExit, match="no .jpg files"):
         lake_module.make_lake(tmp_path / "lake", tmp_path / "none", 1)
+
+
+def test_confusion_crops_counts_each_pair_and_draws_its_cells(tiny_artifact, tmp_path, capsys):
+    """benchmarks/confusion_crops.py: the true class comes from the image's folder, a pair's
+    count is over every table given, copies of one image are drawn once, and a class the
+    model does not have is refused."""
+    import pandas as pd
+    from PIL import Image
+
+    from conftest import jpeg_bytes, smear
+    from wbc_spark import images
+
+    bench = _benchmark("confusion_crops")
+    rows = []
+    for i, (true, predicted) in enumerate([("Neutrophil", "Monocyte"), ("Neutrophil", "Monocyte"),
+                                           ("Neutrophil", "Neutrophil"), ("Monocyte", "Monocyte")]):
+        folder = tmp_path / "rest" / true
+        folder.mkdir(parents=True, exist_ok=True)
+        data = jpeg_bytes(smear(seed=i))
+        (folder / f"cell{i}.jpg").write_bytes(data)
+        probs = {f"p_{c}": 0.1 for c in ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil",
+                                          "Basophil")}
+        probs[f"p_{predicted}"] = 0.6
+        rows.append({"path": f"file:{folder / f'cell{i}.jpg'}", "sha256": images.sha256(data),
+                     "predicted_class": predicted, **probs, "needs_review": i == 0,
+                     "error": None})
+    tables = []
+    for draw in range(2):  # the same rows in two tables, as two draws scoring the same cells
+        table = tmp_path / f"results{draw}" / "run=r1"
+        table.mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(table / "part-0.parquet")
+        tables.append(str(table.parent))
+    out = tmp_path / "fig.png"
+    bench.main(["--results", *tables, "--model", str(tiny_artifact), "--per", "3",
+                "--pairs", "Neutrophil:Monocyte,Neutrophil:Eosinophil", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "Neutrophil called Monocyte: 4 of 6 (2 flagged; 2 distinct images)" in printed
+    assert "Neutrophil called Eosinophil: 0 of 6" in printed
+    width, height = Image.open(out).size
+    assert height == 2 * bench.TILE and width == 190 + 3 * (2 * bench.TILE + 4)
+    with pytest.raises(SystemExit, match="'Myelocyte' is not one of the model's classes"):
+        bench.main(["--results", *tables, "--model", str(tiny_artifact),
+                    "--pairs", "Neutrophil:Myelocyte", "--out", str(out)])

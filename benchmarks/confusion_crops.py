@@ -1,0 +1,144 @@
+"""What the model was fed for the cells it got wrong: crops per (true, predicted) class.
+
+    python benchmarks/confusion_crops.py --results DIR [DIR ...] --model MODEL.pt \
+        --pairs Neutrophil:Monocyte,Neutrophil:Eosinophil,Neutrophil:Neutrophil \
+        [--reference DATASET --reference-lab LAB --reference-classes Monocyte,Eosinophil] \
+        [--per 8] --out FIGURE.png
+
+Reads scoring job results tables (``runs/results``-like) whose images lie in class folders
+(``.../Neutrophil/x.jpg``, as ``benchmarks/adapt_route.py`` lays out a new lab's rest), so
+the folder is the true class. For each TRUE:PREDICTED pair it prints how many cells went
+that way and their mean probabilities, and draws up to ``--per`` of them: the original
+beside the crop the model's own preprocessing makes of it (the network's input; the lab
+alignment acts later, on the frozen features). ``--reference`` adds rows of a dataset's
+stored crops of one lab (the cells the model learnt those classes from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+from PIL import Image, ImageDraw
+
+from wbc_spark import artifact
+from wbc_spark.preprocessing import Preprocessing
+
+TILE = 112
+
+
+def local_path(uri: str) -> Path:
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+def read_results(dirs: list[str]) -> pd.DataFrame:
+    """The results rows of every table, with the true class from the image's folder."""
+    frames = []
+    for d in dirs:
+        t = pads.dataset(d, format="parquet", partitioning="hive").to_table(
+            columns=["path", "sha256", "predicted_class", "p_Neutrophil", "p_Lymphocyte",
+                     "p_Monocyte", "p_Eosinophil", "p_Basophil", "needs_review", "error"]
+        ).to_pandas()
+        t["table"] = d
+        frames.append(t)
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["error"].isna() & df["predicted_class"].notna()].copy()
+    df["true_class"] = [local_path(p).parent.name for p in df["path"]]
+    return df
+
+
+def pair_tiles(rows: pd.DataFrame, pre: Preprocessing, per: int) -> list[np.ndarray]:
+    """Original | crop tiles for up to ``per`` rows (spread over the rows, in path order)."""
+    rows = rows.sort_values("path")
+    pick = rows.iloc[np.linspace(0, len(rows) - 1, min(per, len(rows))).round().astype(int)]
+    tiles = []
+    for p in pick["path"]:
+        data = local_path(p).read_bytes()
+        crop, _, _ = pre.crop(data)
+        original = Image.open(io.BytesIO(data)).convert("RGB").resize((TILE, TILE))
+        tiles.append(np.concatenate([np.asarray(original),
+                                     np.asarray(Image.fromarray(crop).resize((TILE, TILE)))], 1))
+    return tiles
+
+
+def reference_tiles(dataset: str, lab: str, label: str, per: int) -> list[np.ndarray]:
+    """Original | stored crop tiles for ``per`` of a dataset's images of one lab and class."""
+    table = pads.dataset(dataset, format="parquet", partitioning="hive").to_table(
+        columns=["path", "source", "label", "image", "crop", "crop_size"],
+        filter=(pads.field("source") == lab) & (pads.field("label") == label)).to_pandas()
+    table = table.sort_values("path")
+    pick = table.iloc[np.linspace(0, len(table) - 1, min(per, len(table))).round().astype(int)]
+    tiles = []
+    for r in pick.itertuples():
+        size = int(r.crop_size)
+        crop = np.frombuffer(r.crop, np.uint8).reshape(size, size, 3)
+        original = Image.open(io.BytesIO(r.image)).convert("RGB").resize((TILE, TILE))
+        tiles.append(np.concatenate([np.asarray(original),
+                                     np.asarray(Image.fromarray(crop).resize((TILE, TILE)))], 1))
+    return tiles
+
+
+def draw(rows: list[tuple[str, list[np.ndarray]]], per: int, path: str) -> None:
+    gap = np.full((TILE, 4, 3), 255, np.uint8)
+    blank = np.full((TILE, 2 * TILE, 3), 255, np.uint8)
+    strips = []
+    for _, tiles in rows:
+        tiles = tiles + [blank] * (per - len(tiles))
+        strips.append(np.concatenate([np.full((TILE, 190, 3), 255, np.uint8)]
+                                     + [x for t in tiles for x in (t, gap)], 1))
+    canvas = Image.fromarray(np.concatenate(strips, 0))
+    pen = ImageDraw.Draw(canvas)
+    for i, (text, _) in enumerate(rows):
+        pen.multiline_text((6, i * TILE + TILE // 2 - 18), text, fill=(0, 0, 0))
+    pen.text((6, 4), "original | crop", fill=(0, 0, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", nargs="+", required=True,
+                    help="results tables (folders); rows of all of them are counted")
+    ap.add_argument("--model", required=True, help="the model.pt that scored them")
+    ap.add_argument("--pairs", required=True, help="TRUE:PREDICTED,... (class names)")
+    ap.add_argument("--reference", help="a dataset folder to take one lab's crops from")
+    ap.add_argument("--reference-lab", default="")
+    ap.add_argument("--reference-classes", default="")
+    ap.add_argument("--per", type=int, default=8, help="cells drawn per row")
+    ap.add_argument("--out", required=True, help="the picture (PNG)")
+    args = ap.parse_args(argv)
+    _, meta = artifact.load(args.model)
+    pre = Preprocessing.from_artifact(meta)
+    classes = list(meta["classes"])
+    df = read_results(args.results)
+    rows = []
+    for pair in args.pairs.split(","):
+        true, predicted = pair.split(":")
+        for name in (true, predicted):
+            if name not in classes:
+                raise SystemExit(f"confusion_crops: {name!r} is not one of the model's classes "
+                                 f"{classes}")
+        of_true = df[df["true_class"] == true]
+        sel = of_true[of_true["predicted_class"] == predicted]
+        means = " ".join(f"{c[:1]} {sel[f'p_{c}'].mean():.2f}" for c in classes)
+        distinct = sel.drop_duplicates("sha256")
+        print(f"{true} called {predicted}: {len(sel)} of {len(of_true)} "
+              f"({sel['needs_review'].sum()} flagged; {len(distinct)} distinct images); "
+              f"mean probabilities {means}")
+        rows.append((f"{true}\ncalled {predicted}\n{len(sel)} of {len(of_true)}",
+                     pair_tiles(distinct, pre, args.per) if len(sel) else []))
+    if args.reference:
+        for label in filter(None, args.reference_classes.split(",")):
+            rows.append((f"{args.reference_lab}\n{label}\n(trained on)",
+                         reference_tiles(args.reference, args.reference_lab, label, args.per)))
+    draw(rows, args.per, args.out)
+    print(f"picture: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
