@@ -17,17 +17,19 @@ stored crops of one lab (the cells the model learnt those classes from).
 from __future__ import annotations
 
 import argparse
-import io
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
-from PIL import Image, ImageDraw
 
-from wbc_spark import artifact
-from wbc_spark.preprocessing import Preprocessing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import pictures  # noqa: E402
+from wbc_spark import artifact  # noqa: E402
+from wbc_spark.preprocessing import Preprocessing  # noqa: E402
 
 TILE = 112
 
@@ -59,10 +61,7 @@ def pair_tiles(rows: pd.DataFrame, pre: Preprocessing, per: int) -> list[np.ndar
     tiles = []
     for p in pick["path"]:
         data = local_path(p).read_bytes()
-        crop, _, _ = pre.crop(data)
-        original = Image.open(io.BytesIO(data)).convert("RGB").resize((TILE, TILE))
-        tiles.append(np.concatenate([np.asarray(original),
-                                     np.asarray(Image.fromarray(crop).resize((TILE, TILE)))], 1))
+        tiles.append(pictures.pair_tile(data, pre.crop(data)[0], TILE))
     return tiles
 
 
@@ -73,31 +72,8 @@ def reference_tiles(dataset: str, lab: str, label: str, per: int) -> list[np.nda
         filter=(pads.field("source") == lab) & (pads.field("label") == label)).to_pandas()
     table = table.sort_values("path")
     pick = table.iloc[np.linspace(0, len(table) - 1, min(per, len(table))).round().astype(int)]
-    tiles = []
-    for r in pick.itertuples():
-        size = int(r.crop_size)
-        crop = np.frombuffer(r.crop, np.uint8).reshape(size, size, 3)
-        original = Image.open(io.BytesIO(r.image)).convert("RGB").resize((TILE, TILE))
-        tiles.append(np.concatenate([np.asarray(original),
-                                     np.asarray(Image.fromarray(crop).resize((TILE, TILE)))], 1))
-    return tiles
-
-
-def draw(rows: list[tuple[str, list[np.ndarray]]], per: int, path: str) -> None:
-    gap = np.full((TILE, 4, 3), 255, np.uint8)
-    blank = np.full((TILE, 2 * TILE, 3), 255, np.uint8)
-    strips = []
-    for _, tiles in rows:
-        tiles = tiles + [blank] * (per - len(tiles))
-        strips.append(np.concatenate([np.full((TILE, 190, 3), 255, np.uint8)]
-                                     + [x for t in tiles for x in (t, gap)], 1))
-    canvas = Image.fromarray(np.concatenate(strips, 0))
-    pen = ImageDraw.Draw(canvas)
-    for i, (text, _) in enumerate(rows):
-        pen.multiline_text((6, i * TILE + TILE // 2 - 18), text, fill=(0, 0, 0))
-    pen.text((6, 4), "original | crop", fill=(0, 0, 0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    return [pictures.pair_tile(r.image, np.frombuffer(r.crop, np.uint8).reshape(
+        int(r.crop_size), int(r.crop_size), 3), TILE) for r in pick.itertuples()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         for label in filter(None, args.reference_classes.split(",")):
             rows.append((f"{args.reference_lab}\n{label}\n(trained on)",
                          reference_tiles(args.reference, args.reference_lab, label, args.per)))
-    draw(rows, args.per, args.out)
+    pictures.save_rows(rows, args.out, args.per, TILE, label_width=190)
     print(f"picture: {args.out}")
 
 

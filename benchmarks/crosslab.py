@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import logging
 import sys
@@ -46,21 +45,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-
-from wbc_spark import metrics
-from wbc_spark.evaluation import crossval
-from wbc_spark.augment import AugmentSettings
-from wbc_spark.config import load_config
-from wbc_spark.preprocessing import Preprocessing
-from wbc_spark.model.transfer import build_classifier
-from wbc_spark.model.weights import load_pretrained
-from wbc_spark.splits import assign_folds, train_val_test
-from wbc_spark.stain import surround_mean
-from wbc_spark.train import Recipe
-from wbc_spark.transforms import dihedral
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import pictures  # noqa: E402
+from wbc_spark import metrics  # noqa: E402
+from wbc_spark.evaluation import crossval  # noqa: E402
+from wbc_spark.augment import AugmentSettings  # noqa: E402
+from wbc_spark.config import load_config  # noqa: E402
+from wbc_spark.preprocessing import Preprocessing  # noqa: E402
+from wbc_spark.model.transfer import build_classifier  # noqa: E402
+from wbc_spark.model.weights import load_pretrained  # noqa: E402
+from wbc_spark.splits import assign_folds, train_val_test  # noqa: E402
+from wbc_spark.stain import surround_mean  # noqa: E402
+from wbc_spark.train import Recipe  # noqa: E402
+from wbc_spark.transforms import dihedral  # noqa: E402
+
 KS = (5, 10, 25)
 
 
@@ -74,27 +75,10 @@ def crops_picture(df: pd.DataFrame, classes: list[str], path: str, per_class: in
         for c in classes:
             pick = df[(df.source == lab) & (df.label == c)]
             pick = pick.iloc[rng.choice(len(pick), min(per_class, len(pick)), replace=False)]
-            tiles = []
-            for r in pick.itertuples():
-                original = Image.open(io.BytesIO(r.image)).convert("RGB").resize((tile, tile))
-                crop = Image.fromarray(np.frombuffer(r.crop, np.uint8).reshape(size, size, 3)
-                                       ).resize((tile, tile))
-                tiles.append(np.concatenate([np.asarray(original), np.asarray(crop),
-                                             np.full((tile, 4, 3), 255, np.uint8)], 1))
-            while len(tiles) < per_class:
-                tiles.append(np.full((tile, 2 * tile + 4, 3), 255, np.uint8))
-            label = np.full((tile, 150, 3), 255, np.uint8)
-            row = np.concatenate([label] + tiles, 1)
-            rows.append((f"{lab}\n{c}", row))
-    from PIL import ImageDraw
-
-    canvas = Image.fromarray(np.concatenate([r for _, r in rows], 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (text, _) in enumerate(rows):
-        draw.multiline_text((6, i * tile + tile // 2 - 12), text, fill=(0, 0, 0))
-    draw.text((6, 4), "original | crop", fill=(0, 0, 0))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+            tiles = [pictures.pair_tile(r.image, np.frombuffer(r.crop, np.uint8).reshape(
+                size, size, 3), tile) for r in pick.itertuples()]
+            rows.append((f"{lab}\n{c}", tiles))
+    pictures.save_rows(rows, path, per_class, tile)
 
 
 @functools.lru_cache(maxsize=4)
