@@ -7,7 +7,7 @@
 #   device call 1: bash benchmarks/gpu_job/step1.sh, carry .gpuA   (about 15 s there)
 #   device call 2: bash benchmarks/gpu_job/step2.sh, carry .gpuB   (about 5 min there)
 #
-# .gpuA: a Java 17 runtime made by jlink with the modules Spark loads (78 MB, 18 MB as xz), the
+# .gpuA: a Java 17 runtime made by jlink with 23 modules chosen for Spark (78 MB, 18 MB as xz), the
 #   model, pandas 2.3.3 wheels for Python 3.12 (pyspark 3.5 calls two pandas helpers that
 #   pandas 3 removed) and 100 real images (50 of KRD-WBC, 10 per class of PBC-dev).
 # .gpuB: pyspark's Python package, and the jars a local-mode job that reads files and writes
@@ -58,8 +58,8 @@ tar cf - -C "$tmp/site" . | xz -9 -T2 > .gpuB/site.tar.xz
 "$py" - "$site/pyspark/jars" "$tmp/stored" <<'PY'
 import pathlib, re, sys, zipfile
 
-# What a local-mode job that reads files and writes Parquet does not load (checked by running
-# the scoring job without them: ivy, the Hadoop client runtime and pickle are needed).
+# What a local-mode job that reads files and writes Parquet does not load. The scoring job ran
+# without these; it failed without ivy and without the Hadoop client runtime, so they stay.
 LEFT_OUT = re.compile(
     r"^(rocksdbjni|hive-|spark-hive|kubernetes-|spark-kubernetes|mesos|spark-mesos|spark-yarn|"
     r"hadoop-yarn|spark-mllib|breeze|spire|algebra|cats-kernel|arpack|blas-|lapack|JTransforms|"
