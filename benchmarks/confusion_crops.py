@@ -11,7 +11,8 @@ the folder is the true class. For each TRUE:PREDICTED pair it prints how many ce
 that way and their mean probabilities, and draws up to ``--per`` of them: the original
 beside the crop the model's own preprocessing makes of it (the network's input; the lab
 alignment acts later, on the frozen features). ``--reference`` adds rows of a dataset's
-stored crops of one lab (the cells the model learnt those classes from).
+stored crops of one lab and class (for an adapted model, its home lab's cells, most of them in
+its training split).
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ def local_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
 
 
-def read_results(dirs: list[str]) -> pd.DataFrame:
+def read_results(dirs: list[str], classes: list[str]) -> pd.DataFrame:
     """The results rows of every table, with the true class from the image's folder."""
     frames = []
     for d in dirs:
         t = pads.dataset(d, format="parquet", partitioning="hive").to_table(
-            columns=["path", "sha256", "predicted_class", "p_Neutrophil", "p_Lymphocyte",
-                     "p_Monocyte", "p_Eosinophil", "p_Basophil", "needs_review", "error"]
-        ).to_pandas()
+            columns=["path", "sha256", "predicted_class", *[f"p_{c}" for c in classes],
+                     "needs_review", "error"]).to_pandas()
         t["table"] = d
         frames.append(t)
     df = pd.concat(frames, ignore_index=True)
@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     _, meta = artifact.load(args.model)
     pre = Preprocessing.from_artifact(meta)
     classes = list(meta["classes"])
-    df = read_results(args.results)
+    df = read_results(args.results, classes)
     rows = []
     for pair in args.pairs.split(","):
+        if pair.count(":") != 1:
+            raise SystemExit(f"confusion_crops: --pairs wants TRUE:PREDICTED,..., got {pair!r}")
         true, predicted = pair.split(":")
         for name in (true, predicted):
             if name not in classes:
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                      pair_tiles(distinct, pre, args.per) if len(sel) else []))
     if args.reference:
         for label in filter(None, args.reference_classes.split(",")):
-            rows.append((f"{args.reference_lab}\n{label}\n(trained on)",
+            rows.append((f"{args.reference_lab}\n{label}\n(reference)",
                          reference_tiles(args.reference, args.reference_lab, label, args.per)))
     pictures.save_rows(rows, args.out, args.per, TILE, label_width=190)
     print(f"picture: {args.out}")

@@ -388,3 +388,6 @@ def test_confusion_crops_counts_each_pair_and_draws_its_cells(tiny_artifact, tmp
     with pytest.raises(SystemExit, match="'Myelocyte' is not one of the model's classes"):
         bench.main(["--results", *tables, "--model", str(tiny_artifact),
                     "--pairs", "Neutrophil:Myelocyte", "--out", str(out)])
+    with pytest.raises(SystemExit, match="wants TRUE:PREDICTED"):
+        bench.main(["--results", *tables, "--model", str(tiny_artifact),
+                    "--pairs", "Neutrophil", "--out", str(out)])
