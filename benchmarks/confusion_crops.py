@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -29,29 +28,21 @@ import pyarrow.dataset as pads
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import pictures  # noqa: E402
+from benchmarks.lab_route import results_frame  # noqa: E402
 from wbc_spark import artifact  # noqa: E402
 from wbc_spark.preprocessing import Preprocessing  # noqa: E402
+from wbc_spark.sources.folder import local_path  # noqa: E402
 
 TILE = 112
 
 
-def local_path(uri: str) -> Path:
-    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
-
-
 def read_results(dirs: list[str], classes: list[str]) -> pd.DataFrame:
     """The results rows of every table, with the true class from the image's folder."""
-    frames = []
-    for d in dirs:
-        t = pads.dataset(d, format="parquet", partitioning="hive").to_table(
-            columns=["path", "sha256", "predicted_class", *[f"p_{c}" for c in classes],
-                     "needs_review", "error"]).to_pandas()
-        t["table"] = d
-        frames.append(t)
-    df = pd.concat(frames, ignore_index=True)
-    df = df[df["error"].isna() & df["predicted_class"].notna()].copy()
-    df["true_class"] = [local_path(p).parent.name for p in df["path"]]
-    return df
+    columns = ["sha256", "predicted_class", *[f"p_{c}" for c in classes], "needs_review",
+               "error"]
+    df = pd.concat([results_frame(d, *columns) for d in dirs], ignore_index=True)
+    df = df[df["error"].isna() & df["predicted_class"].notna()]
+    return df.rename(columns={"folder": "true_class"})
 
 
 def pair_tiles(rows: pd.DataFrame, pre: Preprocessing, per: int) -> list[np.ndarray]:
@@ -60,7 +51,7 @@ def pair_tiles(rows: pd.DataFrame, pre: Preprocessing, per: int) -> list[np.ndar
     pick = rows.iloc[np.linspace(0, len(rows) - 1, min(per, len(rows))).round().astype(int)]
     tiles = []
     for p in pick["path"]:
-        data = local_path(p).read_bytes()
+        data = Path(local_path(p)).read_bytes()
         tiles.append(pictures.pair_tile(data, pre.crop(data)[0], TILE))
     return tiles
 
