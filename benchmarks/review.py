@@ -4,7 +4,9 @@
 
 Needs a dataset holding KRD-WBC and PBC-dev with PBC-dev's other cell types (as ``make demo``
 ingests). With the training job's recipe and review fit (``wbc_spark.train``,
-``wbc_spark.review``) in one process, it trains:
+``wbc_spark.review``) in one process, and with ``train.align`` (the default) the jobs' per-lab
+alignment of the frozen outputs (``crossval.lab_alignment``; the lab detector still compares
+the unaligned ones), it trains:
 
 - in-lab: grouped 5-fold cross-validation over both labs (the other lab always in training);
 - lab held out: KRD-WBC only (tested on PBC-dev) and PBC-dev only (tested on KRD-WBC).
@@ -20,7 +22,8 @@ Prints:
    thresholds (with 95% intervals), and accuracy at fixed coverages, in-lab and held out;
 2. not one of the five: the share of each unseen kind flagged not_a_known_cell or
    no_cell_found, the AUROC of ``cell_distance`` against in-lab test cells, and the share of
-   in-lab five-class cells flagged so;
+   in-lab five-class cells flagged so; the share of each kind with any flag (what reaches a
+   reviewer) and the classes its unflagged cells are called;
 3. shift alarm: the share of simulated slides (``--slides`` draws of 50 and 100 cells) that
    alarm, for held-out cells of the trained labs (also rescaled and stain-shifted as
    ``benchmarks/accuracy.py`` shifts them) and for the lab held out, and the alarm on each
@@ -133,8 +136,13 @@ def non_blood(df: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[str, l
 
 # --- measures ---------------------------------------------------------------------------------
 def scored(model, detectors: review.ReviewModel, feats: torch.Tensor, temperature: float,
-           found: np.ndarray) -> dict:
-    logits, cell_f, lab_f = review.embed(model, feats)
+           found: np.ndarray, align=None) -> dict:
+    """Probabilities, cell distances, lab-detector verdicts and flag reasons of frozen outputs
+    ``feats``; ``align``: feats -> the aligned outputs the head classifies (a model trained
+    with ``train.align``), while the lab detector compares the unaligned ones, as scoring does."""
+    lab_f = review.pooled(feats) if align is not None else None
+    logits, cell_f, lab_f = review.embed(model, feats if align is None else align(feats),
+                                         lab_features=lab_f)
     probs = metrics.softmax(logits, temperature)
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, found, detectors)
@@ -232,6 +240,7 @@ def main() -> int:
                          "PBC-dev's labels.csv, as make demo does)")
     labels = df.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
     source = df.source.to_numpy()
+    keys = df.sha256.to_numpy()
     meta = df[["image_id", "label", "group", "sha256", "source"]]
     pretrained = load_pretrained(config.model.source, config.model.weights_dir or None)
     model = build_classifier(pretrained, len(classes), freeze_until=config.model.freeze_until,
@@ -246,17 +255,22 @@ def main() -> int:
     eval_feats = {"original": crossval.features_of(model, crops, prec)}
     del crops
     found = df.cell_found.fillna(False).to_numpy(bool)
-    # Unseen kinds: PBC-dev's other cell types (their stored crops), then non-blood images.
+    # Unseen kinds: PBC-dev's other cell types (their stored crops), then non-blood images;
+    # with train.align each is mapped by the moments of the lab it would be scored with: its
+    # own, and KRD-WBC's for the non-blood kinds (the blank fields are KRD-WBC's).
     extra: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+    extra_lab: dict[str, np.ndarray | str] = {}
     for label in others:
         part = unseen[unseen.label == label]
         extra[label] = (crossval.features_of(model, crossval.crops_of(part), prec),
                         part.cell_found.fillna(False).to_numpy(bool))
+        extra_lab[label] = part.source.to_numpy()
     rng = np.random.default_rng(0)
     for kind, imgs in non_blood(everything, args.non_blood, rng).items():
         made = [cell_crop(img, size, context=ctx, stain=stain) for img in imgs]
         extra[kind] = (crossval.features_of(model, np.stack([m[0] for m in made]), prec),
                        np.asarray([m[1].found for m in made]))
+        extra_lab[kind] = "KRD-WBC"
     # Shifted held-out cells (fold 0's test images, re-located and cropped under the shift).
     roles0 = train_val_test(meta, folds=args.folds, test_fold=0, val_fraction=t.val_fraction,
                             seed=0)
@@ -277,27 +291,39 @@ def main() -> int:
         rec: dict = {"name": name, "test": te, "own": own}
 
         def inspect(model, result, train_feats, train_labels):
-            det = review.fit(model, train_feats, train_labels, eval_feats["original"][va],
-                             labels[va], result.temperature, len(classes), r,
-                             plain_pooled=review.pooled(eval_feats["original"][tr]),
+            # The alignment train_and_test trained with (the same call gives the same maps):
+            # each lab's rows by its moments; the unseen kinds by the lab they came from.
+            alignment = (crossval.lab_alignment(eval_feats["original"], source, keys, tr, te)
+                         if t.align else None)
+
+            def by(lab_of):
+                if alignment is None:
+                    return None
+                return lambda f: alignment.apply(f, np.broadcast_to(lab_of, len(f)))
+
+            original = eval_feats["original"]
+            val = original[va] if alignment is None else by(source[va])(original[va])
+            det = review.fit(model, train_feats, train_labels, val, labels[va], result.temperature, len(classes), r,
+                             plain_pooled=review.pooled(original[tr]),
                              plain_labels=labels[tr], plain_labs=source[tr],
-                             val_labs=source[va])
+                             val_labs=source[va], val_pooled=review.pooled(original[va]))
             rec["detectors"] = det
-            rec["test_scored"] = scored(model, det, eval_feats["original"][te],
-                                        result.temperature, found[te])
+            rec["test_scored"] = scored(model, det, original[te], result.temperature,
+                                        found[te], by(source[te]))
             if own is not None:
-                rec["own_scored"] = scored(model, det, eval_feats["original"][own],
-                                           result.temperature, found[own])
-            rec["extra"] = {k: scored(model, det, f, result.temperature, fd)
+                rec["own_scored"] = scored(model, det, original[own], result.temperature,
+                                           found[own], by(source[own]))
+            rec["extra"] = {k: scored(model, det, f, result.temperature, fd, by(extra_lab[k]))
                             for k, (f, fd) in extra.items()}
             if shifted_ok:
                 rec["shifted"] = {k: (scored(model, det, f, result.temperature,
-                                             np.ones(len(f), bool)))
+                                             np.ones(len(f), bool), by(source[shifted_rows])))
                                   for k, f in shifted.items()}
 
         t0 = time.perf_counter()
         crossval.train_and_test(model, view_feats, eval_feats, labels, tr, va, te, base,
-                                len(classes), run=run_id, labs=source, inspect=inspect)
+                                len(classes), run=run_id, labs=source, inspect=inspect,
+                                align=t.align, keys=keys)
         logging.info("%s: trained and scored in %.0f s", name, time.perf_counter() - t0)
         runs.append(rec)
         return rec
@@ -370,11 +396,19 @@ def main() -> int:
             "cell_d"]))], np.r_[x["test_scored"]["cell_d"], x["extra"][kind]["cell_d"]])
             for x in inlab]
         lo, hi = metrics.wilson(int(flagged.sum()), len(flagged))
+        # What a reviewer sees: any flag at all, and the class the unflagged ones get.
+        reasons = sum((list(x["extra"][kind]["reasons"]) for x in inlab), [])
+        anyflag = np.asarray([r is not None for r in reasons])
+        called = np.concatenate([x["extra"][kind]["probs"].argmax(1) for x in inlab])
+        unflagged = np.bincount(called[~anyflag], minlength=len(classes))
         out["unknown"][kind] = {"flagged": float(flagged.mean()), "ci": (lo, hi),
-                                "auroc": float(np.mean(aucs)), "images": len(extra[kind][1])}
+                                "auroc": float(np.mean(aucs)), "images": len(extra[kind][1]),
+                                "any_flag": float(anyflag.mean()),
+                                "unflagged_called": dict(zip(classes, unflagged.tolist()))}
         lines.append(f"{kind:<44} flagged {flagged.mean():.3f} [{lo:.3f}, {hi:.3f}] "
                      f"(in-lab models, {len(extra[kind][1])} images x {len(inlab)}), AUROC "
-                     f"{np.mean(aucs):.3f}")
+                     f"{np.mean(aucs):.3f}; any flag {anyflag.mean():.3f}, unflagged called "
+                     + " ".join(f"{c[:3]} {n}" for c, n in zip(classes, unflagged)))
 
     lines.append(f"== 3. shift alarm: share of simulated slides that alarm (alarm_share "
                  f"{r.alarm_share}, {args.slides} slides each)")

@@ -391,3 +391,33 @@ def test_confusion_crops_counts_each_pair_and_draws_its_cells(tiny_artifact, tmp
     with pytest.raises(SystemExit, match="wants TRUE:PREDICTED"):
         bench.main(["--results", *tables, "--model", str(tiny_artifact),
                     "--pairs", "Neutrophil", "--out", str(out)])
+
+
+def test_the_review_benchmark_classifies_aligned_outputs_and_compares_the_unaligned(
+        tiny_artifact):
+    """benchmarks/review.py scores as a model trained with train.align does: the head and the
+    cell detector see the aligned frozen outputs, the lab detector the unaligned ones."""
+    import torch
+
+    from conftest import smear
+    from wbc_spark import artifact, review
+    from wbc_spark.transforms import cell_crop
+
+    bench = _benchmark("review")
+    model, meta = artifact.load(tiny_artifact)
+    detectors = review.ReviewModel.from_state(meta["review"])
+    crops = np.stack([cell_crop(smear(seed=i, radius=20 + i), 224)[0] for i in range(4)])
+    frozen = model.embed_frozen(torch.from_numpy(crops))
+    found = np.ones(4, bool)
+
+    plain = bench.scored(model, detectors, frozen, 1.0, found)
+    logits, cell, pooled = review.embed(model, frozen)
+    assert np.allclose(plain["probs"], review.softmax(logits, 1.0))
+
+    shift = lambda f: f * 3.0 + 0.5  # noqa: E731 (a stand-in for a lab's channel map)
+    aligned = bench.scored(model, detectors, frozen, 1.0, found, shift)
+    want_logits, want_cell, _ = review.embed(model, shift(frozen))
+    assert np.allclose(aligned["probs"], review.softmax(want_logits, 1.0))
+    assert not np.allclose(aligned["probs"], plain["probs"])
+    assert np.allclose(aligned["cell_d"], detectors.distances(want_cell, pooled)[0])
+    assert np.array_equal(aligned["beyond"], plain["beyond"])  # the lab detector: unaligned
