@@ -303,7 +303,8 @@ def main() -> int:
 
             original = eval_feats["original"]
             val = original[va] if alignment is None else by(source[va])(original[va])
-            det = review.fit(model, train_feats, train_labels, val, labels[va], result.temperature, len(classes), r,
+            det = review.fit(model, train_feats, train_labels, val, labels[va],
+                             result.temperature, len(classes), r,
                              plain_pooled=review.pooled(original[tr]),
                              plain_labels=labels[tr], plain_labs=source[tr],
                              val_labs=source[va], val_pooled=review.pooled(original[va]))
