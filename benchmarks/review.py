@@ -140,9 +140,8 @@ def scored(model, detectors: review.ReviewModel, feats: torch.Tensor, temperatur
     """Probabilities, cell distances, lab-detector verdicts and flag reasons of frozen outputs
     ``feats``; ``align``: feats -> the aligned outputs the head classifies (a model trained
     with ``train.align``), while the lab detector compares the unaligned ones, as scoring does."""
-    lab_f = review.pooled(feats) if align is not None else None
     logits, cell_f, lab_f = review.embed(model, feats if align is None else align(feats),
-                                         lab_features=lab_f)
+                                         lab_features=review.pooled(feats))
     probs = metrics.softmax(logits, temperature)
     cell_d, _, beyond, _ = detectors.distances(cell_f, lab_f)
     reasons = review.flags(probs.max(1), cell_d, found, detectors)
@@ -296,14 +295,13 @@ def main() -> int:
             alignment = (crossval.lab_alignment(eval_feats["original"], source, keys, tr, te)
                          if t.align else None)
 
-            def by(lab_of):
-                if alignment is None:
-                    return None
-                return lambda f: alignment.apply(f, np.broadcast_to(lab_of, len(f)))
+            def by(lab_of):  # frozen outputs -> what the head sees, for rows of lab(s) lab_of
+                return lambda f: (f if alignment is None else
+                                  alignment.apply(f, np.broadcast_to(lab_of, len(f))))
 
             original = eval_feats["original"]
-            val = original[va] if alignment is None else by(source[va])(original[va])
-            det = review.fit(model, train_feats, train_labels, val, labels[va],
+            det = review.fit(model, train_feats, train_labels, by(source[va])(original[va]),
+                             labels[va],
                              result.temperature, len(classes), r,
                              plain_pooled=review.pooled(original[tr]),
                              plain_labels=labels[tr], plain_labs=source[tr],

@@ -168,8 +168,9 @@ def confidence_threshold(confidence: np.ndarray, target: float) -> tuple[float, 
     Expected, not counted: a validation split of about 600 cells holds a handful of errors
     among its most confident cells, and where they fall decided a counted threshold. On the
     five in-lab folds of ``benchmarks/review.py`` counting gave thresholds of 0.955-0.999 and
-    kept 9-59% of the validation cells; the calibrated expectation, on the same folds'
-    held-out cells, 0.981-0.987 and 44-55% (docs/RESULTS.md, "Review flags", session 44)."""
+    kept 9-59% of the validation cells; the calibrated expectation, the same folds trained
+    again, 0.983-0.987 and 42-56%, at the same accuracy of the unflagged test cells
+    (docs/RESULTS.md, "Review flags", session 44)."""
     order = np.argsort(-confidence, kind="stable")
     ranked = np.asarray(confidence, float)[order]
     expected = np.cumsum(ranked) / np.arange(1, len(ranked) + 1)
@@ -229,10 +230,11 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     drawn at random; the head learnt from augmented views), the lab detector on unaugmented
     training crops (``plain_pooled``, their frozen outputs as ``pooled`` gives them, with their
     labels and labs). Thresholds: the confidence threshold for ``settings.target_accuracy`` of
-    the unflagged (expected from the calibrated probabilities: ``confidence_threshold``); the cell threshold at the ``settings.cell_quantile`` of validation cells;
-    each lab's threshold at the ``settings.lab_quantile`` of its own validation cells
-    (``val_labs``). ``val_pooled``: the validation cells' pooled outputs for the lab detector,
-    when ``val_frozen`` is aligned (``wbc_spark.align``) and they differ. ``val_probs``: the
+    the unflagged (expected from the calibrated probabilities: ``confidence_threshold``); the
+    cell threshold at the ``settings.cell_quantile`` of validation cells; each lab's threshold
+    at the ``settings.lab_quantile`` of its own validation cells (``val_labs``).
+    ``val_pooled``: the validation cells' pooled outputs for the lab detector, when
+    ``val_frozen`` is aligned (``wbc_spark.align``) and they differ. ``val_probs``: the
     validation cells' probabilities where they are not ``val_frozen``'s at ``temperature``
     (a model that averages test-time views, ``model.test_views``).
     """
