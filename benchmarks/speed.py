@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/speed.py [--images 10000] [--slides 20] [--repeats 3]
     .venv/bin/python benchmarks/speed.py --job-only fp32,int8 [--images 2000] [--repeats 1]
     (each precision: the job's rate, then its fixed cost per run and marginal rate per image)
+    .venv/bin/python benchmarks/speed.py --knobs [--images 2000]
+    (the job under each scoring setting of KNOBS: Arrow batch, workers x threads, tasks)
 
 1. Builds a benchmark lake of distinct 512 x 512 JPEGs from KRD-WBC (flips, rotations and
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
@@ -218,6 +220,54 @@ def score_args_for(model: str, precision: str) -> Callable[[Path, Path], list[st
 def ingest_args_for(lake: Path, out: Path) -> list[str]:
     return ["data.source=folder", f"data.lake={lake}", f"data.dataset={out}",
             f"data.quarantine={out}_quarantine"]
+
+
+# Scoring settings timed by --knobs (issue 12: threads per Python worker against workers per
+# executor, the Arrow batch size; and how many tasks the images are spread over). Each is one
+# job run with these overrides; the rows without overrides are the default, timed first and
+# last, and their spread is the run-to-run noise the others are read against.
+KNOBS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("default (local[2]: 2 workers x 1 thread, batch 64, 4 tasks per core)", ()),
+    ("Arrow batch 16", ("score.batch_size=16",)),
+    ("Arrow batch 32", ("score.batch_size=32",)),
+    ("Arrow batch 128", ("score.batch_size=128",)),
+    ("Arrow batch 256", ("score.batch_size=256",)),
+    ("1 worker x 2 threads (local[1])", ("spark.master=local[1]", "score.threads_per_worker=2")),
+    ("2 workers x 2 threads", ("score.threads_per_worker=2",)),
+    ("1 task per core", ("score.tasks_per_core=1",)),
+    ("default again", ()),
+)
+
+
+def knob_table(timed: list[tuple[str, tuple[str, ...], float]]) -> list[str]:
+    """Lines for (label, overrides, images/s) runs: each rate against the mean of the default
+    runs (those without overrides), and that mean with its runs' range."""
+    base = [rate for _, overrides, rate in timed if not overrides]
+    if not base:
+        raise ValueError("no default run (one without overrides) to compare the settings with")
+    mean = statistics.fmean(base)
+    lines = [f"  {label:<70} {rate:6.1f} images/s  {rate / mean:5.2f}x"
+             for label, _, rate in timed]
+    lines.append(f"  default: mean {mean:.1f} images/s over {len(base)} runs "
+                 f"(range {min(base):.1f}-{max(base):.1f}); a setting outside that range "
+                 "by more than the range's width is a change, otherwise noise")
+    return lines
+
+
+def knob_lines(args_for: Callable[[Path, Path], list[str]], lake: Path, res: Path,
+               knobs=KNOBS) -> list[str]:
+    """Time the scoring job once per setting of ``knobs`` on ``lake`` (a fresh results table
+    each run), after one untimed run that measures and stores the lake's profile (a first
+    run's one-off cost), and return knob_table's lines."""
+    local = REPO / "conf" / "local.yaml"
+    load_config(local, [o for _, overrides in knobs for o in overrides])  # refuse a bad key first
+    run_path("job", local, args_for(lake, res), [res])
+    timed = []
+    for label, overrides in knobs:
+        rate = run_path("job", local, [*args_for(lake, res), *overrides], [res])[0]
+        print(f"  ... {label}: {rate:.1f} images/s", flush=True)
+        timed.append((label, overrides, rate))
+    return knob_table(timed)
 
 
 INGEST_DIR = REPO / "runs" / "bench_ingest"
@@ -444,6 +494,9 @@ def main() -> int:
     parser.add_argument("--job-only", default="", metavar="PRECISIONS",
                         help="time only the scoring job, once per comma-separated precision "
                              "(e.g. fp32,int8), and stop")
+    parser.add_argument("--knobs", action="store_true",
+                        help="time only the scoring job under each setting of KNOBS (Arrow "
+                             "batch, workers x threads, tasks per core), and stop")
     parser.add_argument("--ingest-only", action="store_true",
                         help="time only the ingest job (and its per-run split), and stop")
     parser.add_argument("--lake", default=str(REPO / "runs" / "bench_lake"))
@@ -470,6 +523,11 @@ def main() -> int:
     score_args = score_for(timed, res)
     if args.ingest_only:
         print(ingest_lines(lake, timed, len(paths), args.repeats), flush=True)
+        return 0
+    if args.knobs:
+        print(f"scoring job on {len(paths)} images, score.precision={cfg.score.precision}, "
+              "one run per setting:", flush=True)
+        print("\n".join(knob_lines(score_for, timed, res)), flush=True)
         return 0
     if args.job_only:
         for precision in args.job_only.split(","):

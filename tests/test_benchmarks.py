@@ -421,3 +421,20 @@ def test_the_review_benchmark_classifies_aligned_outputs_and_compares_the_unalig
     assert not np.allclose(aligned["probs"], plain["probs"])
     assert np.allclose(aligned["cell_d"], detectors.distances(want_cell, pooled)[0])
     assert np.array_equal(aligned["beyond"], plain["beyond"])  # the lab detector: unaligned
+
+
+def test_the_scoring_knobs_are_valid_overrides_and_read_against_the_default_runs(speed):
+    from wbc_spark.config import load_config
+
+    for _, overrides in speed.KNOBS:
+        cfg = load_config(speed.REPO / "conf" / "local.yaml", list(overrides))
+        for o in overrides:  # each override reached the config it names
+            section, key = o.split("=")[0].split(".")
+            value = getattr(getattr(cfg, section), key)
+            assert str(value) == o.split("=")[1]
+    lines = speed.knob_table([("default", (), 40.0), ("batch 16", ("score.batch_size=16",), 30.0),
+                              ("default again", (), 50.0)])
+    assert lines[1].split()[-3:] == ["30.0", "images/s", "0.67x"]  # against the mean, 45
+    assert "mean 45.0 images/s over 2 runs (range 40.0-50.0)" in lines[-1]
+    with pytest.raises(ValueError, match="no default run"):
+        speed.knob_table([("batch 16", ("score.batch_size=16",), 30.0)])

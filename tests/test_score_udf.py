@@ -205,3 +205,15 @@ def test_a_model_with_test_views_scores_the_mean_of_the_flips(tiny_artifact):
     # the detectors compare the image itself
     assert np.allclose(four.cell_distance, alone[0].cell_distance)
     assert np.allclose(four.lab_distance, alone[0].lab_distance)
+
+
+def test_threads_beyond_the_cores_spark_counts_per_task_are_warned_about():
+    from wbc_spark.score import thread_warning
+
+    assert thread_warning(1, 1) is None
+    assert thread_warning(2, 2) is None
+    assert thread_warning(1, 4) is None
+    text = thread_warning(2, 1)
+    assert "score.threads_per_worker=2 but spark.task.cpus=1" in text
+    assert "2 torch threads" in text and "spark.task.cpus=2" in text
+    assert "1.5 torch threads" in thread_warning(3, 2)

@@ -585,6 +585,17 @@ def _count(value) -> int:
     return 0 if value is None or value != value else int(value)
 
 
+def thread_warning(threads: int, task_cpus: int) -> str | None:
+    """Why ``threads`` torch threads per Python worker outrun the ``task_cpus`` cores Spark
+    counts for each of its tasks, or None when they do not."""
+    if threads <= task_cpus:
+        return None
+    return (f"score.threads_per_worker={threads} but spark.task.cpus={task_cpus}: Spark runs "
+            f"a task on every core, so each core gets {threads / task_cpus:g} torch threads "
+            f"(measured: 2 workers x 2 threads on 2 cores, 0.58x the images/s of 2 x 1; "
+            f"docs/PERFORMANCE.md). Set spark.task.cpus={threads} too, or leave 1 thread")
+
+
 def run_scoring(spark: SparkSession, config: Config) -> dict:
     """Score what this model has not scored yet; append results; rebuild the per-class table."""
     s = config.score
@@ -604,6 +615,10 @@ def run_scoring(spark: SparkSession, config: Config) -> dict:
     log.info("review thresholds: %s (lab_threshold 0: per training lab %s); shift alarm above "
              "%.0f%% of cells beyond the labs' range", thresholds,
              dict(zip(lab.labs, lab.thresholds.round(3))), 100 * config.review.alarm_share)
+    warning = thread_warning(s.threads_per_worker,
+                             int(spark.sparkContext.getConf().get("spark.task.cpus", "1")))
+    if warning:
+        log.warning(warning)
     spark.sparkContext.addFile(model_path)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.batch_size))
     table = s.results
