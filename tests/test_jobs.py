@@ -315,3 +315,19 @@ def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path,
                    f"score.results={tmp_path / 'few_res'}", "score.lab=north")
     assert "scored 3 new images" in known.stdout
     assert "training lab north's stored moments" in known.stdout + known.stderr
+
+    # One class's folder would give a profile of one class: refused unless score.lab_profile
+    # names the lab's folder, whose stored profile is then used (and none is measured anew).
+    one_class = tmp_path / "elsewhere_labelled" / CLASSES[1].lower()
+    one_class.mkdir(parents=True)
+    for i in range(3):
+        smear(seed=970 + i, hue_shift=40).save(one_class / f"{i}.jpg")
+    one_args = [f"score.input={one_class}", f"score.model={model / 'model.pt'}",
+                f"score.results={tmp_path / 'res'}"]
+    refused = spark_submit("score", *one_args)
+    assert refused.returncode == 1
+    assert f"one class's folder ({CLASSES[1]})" in refused.stdout + refused.stderr
+    by_lab = run_ok("score", *one_args, f"score.lab_profile={new_lab}")
+    assert "scored 3 new images" in by_lab.stdout
+    assert f"the lab profile of 34 images of {new_lab}" in by_lab.stdout + by_lab.stderr
+    assert len(pd.read_parquet(tmp_path / "res_lab_profiles")) == 1

@@ -217,3 +217,19 @@ def test_threads_beyond_the_cores_spark_counts_per_task_are_warned_about():
     assert "score.threads_per_worker=2 but spark.task.cpus=1" in text
     assert "2 torch threads" in text and "spark.task.cpus=2" in text
     assert "1.5 torch threads" in thread_warning(3, 2)
+
+
+def test_a_folder_of_one_class_is_told_from_a_lab_s_folder():
+    from wbc_spark.score import one_class_folder
+
+    classes = ["Neutrophil", "Lymphocyte", "Platelet"]
+    assert one_class_folder("/labs/north/Lymphocyte", classes) == "Lymphocyte"
+    assert one_class_folder("/labs/north/lymphocyte/", classes) == "Lymphocyte"
+    assert one_class_folder("hdfs://nn/labs/NEUTROPHIL", classes) == "Neutrophil"
+    assert one_class_folder("/labs/north/platelet/*.jpg", classes) == "Platelet"
+    # days under one class's folder are still that class alone
+    assert one_class_folder("/labs/north/Lymphocyte/day[12]/*.jpg", classes) == "Lymphocyte"
+    assert one_class_folder("/labs/north", classes) is None
+    assert one_class_folder("/labs/Lymphocyte/north", classes) is None  # a lab under it
+    assert one_class_folder("/labs/north/*/*.jpg", classes) is None
+    assert one_class_folder("/labs/north/lymphocytes", classes) is None

@@ -244,6 +244,11 @@ class ScoreConfig:
     # row per model and score.input, which later runs of that input reuse; or the name of a
     # lab the model was trained on, whose stored moments are used.
     lab: str = ""
+    # Where the lab profile is measured and under which input it is kept: "" (the default)
+    # score.input itself; or the lab's whole folder, glob or dataset when score.input is a
+    # part of it that does not mix its cells as the lab does (one class's folder is refused
+    # without it: see wbc_spark.score.one_class_folder).
+    lab_profile: str = ""
     lab_profile_images: int = 256
 
 

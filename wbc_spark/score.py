@@ -62,7 +62,9 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -367,14 +369,23 @@ def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
                             "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
 
 
+def one_class_folder(src: str, classes: list[str]) -> str | None:
+    """The class whose name a folder input (or a glob's folder) ends in, case aside:
+    ``.../Lymphocyte`` or ``.../lymphocyte/*.jpg`` give "Lymphocyte"; else None."""
+    if any(ch in src for ch in "*?["):
+        src = os.path.dirname(re.split(r"[*?\[]", src, maxsplit=1)[0])
+    name = src.rstrip("/").rsplit("/", 1)[-1].lower()
+    return {c.lower(): c for c in classes}.get(name)
+
+
 def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file: str,
                     frame: DataFrame, kind: str, run_id: str) -> tuple[ChannelMap | None, str]:
     """The channel map a model trained with ``train.align`` scores by, and where it came
     from: a training lab's stored moments (``score.lab``), else this results table's lab
-    profile for the model and ``score.input``, measured now when there is none, on
-    ``score.lab_profile_images`` of the input's images (the smallest SHA-256s). Measuring
-    reads and hashes every image once more than the scoring pass does: a one-off cost per
-    model and input. (None, "") for a model trained without."""
+    profile for the model and ``score.lab_profile`` (default ``score.input``), measured now
+    when there is none, on ``score.lab_profile_images`` of its images (the smallest SHA-256s).
+    Measuring reads and hashes every image once more than the scoring pass does: a one-off
+    cost per model and input. (None, "") for a model trained without."""
     s, model_id = config.score, meta["model_id"]
     state = meta.get("alignment")
     if not state:
@@ -385,15 +396,27 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
     alignment = LabAlignment.from_state(state)
     if s.lab:
         return alignment.map_for(s.lab), f"training lab {s.lab}'s stored moments"
+    named = None if s.lab_profile else one_class_folder(
+        s.input, [*meta["classes"], *config.other_labels])
+    if named:
+        raise ConfigError(
+            f"score.input={s.input}: one class's folder ({named}); a lab profile measured on "
+            "one class maps that class onto the lab's mean cell (PBC-dev's lymphocytes scored "
+            "alone: recall 0.33, against 0.92 by the profile of PBC-dev's folder; "
+            "docs/RESULTS.md). Set score.lab_profile to the lab's whole folder (here perhaps "
+            f"{s.input.rstrip('/').rsplit('/', 1)[0]}), or score.lab to a training lab")
+    source = s.lab_profile or s.input
     table = f"{s.results}_lab_profiles"
     stored = (tables.read(spark, table, PROFILE_SCHEMA)
-              .where((F.col("model_id") == model_id) & (F.col("input") == s.input))
+              .where((F.col("model_id") == model_id) & (F.col("input") == source))
               .orderBy("measured_at").limit(1).collect())
     if stored:
         row = stored[0]
         moments = Moments.from_state(json.loads(row.moments))
         return (alignment.map_for("", moments),
                 f"the lab profile of {row.images} images of {row.input} ({table})")
+    if source != s.input:
+        frame, kind = _input_frame(spark, replace(config, score=replace(s, input=source)), meta)
     sample = (frame.where(F.col("sha256").isNotNull() & F.col("outside").isNull())
               .select("sha256", "data").dropDuplicates(["sha256"]).orderBy("sha256")
               .limit(s.lab_profile_images).repartition(spark.sparkContext.defaultParallelism))
@@ -406,17 +429,17 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
     images_read = sum(p.images for p in parts)
     if images_read < LAB_PROFILE_MIN:
         raise ValueError(
-            f"{s.input}: {images_read} readable images to measure the lab's moments; model "
+            f"{source}: {images_read} readable images to measure the lab's moments; model "
             f"{model_id} was trained with train.align and needs at least {LAB_PROFILE_MIN}: "
             "score more of the lab's images at once, or set score.lab to one of its training "
             f"labs ({', '.join(sorted(alignment.labs))})")
     moments = functools.reduce(lambda a, b: a + b, parts)
     profile = spark.createDataFrame(
-        [(model_id, s.input, moments.images, json.dumps(moments.to_state()),
+        [(model_id, source, moments.images, json.dumps(moments.to_state()),
           datetime.now(timezone.utc))], PROFILE_SCHEMA)
     tables.append(profile, table, run_id, partitions=1)
     return (alignment.map_for("", moments),
-            f"a new lab profile of {moments.images} images of {s.input} ({table})")
+            f"a new lab profile of {moments.images} images of {source} ({table})")
 
 
 def _spark_file(name: str) -> str:
