@@ -151,9 +151,6 @@ class TrainConfig:
     # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28; those runs'
     # heads started unseeded; seeded, session 29, k = 25: +0.010, 2 of 3 draws higher).
     sampling: str = "lab_class"
-    # Chance per training step that each view's channel statistics over its positions at the
-    # frozen layers' output are mixed with another view's of the step (MixStyle); 0 is off.
-    mix_style: float = 0.0
     seed: int = 0
     folds: int = 5
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing

@@ -44,7 +44,6 @@ class Recipe:
     sampling: str = "shuffle"
     seed: int = 0
     step_precision: str = "fp32"
-    mix_style: float = 0.0
 
     @classmethod
     def from_config(cls, train_config) -> Recipe:
@@ -110,40 +109,19 @@ class HeadOnly(nn.Module):
         return self.model.head(features)
 
 
-def mix_style(x: torch.Tensor, p: float, rng: np.random.Generator,
-              alpha: float = 0.1, eps: float = 1e-6) -> torch.Tensor:
-    """With probability ``p``, each image's channel means and deviations over its positions
-    (its "style") mixed with another image's of the batch by a Beta(alpha, alpha) weight,
-    its normalised pattern kept; else ``x`` as it is (N x C x H x W, float)."""
-    if p <= 0 or len(x) < 2 or rng.random() >= p:
-        return x
-    mu = x.mean(dim=(2, 3), keepdim=True)
-    sigma = (x.var(dim=(2, 3), keepdim=True) + eps).sqrt()
-    lam = torch.as_tensor(rng.beta(alpha, alpha, (len(x), 1, 1, 1)), dtype=x.dtype)
-    other = torch.as_tensor(rng.permutation(len(x)))
-    mixed_mu = lam * mu + (1 - lam) * mu[other]
-    mixed_sigma = lam * sigma + (1 - lam) * sigma[other]
-    return (x - mu) / sigma * mixed_sigma + mixed_mu
-
-
 def train_one_epoch(head: nn.Module, batches: Iterable[Batch], optimizer, scheduler,
-                    loss_fn: nn.Module, precision: str = "fp32", mix: float = 0.0,
-                    rng: np.random.Generator | None = None) -> float:
+                    loss_fn: nn.Module, precision: str = "fp32") -> float:
     """One pass over ``batches`` of (frozen features, labels); returns the mean loss.
 
     ``precision``: the forward pass's arithmetic ("bf16": CPU autocast, so the convolutions
     and their backward run in bfloat16 while the weights, their gradients, the optimiser
-    step and the loss stay fp32; "auto" as ``resolve_precision``). ``mix``: the chance of
-    ``mix_style`` per batch."""
+    step and the loss stay fp32; "auto" as ``resolve_precision``)."""
     head.train()
     total, count = 0.0, 0
     for features, labels in batches:
         optimizer.zero_grad(set_to_none=True)
-        features = features.float()
-        if mix > 0:
-            features = mix_style(features, mix, rng)
         with inference_precision(precision):
-            logits = head(features)
+            logits = head(features.float())
         loss = loss_fn(logits.float(), labels)
         loss.backward()
         optimizer.step()
@@ -277,11 +255,10 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
     optimizer, scheduler = make_optimizer(model, recipe, recipe.epochs * steps_per_epoch)
     best = (-1.0, math.inf)
     best_state, best_epoch, history = None, -1, []
-    mix_rng = np.random.default_rng(recipe.seed)
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
         loss = train_one_epoch(head, epoch_batches(epoch), optimizer, scheduler, loss_fn,
-                               recipe.step_precision, recipe.mix_style, mix_rng)
+                               recipe.step_precision)
         record = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - start}
         if val is not None:
             logits = head_logits(model, val[0])
