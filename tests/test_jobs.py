@@ -331,3 +331,7 @@ def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path,
     assert "scored 3 new images" in by_lab.stdout
     assert f"the lab profile of 34 images of {new_lab}" in by_lab.stdout + by_lab.stderr
     assert len(pd.read_parquet(tmp_path / "res_lab_profiles")) == 1
+    missing = spark_submit("score", *one_args, f"score.lab_profile={tmp_path / 'nowhere'}")
+    assert missing.returncode == 1
+    assert f"{tmp_path / 'nowhere'}: score.lab_profile not found" in (missing.stdout
+                                                                      + missing.stderr)

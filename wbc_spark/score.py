@@ -416,7 +416,8 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
         return (alignment.map_for("", moments),
                 f"the lab profile of {row.images} images of {row.input} ({table})")
     if source != s.input:
-        frame, kind = _input_frame(spark, replace(config, score=replace(s, input=source)), meta)
+        frame, kind = _input_frame(spark, replace(config, score=replace(s, input=source)), meta,
+                                   setting="score.lab_profile")
     sample = (frame.where(F.col("sha256").isNotNull() & F.col("outside").isNull())
               .select("sha256", "data").dropDuplicates(["sha256"]).orderBy("sha256")
               .limit(s.lab_profile_images).repartition(spark.sparkContext.defaultParallelism))
@@ -452,8 +453,10 @@ def _is_dataset(spark: SparkSession, path: str) -> bool:
     return p.is_dir() and (any(p.glob("batch=*")) or any(p.glob("*.parquet")))
 
 
-def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataFrame, str]:
-    """(frame with KEY, image_id, slide, data) and the kind of ``data`` ("crop" or "image")."""
+def _input_frame(spark: SparkSession, config: Config, meta: dict,
+                 setting: str = "score.input") -> tuple[DataFrame, str]:
+    """(frame with KEY, image_id, slide, data) and the kind of ``data`` ("crop" or "image")
+    of ``score.input`` (``setting``: the setting that named it, for the errors)."""
     src = config.score.input
     if not src:
         raise ValueError("score.input is empty: give an image folder, a glob or a dataset")
@@ -473,7 +476,7 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict) -> tuple[DataF
                          F.lit(None).cast("string").alias("outside")), kind
     is_glob = any(ch in src for ch in "*?[")
     if not is_glob and not Path(src).exists() and "://" not in src:
-        raise FileNotFoundError(f"{src}: score.input not found")
+        raise FileNotFoundError(f"{src}: {setting} not found")
     root = src if is_glob or "://" in src else str(Path(src).resolve())
     reader = spark.read.format("binaryFile")
     if not is_glob:
@@ -615,7 +618,7 @@ def thread_warning(threads: int, task_cpus: int) -> str | None:
         return None
     return (f"score.threads_per_worker={threads} but spark.task.cpus={task_cpus}: Spark runs "
             f"a task on every core, so each core gets {threads / task_cpus:g} torch threads "
-            f"(measured: 2 workers x 2 threads on 2 cores, 0.58x the images/s of 2 x 1; "
+            "(measured: 2 workers x 2 threads on 2 cores, 0.58x the images/s of 2 x 1; "
             f"docs/PERFORMANCE.md). Set spark.task.cpus={threads} too, or leave 1 thread")
 
 
