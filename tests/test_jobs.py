@@ -326,7 +326,8 @@ def test_lab_alignment_trains_per_lab_and_scores_by_a_kept_lab_profile(tmp_path,
                 f"score.results={tmp_path / 'res'}"]
     refused = spark_submit("score", *one_args)
     assert refused.returncode == 1
-    assert f"one class's folder ({CLASSES[1]})" in refused.stdout + refused.stderr
+    assert (f"one class's folder ({CLASSES[1]})" in refused.stdout + refused.stderr
+            and f"(here perhaps {one_class.parent})" in refused.stdout + refused.stderr)
     by_lab = run_ok("score", *one_args, f"score.lab_profile={new_lab}")
     assert "scored 3 new images" in by_lab.stdout
     assert f"the lab profile of 34 images of {new_lab}" in by_lab.stdout + by_lab.stderr

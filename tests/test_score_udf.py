@@ -223,13 +223,18 @@ def test_a_folder_of_one_class_is_told_from_a_lab_s_folder():
     from wbc_spark.score import one_class_folder
 
     classes = ["Neutrophil", "Lymphocyte", "Platelet"]
-    assert one_class_folder("/labs/north/Lymphocyte", classes) == "Lymphocyte"
-    assert one_class_folder("/labs/north/lymphocyte/", classes) == "Lymphocyte"
-    assert one_class_folder("hdfs://nn/labs/NEUTROPHIL", classes) == "Neutrophil"
-    assert one_class_folder("/labs/north/platelet/*.jpg", classes) == "Platelet"
+    north = "/labs/north"
+    assert one_class_folder(f"{north}/Lymphocyte", classes) == ("Lymphocyte",
+                                                                f"{north}/Lymphocyte")
+    assert one_class_folder(f"{north}/lymphocyte/", classes) == ("Lymphocyte",
+                                                                 f"{north}/lymphocyte")
+    assert one_class_folder("hdfs://nn/labs/NEUTROPHIL", classes)[0] == "Neutrophil"
+    assert one_class_folder(f"{north}/platelet/*.jpg", classes) == ("Platelet",
+                                                                    f"{north}/platelet")
     # days under one class's folder are still that class alone
-    assert one_class_folder("/labs/north/Lymphocyte/day[12]/*.jpg", classes) == "Lymphocyte"
-    assert one_class_folder("/labs/north", classes) is None
+    assert one_class_folder(f"{north}/Lymphocyte/day[12]/*.jpg", classes) == (
+        "Lymphocyte", f"{north}/Lymphocyte")
+    assert one_class_folder(north, classes) is None
     assert one_class_folder("/labs/Lymphocyte/north", classes) is None  # a lab under it
-    assert one_class_folder("/labs/north/*/*.jpg", classes) is None
-    assert one_class_folder("/labs/north/lymphocytes", classes) is None
+    assert one_class_folder(f"{north}/*/*.jpg", classes) is None
+    assert one_class_folder(f"{north}/lymphocytes", classes) is None

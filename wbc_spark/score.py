@@ -369,13 +369,15 @@ def partial_moments(batches: Iterator[pd.DataFrame], model_path: str, kind: str,
                             "total": [m.total.tolist()], "squares": [m.squares.tolist()]})
 
 
-def one_class_folder(src: str, classes: list[str]) -> str | None:
-    """The class whose name a folder input (or a glob's folder) ends in, case aside:
-    ``.../Lymphocyte`` or ``.../lymphocyte/*.jpg`` give "Lymphocyte"; else None."""
+def one_class_folder(src: str, classes: list[str]) -> tuple[str, str] | None:
+    """(class, folder) when a folder input, or a glob's folder, is named after a class, case
+    aside: ``.../Lymphocyte`` and ``.../lymphocyte/*.jpg`` give ("Lymphocyte", the folder);
+    else None."""
     if any(ch in src for ch in "*?["):
         src = os.path.dirname(re.split(r"[*?\[]", src, maxsplit=1)[0])
-    name = src.rstrip("/").rsplit("/", 1)[-1].lower()
-    return {c.lower(): c for c in classes}.get(name)
+    folder = src.rstrip("/")
+    name = {c.lower(): c for c in classes}.get(folder.rsplit("/", 1)[-1].lower())
+    return (name, folder) if name else None
 
 
 def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file: str,
@@ -400,11 +402,11 @@ def lab_channel_map(spark: SparkSession, config: Config, meta: dict, model_file:
         s.input, [*meta["classes"], *config.other_labels])
     if named:
         raise ConfigError(
-            f"score.input={s.input}: one class's folder ({named}); a lab profile measured on "
-            "one class maps that class onto the lab's mean cell (PBC-dev's lymphocytes scored "
-            "alone: recall 0.33, against 0.92 by the profile of PBC-dev's folder; "
+            f"score.input={s.input}: one class's folder ({named[0]}); a lab profile measured "
+            "on one class maps that class onto the lab's mean cell (PBC-dev's lymphocytes "
+            "scored alone: recall 0.33, against 0.92 by the profile of PBC-dev's folder; "
             "docs/RESULTS.md). Set score.lab_profile to the lab's whole folder (here perhaps "
-            f"{s.input.rstrip('/').rsplit('/', 1)[0]}), or score.lab to a training lab")
+            f"{named[1].rsplit('/', 1)[0]}), or score.lab to a training lab")
     source = s.lab_profile or s.input
     table = f"{s.results}_lab_profiles"
     stored = (tables.read(spark, table, PROFILE_SCHEMA)
