@@ -438,3 +438,42 @@ def test_the_scoring_knobs_are_valid_overrides_and_read_against_the_default_runs
     assert "mean 45.0 images/s over 2 runs (range 40.0-50.0)" in lines[-1]
     with pytest.raises(ValueError, match="no default run"):
         speed.knob_table([("batch 16", ("score.batch_size=16",), 30.0)])
+
+
+def test_stage_alignment_maps_a_shifted_lab_onto_the_reference_stage_by_stage():
+    """Two labs of the same cells, one brighter and tinted: after the maps, the new lab's
+    outputs at each aligned stage have the reference's channel means (measured after the
+    earlier stages' maps, so the later map corrects what is left)."""
+    import torch
+    from torch import nn
+
+    stage_align = _benchmark("stage_align")
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = lambda x: x.permute(0, 3, 1, 2).float() / 255 - 0.5
+            self.frozen = nn.Sequential()
+            self.frozen.add_module("a", nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+            self.frozen.add_module("b", nn.Sequential(nn.Conv2d(4, 6, 3), nn.ReLU()))
+
+    aligner = stage_align.StageAligner(Tiny(), "fp32")
+    assert aligner.names() == ["input", "a", "b"]
+    rng = np.random.default_rng(0)
+    reference = rng.integers(40, 200, (24, 16, 16, 3)).astype(np.uint8)
+    new = np.clip(reference * np.array([1.2, 0.9, 1.1]) + 20, 0, 255).astype(np.uint8)
+
+    def means(images, maps, stage):
+        return aligner.moments(images, maps, stage).mean
+
+    plain = {s: np.abs(means(new, {}, s) - means(reference, {}, s)).max() for s in ("a", "b")}
+    maps = aligner.maps(reference, new, ["input", "b"])
+    assert set(maps) == {"input", "b"}
+    after = {s: np.abs(means(new, maps, s) - means(reference, {}, s)).max() for s in ("a", "b")}
+    assert after["b"] < 1e-4 < plain["b"]  # the aligned stage matches
+    assert after["a"] < plain["a"] / 2  # the input's map already moved the stage between
+    out = aligner.features(new, maps)
+    assert out.shape == (24, 6, 12, 12) and out.dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown stage.*nowhere.*input, a, b"):
+        aligner.maps(reference, new, ["a", "nowhere"])
