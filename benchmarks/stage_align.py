@@ -139,6 +139,13 @@ class StageAligner:
                           for i in range(0, len(images), chunk)])
 
 
+def lab_sample(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Up to ``LAB_SAMPLE`` of ``rows``, distinct ``keys`` (SHA-256), smallest first: the
+    images ``crossval.lab_alignment`` and the scoring job's lab profile measure a lab on."""
+    _, first = np.unique(keys[rows], return_index=True)
+    return rows[first[:LAB_SAMPLE]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
@@ -152,6 +159,9 @@ def main() -> int:
     parser.add_argument("--view-seed", type=int, default=1234)
     parser.add_argument("overrides", nargs="*", help="section.key=value for the recipe")
     args = parser.parse_args()
+    # ``--variants`` takes every word after it: section.key=value words are overrides
+    args.overrides += [v for v in args.variants if "=" in v]
+    args.variants = [v for v in args.variants if "=" not in v]
     crossval.benchmark_process(args.threads)
     config = load_config(args.config, args.overrides)
     classes = list(config.classes)
@@ -178,7 +188,7 @@ def main() -> int:
         raise SystemExit(str(exc)) from None
     crops = crossval.crops_of(df)
     if args.both:
-        both_labs(args, aligner, crops, df, labels, meta, variants[0], start)
+        both_labs(args, config, aligner, crops, df, labels, meta, variants[0], start)
         return 0
     view_feats = crossval.augmented_view_features(
         model, crops, t.views, seed=args.view_seed,
@@ -188,17 +198,13 @@ def main() -> int:
           f"{time.perf_counter() - start:.0f} s; stages {', '.join(aligner.names())}",
           flush=True)
 
-    def sample(index: np.ndarray, lab: str) -> np.ndarray:
-        mine = index[source[index] == lab]
-        _, first = np.unique(keys[mine], return_index=True)
-        return mine[first[:LAB_SAMPLE]]
-
     base = Recipe.from_config(t)
     for train_lab in labs:
         test_lab = next(lab for lab in labs if lab != train_lab)
         tr, va = inner_validation(meta, np.flatnonzero(source == train_lab), t.val_fraction, 0)
         te = np.flatnonzero(source == test_lab)
-        reference, new = crops[sample(tr, train_lab)], crops[sample(te, test_lab)]
+        reference = crops[lab_sample(tr, keys)]
+        new = crops[lab_sample(te, keys)]
         eval_feats = {"original": original}
         for levels in variants:
             t0 = time.perf_counter()
@@ -220,18 +226,14 @@ def main() -> int:
     return 0
 
 
-def both_labs(args, aligner: StageAligner, crops: np.ndarray, df, labels: np.ndarray, meta,
-              levels: list[str], start: float) -> None:
+def both_labs(args, config, aligner: StageAligner, crops: np.ndarray, df, labels: np.ndarray,
+              meta, levels: list[str], start: float) -> None:
     """The both-labs part, the default against ``levels`` too, paired (module docstring)."""
-    config = load_config(args.config, args.overrides)
     classes, t = list(config.classes), config.train
     source, keys = df.source.to_numpy(), df.sha256.to_numpy()
     labs = sorted(set(source))
     rows = {lab: np.flatnonzero(source == lab) for lab in labs}
-    samples = {}
-    for lab in labs:
-        _, first = np.unique(keys[rows[lab]], return_index=True)
-        samples[lab] = crops[rows[lab][first[:LAB_SAMPLE]]]
+    samples = {lab: crops[lab_sample(rows[lab], keys)] for lab in labs}
     maps = {"default": {lab: {} for lab in labs},
             ",".join(levels): aligner.lab_maps(samples, levels)}
 
