@@ -110,28 +110,25 @@ class StageAligner:
         return x
 
     def maps(self, reference: np.ndarray, new: np.ndarray, levels: list[str]) -> dict:
-        """Maps of ``new``'s images onto ``reference``'s moments at each of ``levels``, each
-        measured after the earlier ones are applied."""
-        self.check(levels)
-        out: dict = {}
-        for name in self.names():
-            if name in levels:
-                out[name] = ChannelMap.between(self.moments(new, out, name),
-                                               self.moments(reference, {}, name))
-        return out
+        """Maps of ``new``'s images onto ``reference``'s own moments at each of ``levels``."""
+        return self.lab_maps({"reference": reference, "new": new}, levels, "reference")["new"]
 
-    def lab_maps(self, samples: dict, levels: list[str]) -> dict:
-        """Each lab's maps (``samples``: lab -> its images) onto the sum of the labs' moments
-        at each of ``levels``, each level measured after the earlier ones are applied."""
+    def lab_maps(self, samples: dict, levels: list[str], reference: str | None = None
+                 ) -> dict:
+        """Each lab's maps (``samples``: lab -> its images) at each of ``levels``, each level
+        measured after the earlier ones are applied: onto the sum of the labs' moments, or
+        onto lab ``reference``'s own (that lab then keeps its outputs as they are)."""
         self.check(levels)
         out: dict = {lab: {} for lab in samples}
         for name in self.names():
             if name in levels:
                 per_lab = {lab: self.moments(images, out[lab], name)
                            for lab, images in samples.items()}
-                reference = functools.reduce(operator.add, per_lab.values())
+                target = (per_lab[reference] if reference is not None
+                          else functools.reduce(operator.add, per_lab.values()))
                 for lab, moments in per_lab.items():
-                    out[lab][name] = ChannelMap.between(moments, reference)
+                    if lab != reference:
+                        out[lab][name] = ChannelMap.between(moments, target)
         return out
 
     def features(self, images: np.ndarray, maps: dict, chunk: int = 16) -> torch.Tensor:
