@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from crosslab import evaluate, inner_validation, line  # noqa: E402
-from wbc_spark.align import LAB_SAMPLE, ChannelMap, Moments  # noqa: E402
+from wbc_spark.align import ChannelMap, Moments  # noqa: E402
 from wbc_spark.augment import AugmentSettings, augment  # noqa: E402
 from wbc_spark.config import load_config  # noqa: E402
 from wbc_spark.evaluation import crossval  # noqa: E402
@@ -136,13 +136,6 @@ class StageAligner:
                           for i in range(0, len(images), chunk)])
 
 
-def lab_sample(rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Up to ``LAB_SAMPLE`` of ``rows``, distinct ``keys`` (SHA-256), smallest first: the
-    images ``crossval.lab_alignment`` and the scoring job's lab profile measure a lab on."""
-    _, first = np.unique(keys[rows], return_index=True)
-    return rows[first[:LAB_SAMPLE]]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "conf" / "local.yaml"))
@@ -200,8 +193,8 @@ def main() -> int:
         test_lab = next(lab for lab in labs if lab != train_lab)
         tr, va = inner_validation(meta, np.flatnonzero(source == train_lab), t.val_fraction, 0)
         te = np.flatnonzero(source == test_lab)
-        reference = crops[lab_sample(tr, keys)]
-        new = crops[lab_sample(te, keys)]
+        reference = crops[crossval.lab_sample(tr, keys)]
+        new = crops[crossval.lab_sample(te, keys)]
         eval_feats = {"original": original}
         for levels in variants:
             t0 = time.perf_counter()
@@ -230,7 +223,7 @@ def both_labs(args, config, aligner: StageAligner, crops: np.ndarray, df, labels
     source, keys = df.source.to_numpy(), df.sha256.to_numpy()
     labs = sorted(set(source))
     rows = {lab: np.flatnonzero(source == lab) for lab in labs}
-    samples = {lab: crops[lab_sample(rows[lab], keys)] for lab in labs}
+    samples = {lab: crops[crossval.lab_sample(rows[lab], keys)] for lab in labs}
     maps = {"default": {lab: {} for lab in labs},
             ",".join(levels): aligner.lab_maps(samples, levels)}
 

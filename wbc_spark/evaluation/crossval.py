@@ -184,6 +184,13 @@ def run_fold(model, view_feats: torch.Tensor, eval_feats: dict, labels: np.ndarr
                       time.perf_counter() - start, len(tr), maps)
 
 
+def lab_sample(rows: np.ndarray, keys: np.ndarray, per_lab: int = LAB_SAMPLE) -> np.ndarray:
+    """Up to ``per_lab`` of ``rows`` with distinct ``keys`` (the SHA-256), smallest key first:
+    the images a lab's moments are measured on (a duplicate counts once)."""
+    _, first = np.unique(keys[rows], return_index=True)  # sorted by key
+    return rows[first[:per_lab]]
+
+
 def lab_alignment(original: torch.Tensor, labs: np.ndarray, keys: np.ndarray,
                   tr: np.ndarray, te: np.ndarray, per_lab: int = LAB_SAMPLE) -> LabAlignment:
     """The alignment the jobs use with ``train.align`` (``wbc_spark.align``), on cached
@@ -195,9 +202,8 @@ def lab_alignment(original: torch.Tensor, labs: np.ndarray, keys: np.ndarray,
     labs, keys = np.asarray(labs).astype(str), np.asarray(keys).astype(str)
 
     def moments(index: np.ndarray, lab: str) -> Moments:
-        mine = index[labs[index] == lab]
-        _, first = np.unique(keys[mine], return_index=True)  # sorted by key, copies once
-        return Moments.of(original[torch.from_numpy(mine[first[:per_lab]])])
+        mine = lab_sample(index[labs[index] == lab], keys, per_lab)
+        return Moments.of(original[torch.from_numpy(mine)])
 
     alignment = LabAlignment.of_labs({lab: moments(tr, lab) for lab in np.unique(labs[tr])})
     for lab in np.unique(labs[te]):
