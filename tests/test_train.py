@@ -323,23 +323,6 @@ def test_lab_class_equal_sampling_weighs_every_lab_and_class_alike():
         next(feature_batches(feats, labels, 4, 1, rng, "lab_class_equal"))
 
 
-def test_lab_sampling_gives_each_lab_half_of_the_batches_its_classes_as_they_come():
-    """``lab``: a lab of 20 images fills as many draws as one of 1,200, and within each lab
-    the classes keep that lab's proportions (3:1 in the big lab, 1:1 in the small)."""
-    labels = np.array([0] * 900 + [1] * 300 + [0] * 10 + [1] * 10)
-    labs = np.array(["big"] * 1200 + ["new"] * 20)
-    feats = torch.arange(len(labels), dtype=torch.float32)[:, None]
-    rng = np.random.default_rng(0)
-    drawn = torch.cat([f[:, 0] for f, _ in feature_batches(feats, labels, 64, 200, rng,
-                                                           "lab", labs)]).long().numpy()
-    shares = [np.isin(drawn, rows).mean() for rows in (np.arange(0, 900), np.arange(900, 1200),
-                                                        np.arange(1200, 1210),
-                                                        np.arange(1210, 1220))]
-    np.testing.assert_allclose(shares, [0.375, 0.125, 0.25, 0.25], atol=0.02)
-    with pytest.raises(ValueError, match="lab needs the lab"):
-        next(feature_batches(feats, labels, 4, 1, rng, "lab"))
-
-
 def _future_warnings(code: str) -> int:
     """FutureWarnings a fresh Python process prints running ``code``, every warning shown."""
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,

@@ -34,7 +34,7 @@ SCORE_PRECISIONS: tuple[str, ...] = PRECISIONS + ("int8",)
 SCORE_DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class",
-                             "lab_class_equal", "lab")  # wbc_spark/train.py
+                             "lab_class_equal")  # wbc_spark/train.py
 
 
 def shared_dir() -> Path | None:
@@ -149,9 +149,7 @@ class TrainConfig:
     # labelled cells (README "Adapting to your lab": KRD-WBC + k of PBC-dev, 7 of 9 paired
     # draws higher, mean balanced accuracy +0.06 / +0.05 / +0.01 at k = 5 / 10 / 25; the other
     # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28; those runs'
-    # heads started unseeded; seeded, session 29, k = 25: +0.010, 2 of 3 draws higher);
-    # "lab": in proportion to 1/(images of their lab), each lab an equal share of the
-    # batches, its classes as they come (pair it with class_weighting=inverse_sqrt).
+    # heads started unseeded; seeded, session 29, k = 25: +0.010, 2 of 3 draws higher).
     sampling: str = "lab_class"
     seed: int = 0
     folds: int = 5

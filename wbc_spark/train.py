@@ -197,13 +197,6 @@ def rank_batches(n_train: int, batch_size: int, world: int) -> tuple[int, int]:
     return batch_size // world, max(1, n_train // batch_size)
 
 
-# The drawn samplings: what a view's draw weight counts (its class, its lab, or both), and
-# whether the weight is 1/count or 1/sqrt(count).
-DRAWN: dict[str, tuple[str, bool]] = {"balanced": ("class", False), "lab": ("lab", False),
-                                      "lab_class": ("lab_class", True),
-                                      "lab_class_equal": ("lab_class", False)}
-
-
 def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, steps: int,
                     rng: np.random.Generator, sampling: str = "shuffle",
                     labs: np.ndarray | None = None) -> Iterator[Batch]:
@@ -217,23 +210,18 @@ def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int,
     its lab and class) (``labs``: the lab of each view), so a small lab's rare classes are
     not drowned by a large lab's (pair it with class_weighting=none). ``lab_class_equal``:
     ∝ 1/(images of its lab and class), so every lab's every class weighs the same, however
-    few cells it has (a new lab's few labelled cells beside a large lab's). ``lab``: ∝ 1/(images
-    of its lab), every lab an equal share of each batch, its classes in its own proportions
-    (pair it with class_weighting=inverse_sqrt).
+    few cells it has (a new lab's few labelled cells beside a large lab's).
     """
     y = torch.as_tensor(labels)
-    if sampling in DRAWN:
-        group, root = DRAWN[sampling]
-        if group == "class":
-            keys = labels
-        elif labs is None:
-            raise ValueError(f"sampling={sampling} needs the lab of every view")
-        elif group == "lab":
-            keys = np.asarray(labs, str)
-        else:
+    if sampling in ("balanced", "lab_class", "lab_class_equal"):
+        if sampling != "balanced":
+            if labs is None:
+                raise ValueError(f"sampling={sampling} needs the lab of every view")
             keys = np.char.add(np.asarray(labs, str), np.char.add("/", labels.astype(str)))
+        else:
+            keys = labels
         _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        p = 1.0 / (np.sqrt(counts[inverse]) if root else counts[inverse])
+        p = 1.0 / (np.sqrt(counts[inverse]) if sampling == "lab_class" else counts[inverse])
         p /= p.sum()
         for _ in range(steps):
             idx = torch.as_tensor(rng.choice(len(features), batch_size, p=p))
