@@ -107,8 +107,7 @@ def main() -> int:
         if not args.no_shifts:
             for name, shift in crossval.SHIFTS.items():
                 eval_feats[name] = crossval.features_of(model, crossval.shifted_crops(
-                    df, shift, size=size, context=config.data.context,
-                    stain=config.data.stain), t.frozen_precision)
+                    df, shift, Preprocessing.from_config(config)), t.frozen_precision)
                 logging.info("cached test variant %s", name)
         if args.cache:
             torch.save({"key": key, "views": view_feats, "eval": eval_feats}, args.cache)

@@ -395,7 +395,8 @@ def main() -> int:
     print(f"recipe {json.dumps(base.__dict__)} align={t.align} views={t.views} "
           f"view_seed={args.view_seed} "
           f"freeze_until={config.model.freeze_until} stain={config.data.stain} "
-          f"context={config.data.context} augment={json.dumps(config.augment.__dict__)}; "
+          f"context={config.data.context} framing={config.data.framing} "
+          f"augment={json.dumps(config.augment.__dict__)}; "
           f"frozen features {cache_seconds:.0f} s; wall time {wall:.0f} s")
     out.update(wall_seconds=wall, cache_seconds=cache_seconds, recipe=base.__dict__,
                align=t.align, views=t.views, view_seed=args.view_seed, stain=config.data.stain,

@@ -59,7 +59,6 @@ from wbc_spark.model.transfer import build_classifier
 from wbc_spark.model.weights import load_pretrained
 from wbc_spark.splits import assign_folds, split_groups, train_val_test
 from wbc_spark.train import Recipe
-from wbc_spark.transforms import cell_crop
 
 REPO = Path(__file__).resolve().parents[1]
 SHIFTS = ("rescale_0.75", "rescale_1.33", "stain_shift")
@@ -226,7 +225,8 @@ def main() -> int:
     classes, others = list(config.classes), list(config.other_labels)
     dataset = args.dataset or config.data.dataset
     start = time.perf_counter()
-    everything = crossval.load_dataset(dataset, classes + others, Preprocessing.from_config(config))
+    pre = Preprocessing.from_config(config)
+    everything = crossval.load_dataset(dataset, classes + others, pre)
     if args.sample:
         everything = (everything.groupby(["source", "label"], group_keys=False)
                       .apply(lambda g: g.sample(min(len(g), args.sample), random_state=0))
@@ -245,8 +245,7 @@ def main() -> int:
     model = build_classifier(pretrained, len(classes), freeze_until=config.model.freeze_until,
                              dropout=config.model.dropout)
     t, r = config.train, config.review
-    prec, size, ctx, stain = t.frozen_precision, config.data.crop_size, config.data.context, \
-        config.data.stain
+    prec = t.frozen_precision
     crops = crossval.crops_of(df)
     view_feats = crossval.augmented_view_features(
         model, crops, t.views, seed=1234, settings=AugmentSettings(**config.augment.__dict__),
@@ -266,7 +265,7 @@ def main() -> int:
         extra_lab[label] = part.source.to_numpy()
     rng = np.random.default_rng(0)
     for kind, imgs in non_blood(everything, args.non_blood, rng).items():
-        made = [cell_crop(img, size, context=ctx, stain=stain) for img in imgs]
+        made = [pre.crop_image(img) for img in imgs]
         extra[kind] = (crossval.features_of(model, np.stack([m[0] for m in made]), prec),
                        np.asarray([m[1].found for m in made]))
         extra_lab[kind] = "KRD-WBC"
@@ -277,7 +276,7 @@ def main() -> int:
         rng.permutation(np.flatnonzero((roles0 == "test") & (source == lab)))[:args.shifted]
         for lab in labs])
     shifted = {name: crossval.features_of(model, crossval.shifted_crops(
-        df.iloc[shifted_rows], crossval.SHIFTS[name], size=size, context=ctx, stain=stain),
+        df.iloc[shifted_rows], crossval.SHIFTS[name], pre),
         prec) for name in SHIFTS}
     cache_seconds = time.perf_counter() - start
     logging.info("frozen features in %.0f s", cache_seconds)

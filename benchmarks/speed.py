@@ -421,15 +421,14 @@ def training_costs(model_path: str, images: int = 32) -> tuple[float, float]:
     through the trained blocks) on ``images`` KRD-WBC crops."""
     from wbc_spark.augment import augment
     from wbc_spark.model.transfer import inference_precision
-    from wbc_spark.transforms import cell_crop
+    from wbc_spark.preprocessing import Preprocessing
 
     cfg = load_config(REPO / "conf" / "local.yaml")
     torch.set_num_threads(2)
     model, meta = artifact.load(model_path)
     files = sorted((default_root() / "Dataset" / "image").glob("image*.jpg"))[:images]
-    crops = np.stack([cell_crop(Image.open(f), 224, context=cfg.data.context,
-                                stain=meta["preprocessing"].get("stain", "none"))[0]
-                      for f in files])
+    pre = Preprocessing.from_artifact(meta)
+    crops = np.stack([pre.crop_image(Image.open(f))[0] for f in files])
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     views = torch.from_numpy(np.stack([augment(c, rng) for c in crops]))

@@ -50,7 +50,7 @@ from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.score import classify_frame, review_model
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import CROP_STAINS
-from wbc_spark.transforms import crop_box, locate_cell
+from wbc_spark.transforms import crop_box, frame_box, locate_cell
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,8 +93,8 @@ def ingest_breakdown(files: list[Path]) -> None:
     _, t["sha256"] = timed(lambda: [images.sha256(d) for d, _ in data])
     decoded, t["decode (+ size checks)"] = timed(lambda: [images.decode(d) for d, _ in data])
     crops, t["locate, crop, stain"] = timed(
-        lambda: [cell_crop(im, 224, context=settings.context, stain=settings.stain)
-                 for im in decoded])
+        lambda: [cell_crop(im, 224, context=settings.context, stain=settings.stain,
+                           framing=settings.framing) for im in decoded])
     truths, t["mask decode"] = timed(
         lambda: [images.decode_mask(m, im.size) for (_, m), im in zip(data, decoded)])
     _, t["mask IoU"] = timed(lambda: [mask_iou(c[2], tr) for c, tr in zip(crops, truths)])
@@ -145,7 +145,8 @@ def main() -> int:
     located, t["locate (downscale + stain mask)"] = timed(
         lambda: [locate_cell(im, context=pre.context, stain=pre.stain)[0] for im in decoded])
     crops, t["crop and resize"] = timed(
-        lambda: [crop_box(im, box, pre.crop_size) for im, box in zip(decoded, located)])
+        lambda: [crop_box(im, frame_box(box, *im.size, pre.framing), pre.crop_size)
+                 for im, box in zip(decoded, located)])
     if pre.stain in CROP_STAINS:
         crops, t[f"stain standardisation ({pre.stain})"] = timed(
             lambda: [CROP_STAINS[pre.stain](c) for c in crops])

@@ -133,7 +133,7 @@ def test_the_gpu_benchmark_times_the_scoring_path_s_arithmetic(tiny_artifact, tm
     crops = torch.stack([data[i] for i in range(len(files))])
     for i, f in enumerate(files):
         want, _, _ = cell_crop(images.decode(f.read_bytes()), pre.crop_size,
-                               context=pre.context, stain=pre.stain)
+                               context=pre.context, stain=pre.stain, framing=pre.framing)
         assert np.array_equal(crops[i].numpy(), want)
 
     logits, pooled = bench.network(model, meta, crops, "cpu", "fp32")

@@ -35,6 +35,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.batch_size=33", "multiple of train.num_processes"),
     ("noequals", "section.key=value"),
     ("data.stain=macenko", "choose none or field"),
+    ("data.framing=pad", "choose fit or reflect"),
     ("score.precision=fp16", "choose auto or fp32 or bf16 or int8"),
     ("score.device=tpu", "choose cpu or cuda or auto"),
     ("train.frozen_precision=int8", "choose auto or fp32 or bf16"),

@@ -6,7 +6,7 @@ from conftest import smear
 
 from wbc_spark.evaluation.crossval import cut_at_cell, load_dataset
 from wbc_spark.preprocessing import ContractError, Preprocessing, of_dataset
-from wbc_spark.transforms import locate_cell
+from wbc_spark.transforms import cell_crop, locate_cell
 
 
 def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
@@ -14,6 +14,7 @@ def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
                          "group": ["a", "b"], "sha256": ["1", "2"], "crop": [b"x", b"y"],
                          "source": ["lab", "lab"],
                          "crop_size": [1, 1], "context": [1.5, 1.5], "stain": ["none", "none"],
+                         "framing": ["fit", "fit"],
                          "image": [b"", b""], "cell_found": [True, True],
                          "mask": [None, None], "crop_box": [[0, 0, 1], [0, 0, 1]],
                          "width": [1, 1], "height": [1, 1], "path": ["a.jpg", "b.jpg"],
@@ -21,19 +22,28 @@ def test_a_dataset_made_with_another_stain_setting_is_refused(tmp_path):
     (tmp_path / "batch=1").mkdir()
     rows.to_parquet(tmp_path / "batch=1" / "part.parquet")
     classes = ["Neutrophil", "Lymphocyte"]
-    assert len(load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "none"))) == 2
+    assert len(load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "none", "fit"))) == 2
     with pytest.raises(ContractError, match="crops were made as .*'none'.*'field'"):
-        load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "field"))
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "field", "fit"))
     with pytest.raises(ContractError, match="'context': 1.5.*'context': 2.0"):
-        load_dataset(str(tmp_path), classes, Preprocessing(1, 2.0, "none"))
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 2.0, "none", "fit"))
+    with pytest.raises(ContractError, match="'framing': 'fit'.*'framing': 'reflect'"):
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "none", "reflect"))
+    # A dataset ingested before the framing was stored: refused, not taken for either.
+    rows.drop(columns="framing").to_parquet(tmp_path / "batch=1" / "part.parquet")
+    with pytest.raises(ContractError, match="before the crop framing was stored"):
+        load_dataset(str(tmp_path), classes, Preprocessing(1, 1.5, "none", "reflect"))
 
 
 def test_a_dataset_mixing_contracts_or_without_context_is_refused():
     with pytest.raises(ContractError, match="made in 2 ways"):
-        of_dataset([(224, 1.5, "none"), (224, 1.5, "surround")], "ds")
+        of_dataset([(224, 1.5, "none", "fit"), (224, 1.5, "surround", "fit")], "ds")
+    with pytest.raises(ContractError, match="made in 2 ways"):
+        of_dataset([(224, 1.5, "none", "fit"), (224, 1.5, "none", "reflect")], "ds")
     with pytest.raises(ContractError, match="before the crop context was stored"):
-        of_dataset([(224, None, "none")], "ds")
-    assert of_dataset([(224, 1.5, None)] * 3, "ds") == Preprocessing(224, 1.5, "none")
+        of_dataset([(224, None, "none", "fit")], "ds")
+    assert of_dataset([(224, 1.5, None, "fit")] * 3, "ds") == Preprocessing(224, 1.5, "none",
+                                                                            "fit")
 
 
 @pytest.mark.parametrize("side", range(4))
@@ -297,3 +307,17 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
     # gets the new one.
     assert calls["predict"] == [(30, 1.5)]
     assert calls["mean_probs"] == [((3, 30, 2), 0.7)]
+
+
+def test_a_model_from_before_framing_is_cropped_as_it_was_trained():
+    """An artifact that names no framing (or stain) was trained on reflected crops without
+    standardisation: it gets those, not today's defaults."""
+    import numpy as np
+
+    pre = Preprocessing.from_artifact({"preprocessing": {"crop_size": 64, "context": 1.5}})
+    assert (pre.stain, pre.framing) == ("none", "reflect")
+    field = smear(256, (20, 20), radius=18)
+    crop, box, _ = pre.crop_image(field)
+    want, want_box, _ = cell_crop(field, 64, context=1.5, stain="none", framing="reflect")
+    assert box == want_box and box.left < 0 and np.array_equal(crop, want)
+    assert not np.array_equal(crop, cell_crop(field, 64, stain="none")[0])  # today's: "fit"

@@ -54,6 +54,7 @@ def test_ingest_quarantines_bad_files_and_is_idempotent(tmp_path, tiny_artifact)
     assert set(data.source) == {"lake"}  # the lab: the lake folder's name by default
     assert data.crop.map(len).eq(64 * 64 * 3).all()
     assert data.context.eq(1.5).all() and data.stain.eq("surround").all()  # the contract
+    assert data.framing.eq("fit").all()
     assert data.sha256.str.len().eq(64).all()
     q = pd.read_parquet(tmp_path / "q").set_index("image_id")
     assert q.loc["lake/Neutrophil/empty.jpg", "reason"] == "empty file"

@@ -115,7 +115,8 @@ def test_distributed_training_beats_the_bar_on_held_out_data(krd_run):
     assert 0.05 < raw["temperature"] < 20
     assert ev["model_id"] == raw["model_id"]  # the evaluation describes this artifact
     pre = raw["preprocessing"]  # the contract read from the dataset
-    assert (pre["crop_size"], pre["context"], pre["stain"]) == (224, 1.5, "surround")
+    assert (pre["crop_size"], pre["context"], pre["stain"], pre["framing"]) == \
+        (224, 1.5, "surround", "fit")
     # Review detectors fitted, thresholds set on validation, applied to the test fold.
     rv = ev["review"]
     assert 0 < raw["review"]["confidence_threshold"] <= 1

@@ -15,10 +15,12 @@ from wbc_spark.augment import (
 )
 from wbc_spark.colour import hsv_to_rgb, rgb_to_hsv
 from wbc_spark.transforms import (
+    CellBox,
     cell_crop,
     cell_mask,
     dihedral,
     fill_holes,
+    frame_box,
     locate_cell,
 )
 
@@ -50,9 +52,35 @@ def test_no_cell_gives_centre_crop_flagged():
 
 
 def test_crop_off_the_edge_is_reflected_not_black():
-    crop, box, _ = cell_crop(smear(256, (20, 20), radius=18), 64)
+    crop, box, _ = cell_crop(smear(256, (20, 20), radius=18), 64, framing="reflect")
     assert box.left < 0
     assert crop.min() > 20  # no black padding
+
+
+def test_a_crop_off_the_edge_is_moved_inside_the_frame():
+    """framing="fit": the box keeps its side and moves inside, so the crop is the field as
+    imaged (nothing reflected), and the cell is still in it, whole."""
+    field = smear(256, (20, 20), radius=18)
+    located, _, _ = locate_cell(field)
+    crop, box, _ = cell_crop(field, 64, framing="fit")
+    assert located.left < 0 and (box.left, box.top, box.side) == (0, 0, located.side)
+    want = np.asarray(field.resize((64, 64), Image.BILINEAR, box=box.as_tuple()))
+    assert np.array_equal(crop, want)
+    nucleus = (crop[..., 2].astype(int) - crop[..., 1]) > 60
+    assert nucleus.sum() > 0.9 * np.pi * (18 * 64 / box.side) ** 2
+
+
+@pytest.mark.parametrize("box, want", [
+    (CellBox(10, 20, 50, True), CellBox(10, 20, 50, True)),  # inside: unchanged
+    (CellBox(-15, 90, 50, True), CellBox(0, 70, 50, True)),  # off two edges: moved in
+    (CellBox(-30, 40, 140, True), CellBox(0, 20, 100, True)),  # larger: the shorter side
+    (CellBox(-5, -5, 130, False), CellBox(0, 10, 100, False)),  # centred where it fits
+])
+def test_frame_box_fits_the_box_inside_a_100_by_120_image(box, want):
+    assert frame_box(box, 100, 120, "fit") == want
+    assert frame_box(box, 100, 120, "reflect") == box
+    with pytest.raises(ValueError, match="framing='pad'"):
+        frame_box(box, 100, 120, "pad")
 
 
 @pytest.mark.parametrize("density", [0.2, 0.45, 0.6, 0.8])

@@ -23,6 +23,7 @@ CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil"
 # sits at the bottom of the package and validating it imports no stage.
 STAIN_MODES: tuple[str, ...] = ("none", "field", "white", "surround", "reinhard",
                                  "lightness")  # wbc_spark/stain.py
+FRAMINGS: tuple[str, ...] = ("fit", "reflect")  # wbc_spark.transforms.frame_box
 # Frozen layers' arithmetic (model/transfer.py); "auto" is bf16 where the CPU computes it
 # natively (AVX512-BF16 or AMX), fp32 elsewhere.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -100,6 +101,11 @@ class DataConfig:
     # mean and spread to KRD-WBC's; "lightness" is "surround" and then the crop's CIELAB
     # lightness mean and spread matched to KRD-WBC's; "none" keeps the colours as imaged.
     stain: str = "surround"
+    # Where the crop's box (context x the cell) reaches outside the image: "fit" moves it
+    # inside, shrunk to the image's shorter side where larger; "reflect" fills the outside
+    # by reflecting the image (how every crop was made before this setting existed; a model
+    # whose artifact names no framing is scored so).
+    framing: str = "fit"
     min_side: int = 32  # smaller images are quarantined
     max_pixels: int = 40_000_000  # larger images are quarantined (decompression bombs)
     # Symbolic links in a folder lake that lead outside it: "refuse" (quarantined, with the
@@ -444,6 +450,9 @@ def validate(config: Config) -> None:
     if config.data.stain not in STAIN_MODES:
         raise ConfigError(f"data.stain={config.data.stain!r}; choose "
                           f"{' or '.join(STAIN_MODES)}")
+    if config.data.framing not in FRAMINGS:
+        raise ConfigError(f"data.framing={config.data.framing!r}; choose "
+                          f"{' or '.join(FRAMINGS)}")
     for name, value in (("data.outside_links", config.data.outside_links),
                         ("score.outside_links", config.score.outside_links)):
         if value not in ("refuse", "follow"):

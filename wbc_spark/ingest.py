@@ -22,8 +22,9 @@ image           binary     the original file's bytes
 crop            binary     cell crop, crop_size x crop_size x 3 uint8 RGB, row-major
 crop_size       int        side of ``crop``
 context         double     crop side / located cell's larger side (wbc_spark.preprocessing)
-stain           string     stain standardisation applied to ``crop`` ("none" or "field")
-crop_box        array<int> left, top, side of the crop in the original image
+stain           string     stain standardisation applied to ``crop`` (``data.stain``)
+framing         string     how the crop was kept inside the image (``data.framing``)
+crop_box        array<int> left, top, side of the crop in the original image (as framed)
 cell_found      boolean    false when no stained cell stood out (centre crop used)
 cell_iou        double     IoU of the located cell with the true mask (null without mask)
 file_length     long       bytes, as listed
@@ -74,6 +75,7 @@ DATASET_SCHEMA = T.StructType([
     T.StructField("crop_size", T.IntegerType()),
     T.StructField("context", T.DoubleType()),
     T.StructField("stain", T.StringType()),
+    T.StructField("framing", T.StringType()),
     T.StructField("crop_box", T.ArrayType(T.IntegerType())),
     T.StructField("cell_found", T.BooleanType()),
     T.StructField("cell_iou", T.DoubleType()),
@@ -110,11 +112,12 @@ class IngestSettings:
     min_side: int = 32
     max_pixels: int = 40_000_000
     stain: str = "none"
+    framing: str = "fit"
 
     @classmethod
     def from_config(cls, config: Config) -> IngestSettings:
         d = config.data
-        return cls(d.crop_size, d.context, d.min_side, d.max_pixels, d.stain)
+        return cls(d.crop_size, d.context, d.min_side, d.max_pixels, d.stain, d.framing)
 
 
 def process_row(row: dict, settings: IngestSettings) -> dict:
@@ -122,7 +125,8 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     out = {name: row.get(name) for name in PROCESSED_SCHEMA.fieldNames()}
     content = row.get("content")
     out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size,
-               context=settings.context, stain=settings.stain, reason=None)
+               context=settings.context, stain=settings.stain, framing=settings.framing,
+               reason=None)
     if content is None and folder.name_problem(row.get("path") or ""):
         out["reason"] = folder.name_problem(row["path"])
         return out
@@ -140,7 +144,7 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
         img = images.decode(content, min_side=settings.min_side, max_pixels=settings.max_pixels)
         out["width"], out["height"] = img.size
         crop, box, estimate = cell_crop(img, settings.crop_size, context=settings.context,
-                                        stain=settings.stain)
+                                        stain=settings.stain, framing=settings.framing)
         if row.get("mask_content") is not None:
             truth = images.decode_mask(row["mask_content"], img.size)
             out["mask"] = images.encode_png(truth)

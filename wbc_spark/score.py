@@ -468,7 +468,8 @@ def _input_frame(spark: SparkSession, config: Config, meta: dict,
         # is located and cropped again, as the model's preprocessing says.
         try:
             made = preprocessing.of_dataset(
-                df.select("crop_size", "context", "stain").distinct().collect(), src)
+                df.select("crop_size", "context", "stain", "framing").distinct().collect(),
+                src)
             same = made.same_as(Preprocessing.from_artifact(meta))
         except preprocessing.ContractError as exc:
             log.info("%s; cropping the original images again", exc)

@@ -54,11 +54,11 @@ def run_training(spark: SparkSession, config: Config) -> dict:
     if outside:
         log.info("not trained on (other_labels, not one of the classes): %s", outside)
     contract = preprocessing.of_dataset(
-        labelled.select("crop_size", "context", "stain").distinct().collect(),
+        labelled.select("crop_size", "context", "stain", "framing").distinct().collect(),
         config.data.dataset)
     preprocessing.check(contract, Preprocessing.from_config(config), config.data.dataset,
                         "ingest again into a new data.dataset, or set data.crop_size, "
-                        "data.context and data.stain to how it was made")
+                        "data.context, data.stain and data.framing to how it was made")
     # Metadata only (no pixels) comes to the driver to compute the grouped split.
     meta = (labelled.select("image_id", "sha256", "label", "group", "source")
             .orderBy("image_id").toPandas())

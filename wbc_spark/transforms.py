@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from wbc_spark.config import STAIN_MODES
+from wbc_spark.config import FRAMINGS, STAIN_MODES
 from wbc_spark.images import as_rgb
 from wbc_spark.sources.krd_wbc import default_root
 from wbc_spark.stain import (
@@ -196,14 +196,36 @@ def crop_box(image: Image.Image, box: CellBox, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR, box=shifted))
 
 
+def frame_box(box: CellBox, width: int, height: int, framing: str) -> CellBox:
+    """The box a crop takes where ``box`` reaches outside a width x height image.
+
+    ``"fit"``: moved inside the frame, and where its side exceeds the image's shorter side
+    shrunk to that side (the cell then takes more of the crop), its centre kept as near the
+    cell's as the frame allows; nothing is made up. ``"reflect"``: unchanged, ``crop_box``
+    fills the outside by reflection (how crops were made before this choice existed).
+    """
+    if framing == "reflect":
+        return box
+    if framing != "fit":
+        raise ValueError(f"framing={framing!r}; choose one of {', '.join(FRAMINGS)}")
+    side = min(box.side, width, height)
+    shrink = (box.side - side) // 2
+    left = min(max(box.left + shrink, 0), width - side)
+    top = min(max(box.top + shrink, 0), height - side)
+    return CellBox(left, top, side, found=box.found)
+
+
 def cell_crop(image: Image.Image, size: int = 224, *, context: float = 1.5,
-              stain: str = "none") -> tuple[np.ndarray, CellBox, np.ndarray | None]:
-    """Locate the white cell; return its crop (size x size x 3 uint8 RGB), box and mask.
+              stain: str = "none", framing: str = "fit"
+              ) -> tuple[np.ndarray, CellBox, np.ndarray | None]:
+    """Locate the white cell; return its crop (size x size x 3 uint8 RGB), box (as framed:
+    ``frame_box``) and mask.
 
     ``stain="field"`` standardises the crop's colours by its field's stain first.
     """
     image = as_rgb(image)
     box, mask, measured = locate_cell(image, context=context, stain=stain)
+    box = frame_box(box, *image.size, framing)
     crop = crop_box(image, box, size)
     if isinstance(measured, FieldStain):
         crop = standardise(crop, measured)

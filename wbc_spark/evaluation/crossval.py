@@ -30,7 +30,7 @@ from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.splits import train_val_test
 from wbc_spark.train import (HeadOnly, Recipe, feature_batches, fit, fit_temperature,
                              frozen_features, head_logits, predict_probs)
-from wbc_spark.transforms import cell_crop, locate_cell
+from wbc_spark.transforms import locate_cell
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,21 @@ def load_dataset(path: str, classes: list[str], wanted: Preprocessing | None = N
     """The labelled rows of an ingested dataset (read with pyarrow, sorted by image_id);
     with ``wanted``, refuse a dataset whose crops were made another way
     (``wbc_spark.preprocessing.check``)."""
-    table = pads.dataset(path, format="parquet", partitioning="hive").to_table(
-        columns=["image_id", "path", "source", "label", "group", "sha256", "crop", "crop_size",
-                 "context", "stain", "cell_found",
-                 "image", "mask", "crop_box", "width", "height", "ingested_at"])
-    df = table.to_pandas()
+    data = pads.dataset(path, format="parquet", partitioning="hive")
+    columns = ["image_id", "path", "source", "label", "group", "sha256", "crop", "crop_size",
+               "context", "stain", "framing", "cell_found",
+               "image", "mask", "crop_box", "width", "height", "ingested_at"]
+    df = data.to_table(columns=[c for c in columns if c in data.schema.names]).to_pandas()
+    # A dataset made before a column was stored reads it as nulls, as Spark does (the
+    # contract check then refuses it).
+    for column in set(columns) - set(df.columns):
+        df[column] = None
     # As wbc_spark.ingest.read_dataset: each path's latest ingest supersedes earlier ones.
     df = df.sort_values("ingested_at").drop_duplicates("path", keep="last")
     df = df[df.label.isin(classes)].sort_values("image_id").reset_index(drop=True)
     if wanted is not None:
         made = preprocessing.of_dataset(
-            df[["crop_size", "context", "stain"]].itertuples(index=False), path)
+            df[["crop_size", "context", "stain", "framing"]].itertuples(index=False), path)
         preprocessing.check(made, wanted, path, "ingest again into a new data.dataset")
     return df
 
@@ -113,14 +117,13 @@ def cut_at_cell(image: Image.Image, side: int, reach: float, *, context: float,
     return image.crop(tuple(int(round(v)) for v in (left, top, right, bottom)))
 
 
-def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float,
-                  stain: str = "none") -> np.ndarray:
+def shifted_crops(df: pd.DataFrame, shift: dict, pre: Preprocessing) -> np.ndarray:
     """Apply a shift to each original image, then locate and crop as the scoring job does."""
     out = []
     for i, data in enumerate(df.image):
         img = Image.open(io.BytesIO(data)).convert("RGB")
         if "edge" in shift:
-            img = cut_at_cell(img, i % 4, shift["edge"], context=context, stain=stain)
+            img = cut_at_cell(img, i % 4, shift["edge"], context=pre.context, stain=pre.stain)
         elif "scale" in shift:
             w, h = img.size
             img = img.resize((round(w * shift["scale"]), round(h * shift["scale"])),
@@ -128,8 +131,7 @@ def shifted_crops(df: pd.DataFrame, shift: dict, *, size: int, context: float,
         else:
             img = Image.fromarray(stain_shift(np.asarray(img), shift["hue"], shift["saturation"],
                                               shift["brightness"], shift["contrast"]))
-        crop, _, _ = cell_crop(img, size, context=context, stain=stain)
-        out.append(crop)
+        out.append(pre.crop_image(img)[0])
     return np.stack(out)
 
 
