@@ -14,11 +14,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
 
 from wbc_spark import images
 from wbc_spark.config import Config
-from PIL import Image
-
 from wbc_spark.transforms import CellBox, cell_crop
 
 
