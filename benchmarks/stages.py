@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wbc_spark import artifact, images, review
-from wbc_spark.config import SCORE_PRECISIONS
+from wbc_spark.config import SCORE_PRECISIONS, load_config
 from wbc_spark.model.inference import frozen_pass, int8_frozen
 from wbc_spark.model.transfer import resolve_precision
 from wbc_spark.preprocessing import Preprocessing
@@ -83,9 +83,9 @@ def ingest_breakdown(files: list[Path]) -> None:
     images with their masks: read, sha256, decode (with the size checks), cell location and
     crop, the mask's decode and IoU, the mask's PNG, and ``process_row`` whole."""
     from wbc_spark.ingest import IngestSettings, process_row
-    from wbc_spark.transforms import cell_crop, mask_iou
+    from wbc_spark.transforms import mask_iou
 
-    settings = IngestSettings(stain="surround")
+    settings = IngestSettings.from_config(load_config())  # the default crops
     masks = [f.parents[1] / "mask" / f"mask{f.stem.removeprefix('image')}.jpg" for f in files]
     t: dict[str, float] = {}
     data, t["file read (image and mask)"] = timed(
@@ -93,8 +93,7 @@ def ingest_breakdown(files: list[Path]) -> None:
     _, t["sha256"] = timed(lambda: [images.sha256(d) for d, _ in data])
     decoded, t["decode (+ size checks)"] = timed(lambda: [images.decode(d) for d, _ in data])
     crops, t["locate, crop, stain"] = timed(
-        lambda: [cell_crop(im, 224, context=settings.context, stain=settings.stain,
-                           framing=settings.framing) for im in decoded])
+        lambda: [settings.preprocessing.crop_image(im) for im in decoded])
     truths, t["mask decode"] = timed(
         lambda: [images.decode_mask(m, im.size) for (_, m), im in zip(data, decoded)])
     _, t["mask IoU"] = timed(lambda: [mask_iou(c[2], tr) for c, tr in zip(crops, truths)])

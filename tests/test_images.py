@@ -9,6 +9,7 @@ from PIL import Image
 
 from wbc_spark import images
 from wbc_spark.ingest import IngestSettings, process_row
+from wbc_spark.preprocessing import Preprocessing
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -45,17 +46,37 @@ def test_limits_are_configurable():
     assert images.decode(data).size == (256, 256)
 
 
+def crops_of(side: int) -> IngestSettings:
+    return IngestSettings(Preprocessing(side, 1.5, "none", "fit"))
+
+
 def test_process_row_good_and_bad():
-    settings = IngestSettings(crop_size=64)
+    settings = crops_of(64)
     good = process_row({"content": jpeg_bytes(smear()), "path": "file:/a.jpg"}, settings)
     assert good["reason"] is None
     assert len(good["crop"]) == 64 * 64 * 3
     assert good["width"] == 256 and good["cell_found"] is True
     assert good["sha256"] == images.sha256(jpeg_bytes(smear()))
+    assert (good["crop_size"], good["context"], good["stain"], good["framing"]) == \
+        (64, 1.5, "none", "fit")
     bad = process_row({"content": b"xx", "path": "file:/b.jpg"}, settings)
     assert bad["reason"].startswith("not an image") and bad["crop"] is None
     missing = process_row({"content": None, "path": "file:/c.jpg"}, settings)
     assert missing["reason"] == "file listed but not found"
+    assert missing["framing"] == "fit"  # a bad row still says how its crop would be made
+
+
+def test_process_row_crops_as_its_preprocessing_says():
+    near_edge = jpeg_bytes(smear(256, (20, 20), radius=18))  # its box reaches outside
+    crops = {}
+    for framing in ("fit", "reflect"):
+        pre = Preprocessing(64, 1.5, "none", framing)
+        row = process_row({"content": near_edge, "path": "file:/a.jpg"}, IngestSettings(pre))
+        crop, box, _ = pre.crop(near_edge)
+        assert row["crop"] == crop.tobytes() and row["framing"] == framing
+        assert row["crop_box"] == [box.left, box.top, box.side]
+        crops[framing] = row["crop"]
+    assert crops["fit"] != crops["reflect"]
 
 
 def test_mask_is_thresholded_and_scored():
@@ -66,7 +87,7 @@ def test_mask_is_thresholded_and_scored():
     buf = io.BytesIO()
     mask_img.save(buf, format="JPEG")
     row = process_row({"content": jpeg_bytes(img), "mask_content": buf.getvalue(),
-                       "mask_path": "m.jpg"}, IngestSettings(crop_size=64))
+                       "mask_path": "m.jpg"}, crops_of(64))
     assert row["reason"] is None
     stored = np.asarray(Image.open(io.BytesIO(row["mask"])).convert("L"))
     assert set(np.unique(stored)) == {0, 255}  # the halo is gone
@@ -80,7 +101,7 @@ def test_process_batch_emits_the_declared_schema():
 
     frame = pd.DataFrame({"path": ["file:/a.jpg", "file:/b.jpg"], "image_id": ["a", "b"],
                           "content": [jpeg_bytes(smear()), b"bad"], "label": ["Basophil", None]})
-    (out,) = list(process_batch(iter([frame]), IngestSettings(crop_size=32)))
+    (out,) = list(process_batch(iter([frame]), crops_of(32)))
     assert list(out.columns) == PROCESSED_SCHEMA.fieldNames()
     assert PROCESSED_SCHEMA.fieldNames()[:-1] == DATASET_SCHEMA.fieldNames()
     assert out.reason.isna().tolist() == [True, False]

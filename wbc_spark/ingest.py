@@ -54,8 +54,9 @@ from pyspark.sql import types as T
 
 from wbc_spark import images, tables
 from wbc_spark.config import Config
+from wbc_spark.preprocessing import Preprocessing
 from wbc_spark.sources import CATALOG_COLUMNS, folder, krd_wbc, manifest
-from wbc_spark.transforms import cell_crop, mask_iou
+from wbc_spark.transforms import mask_iou
 
 log = logging.getLogger(__name__)
 
@@ -107,25 +108,21 @@ class DuplicateLabelError(ValueError):
 
 @dataclass(frozen=True)
 class IngestSettings:
-    crop_size: int = 224
-    context: float = 1.5
+    preprocessing: Preprocessing = Preprocessing(224, 1.5, "none", "fit")
     min_side: int = 32
     max_pixels: int = 40_000_000
-    stain: str = "none"
-    framing: str = "fit"
 
     @classmethod
     def from_config(cls, config: Config) -> IngestSettings:
         d = config.data
-        return cls(d.crop_size, d.context, d.min_side, d.max_pixels, d.stain, d.framing)
+        return cls(Preprocessing.from_config(config), d.min_side, d.max_pixels)
 
 
 def process_row(row: dict, settings: IngestSettings) -> dict:
     """Decode, check and crop one file; on failure the row carries ``reason``."""
     out = {name: row.get(name) for name in PROCESSED_SCHEMA.fieldNames()}
     content = row.get("content")
-    out.update(image=None, crop=None, mask=None, crop_size=settings.crop_size,
-               context=settings.context, stain=settings.stain, framing=settings.framing,
+    out.update(image=None, crop=None, mask=None, **settings.preprocessing.to_dict(),
                reason=None)
     if content is None and folder.name_problem(row.get("path") or ""):
         out["reason"] = folder.name_problem(row["path"])
@@ -143,8 +140,7 @@ def process_row(row: dict, settings: IngestSettings) -> dict:
     try:
         img = images.decode(content, min_side=settings.min_side, max_pixels=settings.max_pixels)
         out["width"], out["height"] = img.size
-        crop, box, estimate = cell_crop(img, settings.crop_size, context=settings.context,
-                                        stain=settings.stain, framing=settings.framing)
+        crop, box, estimate = settings.preprocessing.crop_image(img)
         if row.get("mask_content") is not None:
             truth = images.decode_mask(row["mask_content"], img.size)
             out["mask"] = images.encode_png(truth)

@@ -88,15 +88,18 @@ def crops_of(df: pd.DataFrame) -> np.ndarray:
 
 # Shifts standing in for other labs: the whole field rescaled (another magnification), the
 # stain's colour shifted (another staining protocol or camera), or the field cut so the cell
-# touches its edge (common in any smear; in KRD-WBC mostly the basophils' crops reach outside
-# the frame, so this shows whether the model learnt the reflected border as a basophil cue).
+# touches its edge (common in any smear). With data.framing=reflect the crop then reaches
+# outside the frame and is reflected there (in KRD-WBC mostly the basophils' crops did, so this
+# shows whether the model learnt the reflected border as a basophil cue); with fit the crop is
+# moved inside the cut frame and the cell sits off its centre.
 SHIFTS = {
     "rescale_0.75": {"scale": 0.75},
     "rescale_1.33": {"scale": 1.33},
     "stain_shift": {"hue": 0.05, "saturation": 0.7, "brightness": 1.08, "contrast": 0.9},
     "cell_at_edge": {"edge": 1 / 3},
     # The control for cell_at_edge: the field cut as closely, but just outside the crop, so
-    # nothing is reflected; what it costs is the smaller field (stain measure, locator).
+    # the crop is the same as before the cut; what it costs is the smaller field (stain
+    # measure, locator).
     "field_cut": {"edge": 0.55},
 }
 
@@ -105,7 +108,8 @@ def cut_at_cell(image: Image.Image, side: int, reach: float, *, context: float,
                 stain: str = "none") -> Image.Image:
     """The field cut ``reach`` crop sides from the located cell's centre on one side (0 right,
     1 top, 2 left, 3 bottom); with the default context of 1.5 a reach of 1/3 puts the frame's
-    edge where the cell ends, and a sixth of the crop then lies outside the frame."""
+    edge where the cell ends, and the crop's box then reaches a sixth of its side outside the
+    frame (reflected there with data.framing=reflect, moved inside with fit)."""
     box, _, _ = locate_cell(image, context=context, stain=stain)
     if not box.found:
         return image
