@@ -13,7 +13,7 @@
    would, a known duplicate pair drawn as one (the work folder is then rev_k<K>_draw<D>).
 2. ``deploy/submit.sh ingest`` of the home lab (KRD-WBC; with ``--reverse`` PBC-dev from its
    labels.csv, as ``make demo`` ingests it) and of the labelled folder
-   (``data.lab=new_lab``) into one dataset (once per draw, kept);
+   (``data.lab=new_lab``) into one dataset (once per draw, kept once both have finished);
 3. for each ``--views`` value N, ``deploy/submit.sh train_distributed`` with README's adapting
    settings (``ADAPTING``), any ``section.key=value`` given after them (a lever to measure;
    its models and tables are named with ``--tag``) and ``model.test_views=N``: the same
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     prefix = "rev_" if args.reverse else ""
     work = (REPO / args.work / f"{prefix}k{args.k}_draw{args.draw}").resolve()
     dataset = work / "dataset"
-    if not dataset.exists():
+    # Written once both ingests have finished: a work folder without it (a run stopped
+    # half-way) is drawn and ingested afresh, never trained on half a dataset.
+    ingested = work / "INGESTED"
+    if not ingested.exists():
         shutil.rmtree(work, ignore_errors=True)
         if args.reverse:  # KRD-WBC's label file, the images that are there
             catalog = krd_wbc.catalog(new, CLASSES)
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         s = submit("ingest", *home_source, *paths)
         s += submit("ingest", "data.source=folder", f"data.lake={work / 'labelled'}",
                     "data.lab=new_lab", *paths)
+        ingested.write_text(f"{home}\n{work / 'labelled'}\n")
         print(f"ingest: {s:.0f} s", flush=True)
     report = []
     for views in args.views:
