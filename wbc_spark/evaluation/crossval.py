@@ -98,7 +98,7 @@ SHIFTS = {
     "stain_shift": {"hue": 0.05, "saturation": 0.7, "brightness": 1.08, "contrast": 0.9},
     "cell_at_edge": {"edge": 1 / 3},
     # The control for cell_at_edge: the field cut as closely, but just outside the crop, so
-    # the crop is the same as before the cut; what it costs is the smaller field (stain
+    # the crop's box stays inside the field; what it costs is the smaller field (stain
     # measure, locator).
     "field_cut": {"edge": 0.55},
 }
