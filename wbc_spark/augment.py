@@ -12,11 +12,12 @@
   its overall depth or tint;
 * grey views (optional, ``grey``): some views without colour, so shape and texture must
   carry the class when colour differs between labs;
-* simulated frame edges: a crop whose cell lies near the edge of its field reaches outside the
-  frame, and ``crop_box`` fills that part by reflection. In KRD-WBC that happens to 85% of the
-  basophils (imaged at a higher zoom) and to 6-28% of the other classes, so the reflected
-  border itself tells basophils apart. Giving every class such borders at random takes that
-  cue away; another lab's basophils, imaged like its other cells, would not have it.
+* simulated frame edges: with ``data.framing=reflect`` a crop whose cell lies near the edge of
+  its field reaches outside the frame, filled by reflection. In KRD-WBC that happened to 85%
+  of the basophils (imaged at a higher zoom) and to 6-28% of the other classes, so the
+  reflected border itself told basophils apart. Giving every class such borders at random
+  takes that cue away. The default ``fit`` crops have no such borders, and the edges still
+  lifted both lab-held-out directions (docs/RESULTS.md, "Session 48"), so they stay on.
 """
 
 from __future__ import annotations
