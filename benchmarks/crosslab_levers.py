@@ -13,6 +13,13 @@ the model is fed (training views and test crops alike) or to the training views 
   bilinear up), so that no lab's crops are crisper than another's;
 * ``jpeg``: half of the training views re-encoded as JPEG at a random quality of 20-90;
 * ``noise``: half of the training views with Gaussian noise (sigma 1-6 grey levels);
+* ``randconv``: half of the training views passed through a random convolution (3 to 3
+  channels, kernel side 1, 3, 5 or 7, Gaussian weights), each output channel brought to the
+  view's own mean and spread, then mixed with the view at a random weight: colour and local
+  texture scrambled, shapes kept (random-convolution augmentation for domain generalisation);
+* ``randtexture``: the same with one random kernel for all three channels (side 3, 5 or 7),
+  its sum kept positive, so local texture and sharpness are scrambled and the colours and
+  the dark-on-light polarity kept;
 * ``align``: beside every plain training (``train.align=false``), a second one on the same
   features, seeds and rows with the alignment of ``train.align`` (``crossval.lab_alignment``:
   each lab's frozen-layer outputs mapped channel by channel to the training labs' mean and
@@ -48,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from crosslab import cell_density  # noqa: E402
 
-LEVERS = ("align", "densnorm", "gray", "jpeg", "lowpass", "noise")
+LEVERS = ("align", "densnorm", "gray", "jpeg", "lowpass", "noise", "randconv", "randtexture")
 
 
 def density_normalised(crop: np.ndarray, reference: float) -> np.ndarray:
@@ -64,6 +71,27 @@ def jpeg(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(20, 91)))
     return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def random_convolution(image: np.ndarray, rng: np.random.Generator,
+                       shared: bool = False) -> np.ndarray:
+    side = int(rng.choice([3, 5, 7] if shared else [1, 3, 5, 7]))
+    if shared:
+        kernel = rng.normal(0, 1 / side, (side, side))
+        kernel *= np.sign(kernel.sum()) or 1.0  # dark stays dark: no negative image
+        weights = np.eye(3)[:, :, None, None] * kernel
+    else:
+        weights = rng.normal(0, 1 / np.sqrt(3 * side * side), (3, 3, side, side))
+    x = image.astype(np.float32)
+    pad = side // 2
+    padded = np.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (side, side), axis=(0, 1))
+    # windows: H x W x C_in x side x side; weights: C_out x C_in x side x side
+    out = np.einsum("hwcij,ocij->hwo", windows, weights.astype(np.float32), optimize=True)
+    mean, std = x.mean(axis=(0, 1)), x.std(axis=(0, 1))
+    out = (out - out.mean(axis=(0, 1))) / (out.std(axis=(0, 1)) + 1e-6) * std + mean
+    alpha = float(rng.uniform(0, 1))
+    return np.clip(alpha * x + (1 - alpha) * out, 0, 255).astype(np.uint8)
 
 
 def install(levers: set[str], density_ref: float) -> None:
@@ -89,6 +117,10 @@ def install(levers: set[str], density_ref: float) -> None:
         if "noise" in levers and rng.random() < 0.5:
             noisy = out + rng.normal(0, rng.uniform(1, 6), out.shape)
             out = np.clip(noisy, 0, 255).astype(np.uint8)
+        if "randconv" in levers and rng.random() < 0.5:
+            out = random_convolution(out, rng)
+        if "randtexture" in levers and rng.random() < 0.5:
+            out = random_convolution(out, rng, shared=True)
         return out
 
     def aligned_train_and_test(model, view_feats, eval_feats, labels, tr, va, te, recipe,

@@ -53,6 +53,26 @@ def test_the_lowpass_lever_removes_fine_detail_and_keeps_the_coarse():
     assert np.abs(levers.low_passed(ramp).astype(int) - ramp).max() <= 6  # a slope stays
 
 
+def test_the_random_convolution_levers_keep_each_channels_level_and_the_shared_one_polarity():
+    levers = _benchmark("crosslab_levers")
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 15 ** 2  # a dark purple cell on a light field
+    image = np.where(disc[..., None], [90, 40, 140], [225, 210, 220]).astype(np.uint8)
+    grey_in = image.astype(float).mean(axis=2)
+    for seed in range(20):
+        for shared in (False, True):
+            out = levers.random_convolution(image, np.random.default_rng(seed), shared=shared)
+            assert out.shape == image.shape and out.dtype == np.uint8
+            # Each channel is brought back to the view's own mean (clipping aside).
+            level = np.abs(out.reshape(-1, 3).mean(0) - image.reshape(-1, 3).mean(0))
+            assert level.max() < 25
+            if shared:  # the cell stays darker than its field, its colour purple
+                grey_out = out.astype(float).mean(axis=2)
+                assert np.corrcoef(grey_in.ravel(), grey_out.ravel())[0, 1] > 0
+                cell = out[disc].astype(float).mean(0)
+                assert cell[2] > cell[1] and cell[0] > cell[1]
+
+
 def test_adaptation_draws_are_summarised_with_their_interval_and_recalls():
     crosslab = _benchmark("crosslab")
     classes = ["A", "B"]
