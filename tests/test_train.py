@@ -21,6 +21,7 @@ from wbc_spark.train import (
     frozen_features,
     make_optimizer,
     rank_batches,
+    selection_score,
     train_one_epoch,
 )
 
@@ -132,6 +133,58 @@ def test_fit_learns_a_separable_problem_and_keeps_best_epoch():
     assert result.best_val_macro_f1 > 0.9
     assert 0.05 < result.temperature < 20
     assert not math.isnan(result.history[-1]["train_loss"])
+
+
+def test_lab_mean_selection_weighs_a_small_lab_as_much_as_a_large_one():
+    # A large lab all right, a small lab all wrong: pooled macro-F1 is high, lab_mean is half.
+    big = np.array([0, 1, 2] * 30)
+    small = np.array([0, 1, 2])
+    labels = np.concatenate([big, small])
+    predicted = np.concatenate([big, (small + 1) % 3])
+    labs = np.array(["big"] * len(big) + ["small"] * len(small))
+    pooled = selection_score(labels, predicted, 3)
+    assert pooled > 0.9
+    assert selection_score(labels, predicted, 3, "lab_mean", labs) == pytest.approx(0.5)
+    # One lab only: the two rules agree.
+    assert selection_score(big, big, 3, "lab_mean", labs[:len(big)]) == 1.0
+    with pytest.raises(ValueError, match="needs the lab"):
+        selection_score(labels, predicted, 3, "lab_mean")
+    with pytest.raises(ValueError, match="choose one of pooled, lab_mean"):
+        selection_score(labels, predicted, 3, "lab_max", labs)
+
+
+def test_fit_chooses_the_epoch_by_the_recipes_selection_rule():
+    # Validation: 60 images of lab A, 6 of lab B whose classes the model cannot tell apart
+    # (their images are the mean image). Both rules see the same history; lab_mean scores
+    # every epoch lower (lab B's macro-F1 is at most about a half), pooled does not.
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = TinyNet()
+
+    def batch(n):
+        y = rng.integers(0, 2, n)
+        x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (n, 64, 64, 3))
+        return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y)
+    images, labels = batch(60)
+    grey = torch.full((6, 64, 64, 3), 120, dtype=torch.uint8)
+    val_images = torch.cat([images, grey])
+    val_labels = np.concatenate([labels.numpy(), [0, 1, 0, 1, 0, 1]])
+    val_labs = np.array(["A"] * 60 + ["B"] * 6)
+    val = (net.embed_frozen(val_images), val_labels)
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    results = {}
+    for rule in ("pooled", "lab_mean"):
+        net.load_state_dict(fresh)
+        torch.manual_seed(1)
+        rng = np.random.default_rng(1)
+        results[rule] = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
+                                                          (batch(16) for _ in range(10))),
+                            10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0,
+                                            selection=rule), 2, [30, 30], val_labs=val_labs)
+    pooled, lab_mean = results["pooled"], results["lab_mean"]
+    assert pooled.best_val_macro_f1 > 0.85
+    assert lab_mean.best_val_macro_f1 < 0.8
+    assert lab_mean.best_val_macro_f1 == max(h["val_macro_f1"] for h in lab_mean.history)
 
 
 def test_bf16_training_steps_keep_fp32_weights_and_learn():

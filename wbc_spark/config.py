@@ -34,6 +34,10 @@ SCORE_PRECISIONS: tuple[str, ...] = PRECISIONS + ("int8",)
 # where torch sees one, else the CPU.
 SCORE_DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
+# How the epoch is chosen on the validation split: "pooled" (macro-F1 over all its images) or
+# "lab_mean" (each lab's macro-F1, averaged over the labs: a small lab counts as much as a
+# large one, as the cross-lab targets count them).
+SELECTIONS: tuple[str, ...] = ("pooled", "lab_mean")
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class",
                              "lab_class_equal")  # wbc_spark/train.py
 
@@ -157,6 +161,7 @@ class TrainConfig:
     # way, k = 25, +0.016, 2 of 3 draws higher; docs/RESULTS.md, session 28; those runs'
     # heads started unseeded; seeded, session 29, k = 25: +0.010, 2 of 3 draws higher).
     sampling: str = "lab_class"
+    selection: str = "pooled"  # SELECTIONS: the validation score that chooses the epoch
     seed: int = 0
     folds: int = 5
     test_fold: int = 0  # which of the grouped, stratified folds is held out for testing
@@ -494,6 +499,9 @@ def validate(config: Config) -> None:
     if config.train.sampling not in SAMPLINGS:
         raise ConfigError(f"train.sampling={config.train.sampling!r}; choose "
                           f"{' or '.join(SAMPLINGS)}")
+    if config.train.selection not in SELECTIONS:
+        raise ConfigError(f"train.selection={config.train.selection!r}; choose "
+                          f"{' or '.join(SELECTIONS)}")
     if config.train.class_weighting not in ("none", "inverse", "inverse_sqrt"):
         raise ConfigError("train.class_weighting must be none, inverse or inverse_sqrt")
     world = max(1, config.train.num_processes)

@@ -24,7 +24,7 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 from wbc_spark import metrics
-from wbc_spark.config import SAMPLINGS
+from wbc_spark.config import SAMPLINGS, SELECTIONS
 from wbc_spark.model.transfer import inference_precision
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Recipe:
     label_smoothing: float = 0.1
     class_weighting: str = "inverse_sqrt"
     sampling: str = "shuffle"
+    selection: str = "pooled"
     seed: int = 0
     step_precision: str = "fp32"
 
@@ -237,10 +238,29 @@ def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int,
         yield features[idx], y[idx]
 
 
+def selection_score(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
+                    rule: str = "pooled", labs: np.ndarray | None = None) -> float:
+    """The validation score that chooses the epoch (``Recipe.selection``): macro-F1 over all
+    the images ("pooled"), or the mean of each lab's macro-F1 ("lab_mean", which needs
+    ``labs``, the lab of every image)."""
+    if rule == "pooled":
+        return metrics.macro_f1(labels, predicted, num_classes)
+    if rule != "lab_mean":
+        raise ValueError(f"selection={rule!r}; choose one of {', '.join(SELECTIONS)}")
+    if labs is None:
+        raise ValueError("selection=lab_mean needs the lab of every validation image")
+    labs = np.asarray(labs)
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    return float(np.mean([metrics.macro_f1(labels[labs == lab], predicted[labs == lab],
+                                           num_classes) for lab in np.unique(labs)]))
+
+
 def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         steps_per_epoch: int, val: tuple[torch.Tensor, np.ndarray] | None,
-        recipe: Recipe, num_classes: int, class_counts: list[int]) -> FitResult:
-    """Train for ``recipe.epochs``; keep the epoch with the best validation macro-F1.
+        recipe: Recipe, num_classes: int, class_counts: list[int],
+        val_labs: np.ndarray | None = None) -> FitResult:
+    """Train for ``recipe.epochs``; keep the epoch with the best validation score
+    (``selection_score`` by ``recipe.selection``: macro-F1, pooled or per lab).
 
     Args:
         model: the ``WBCNet`` (its weights end at the best epoch).
@@ -249,6 +269,7 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         steps_per_epoch: batches per epoch (equal on every rank, as DDP requires).
         val: frozen features and labels of the validation images, or None on ranks that do
             not evaluate.
+        val_labs: the validation images' labs (``recipe.selection="lab_mean"`` needs them).
     """
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(class_counts, recipe.class_weighting),
                                   label_smoothing=recipe.label_smoothing)
@@ -262,7 +283,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         record = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - start}
         if val is not None:
             logits = head_logits(model, val[0])
-            f1 = metrics.macro_f1(val[1], logits.argmax(1), num_classes)
+            f1 = selection_score(val[1], logits.argmax(1), num_classes, recipe.selection,
+                                 val_labs)
             val_loss = float(nn.functional.cross_entropy(torch.as_tensor(logits),
                                                          torch.as_tensor(val[1])))
             record.update(val_macro_f1=f1, val_loss=val_loss)

@@ -426,7 +426,8 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     result = fit(model, train_head,
                  lambda epoch: feature_batches(train_feats, train_labels, per_rank,
                                                steps, rng, recipe.sampling, train_labs),
-                 steps, val, recipe, len(classes), job.class_counts)
+                 steps, val, recipe, len(classes), job.class_counts,
+                 val_labs=np.asarray([job.sources[r] for r in val_rows]) if main else None)
 
     summary = None
     if main:

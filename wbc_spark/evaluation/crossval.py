@@ -260,7 +260,7 @@ def train_and_test(model, view_feats: torch.Tensor, eval_feats: dict, labels: np
                  lambda e: feature_batches(train_feats, train_labels, recipe.batch_size, steps,
                                            rng, recipe.sampling, train_labs),
                  steps, (rows(eval_feats["original"], va), labels[va]), recipe, num_classes,
-                 counts)
+                 counts, val_labs=None if labs is None else np.asarray(labs)[va])
     probs = {}
     for name, f in eval_feats.items():
         test = rows(f, te)
