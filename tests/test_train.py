@@ -149,7 +149,8 @@ def test_lab_mean_selection_weighs_a_small_lab_as_much_as_a_large_one():
     assert selection_score(big, big, 3, "lab_mean", labs[:len(big)]) == 1.0
     with pytest.raises(ValueError, match="needs the lab"):
         selection_score(labels, predicted, 3, "lab_mean")
-    with pytest.raises(ValueError, match="choose one of pooled, lab_mean"):
+    assert selection_score(labels, predicted, 3, "loss") == pooled  # reported, not chosen by
+    with pytest.raises(ValueError, match="choose one of pooled, lab_mean, loss"):
         selection_score(labels, predicted, 3, "lab_max", labs)
 
 
@@ -182,6 +183,15 @@ def test_fit_chooses_the_epoch_by_the_recipes_selection_rule():
                             10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0,
                                             selection=rule), 2, [30, 30], val_labs=val_labs)
     pooled, lab_mean = results["pooled"], results["lab_mean"]
+    net.load_state_dict(fresh)
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    by_loss = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
+                                                 (batch(16) for _ in range(10))),
+                  10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0, selection="loss"), 2,
+                  [30, 30])
+    losses = [h["val_loss"] for h in by_loss.history]
+    assert by_loss.history[by_loss.best_epoch]["val_loss"] == min(losses)
     assert pooled.best_val_macro_f1 > 0.85
     assert lab_mean.best_val_macro_f1 < 0.8
     assert lab_mean.best_val_macro_f1 == max(h["val_macro_f1"] for h in lab_mean.history)

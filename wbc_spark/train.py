@@ -241,9 +241,10 @@ def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int,
 def selection_score(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
                     rule: str = "pooled", labs: np.ndarray | None = None) -> float:
     """The validation score that chooses the epoch (``Recipe.selection``): macro-F1 over all
-    the images ("pooled"), or the mean of each lab's macro-F1 ("lab_mean", which needs
-    ``labs``, the lab of every image)."""
-    if rule == "pooled":
+    the images ("pooled"; also what is reported under "loss", which chooses by the
+    validation loss), or the mean of each lab's macro-F1 ("lab_mean", which needs ``labs``,
+    the lab of every image)."""
+    if rule in ("pooled", "loss"):
         return metrics.macro_f1(labels, predicted, num_classes)
     if rule != "lab_mean":
         raise ValueError(f"selection={rule!r}; choose one of {', '.join(SELECTIONS)}")
@@ -260,7 +261,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         recipe: Recipe, num_classes: int, class_counts: list[int],
         val_labs: np.ndarray | None = None) -> FitResult:
     """Train for ``recipe.epochs``; keep the epoch with the best validation score
-    (``selection_score`` by ``recipe.selection``: macro-F1, pooled or per lab).
+    (``recipe.selection``: macro-F1, pooled or per lab (``selection_score``), or the
+    lowest validation loss).
 
     Args:
         model: the ``WBCNet`` (its weights end at the best epoch).
@@ -274,7 +276,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(class_counts, recipe.class_weighting),
                                   label_smoothing=recipe.label_smoothing)
     optimizer, scheduler = make_optimizer(model, recipe, recipe.epochs * steps_per_epoch)
-    best = (-1.0, math.inf)
+    best = (-1.0, math.inf)  # (validation score, validation loss) of the chosen epoch
+    best_key = None
     best_state, best_epoch, history = None, -1, []
     for epoch in range(recipe.epochs):
         start = time.perf_counter()
@@ -288,9 +291,11 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
             val_loss = float(nn.functional.cross_entropy(torch.as_tensor(logits),
                                                          torch.as_tensor(val[1])))
             record.update(val_macro_f1=f1, val_loss=val_loss)
-            # Ties in macro-F1 (common on a small validation split) go to the lower loss.
-            if (f1, -val_loss) > (best[0], -best[1]):
-                best = (f1, val_loss)
+            # Ties in macro-F1 (common on a small validation split) go to the lower loss;
+            # selection=loss takes the lower loss first.
+            key = (-val_loss, f1) if recipe.selection == "loss" else (f1, -val_loss)
+            if best_key is None or key > best_key:
+                best, best_key = (f1, val_loss), key
                 best_epoch = epoch
                 best_state = copy.deepcopy(model.state_dict())
         history.append(record)
