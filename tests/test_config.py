@@ -44,7 +44,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("train.step_precision=int8", "choose auto or fp32 or bf16"),
     ("augment.frame_edge=1.5", "a probability"),
     ("train.sampling=oversample", "choose shuffle or balanced"),
-    ("train.selection=best", "choose pooled or lab_mean or loss"),
+    ("train.selection=best", "choose pooled or lab_mean or loss or last"),
     ("augment.frame_edge_sides=5", "1..4"),
     ("augment.frame_edge_width=0.6", "under 0.5"),
     ("augment.density=-0.2", "0 \\(off\\) to 1.5"),

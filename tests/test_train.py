@@ -150,7 +150,7 @@ def test_lab_mean_selection_weighs_a_small_lab_as_much_as_a_large_one():
     with pytest.raises(ValueError, match="needs the lab"):
         selection_score(labels, predicted, 3, "lab_mean")
     assert selection_score(labels, predicted, 3, "loss") == pooled  # reported, not chosen by
-    with pytest.raises(ValueError, match="choose one of pooled, lab_mean, loss"):
+    with pytest.raises(ValueError, match="choose one of pooled, lab_mean, loss, last"):
         selection_score(labels, predicted, 3, "lab_max", labs)
 
 
@@ -192,6 +192,14 @@ def test_fit_chooses_the_epoch_by_the_recipes_selection_rule():
                   [30, 30])
     losses = [h["val_loss"] for h in by_loss.history]
     assert by_loss.history[by_loss.best_epoch]["val_loss"] == min(losses)
+    assert pooled.best_epoch != by_loss.best_epoch  # the rules disagree here, so this tests
+    net.load_state_dict(fresh)
+    last = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
+                                              (batch(16) for _ in range(10))),
+               10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0, selection="last"), 2,
+               [30, 30])
+    assert last.best_epoch == 2
+    assert last.best_val_macro_f1 == last.history[2]["val_macro_f1"]
     assert pooled.best_val_macro_f1 > 0.85
     assert lab_mean.best_val_macro_f1 < 0.8
     assert lab_mean.best_val_macro_f1 == max(h["val_macro_f1"] for h in lab_mean.history)

@@ -36,9 +36,10 @@ SCORE_DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 MODEL_SOURCES: tuple[str, ...] = ("bvlc", "torchvision")  # pretrained weights (model/weights.py)
 # How the epoch is chosen on the validation split: "pooled" (macro-F1 over all its images),
 # "lab_mean" (each lab's macro-F1, averaged over the labs: a small lab counts as much as a
-# large one, as the cross-lab targets count them) or "loss" (the lowest cross-entropy: less
-# noisy than macro-F1 on a small split).
-SELECTIONS: tuple[str, ...] = ("pooled", "lab_mean", "loss")
+# large one, as the cross-lab targets count them), "loss" (the lowest cross-entropy: less
+# noisy than macro-F1 on a small split) or "last" (the last epoch, where the learning rate's
+# cosine decay ends; the validation split then only fits the temperature).
+SELECTIONS: tuple[str, ...] = ("pooled", "lab_mean", "loss", "last")
 SAMPLINGS: tuple[str, ...] = ("shuffle", "balanced", "lab_class",
                              "lab_class_equal")  # wbc_spark/train.py
 

@@ -241,10 +241,10 @@ def feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int,
 def selection_score(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
                     rule: str = "pooled", labs: np.ndarray | None = None) -> float:
     """The validation score that chooses the epoch (``Recipe.selection``): macro-F1 over all
-    the images ("pooled"; also what is reported under "loss", which chooses by the
-    validation loss), or the mean of each lab's macro-F1 ("lab_mean", which needs ``labs``,
-    the lab of every image)."""
-    if rule in ("pooled", "loss"):
+    the images ("pooled"; also what is reported under "loss" and "last", which choose by
+    the validation loss and by the epoch), or the mean of each lab's macro-F1 ("lab_mean",
+    which needs ``labs``, the lab of every image)."""
+    if rule in ("pooled", "loss", "last"):
         return metrics.macro_f1(labels, predicted, num_classes)
     if rule != "lab_mean":
         raise ValueError(f"selection={rule!r}; choose one of {', '.join(SELECTIONS)}")
@@ -261,8 +261,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         recipe: Recipe, num_classes: int, class_counts: list[int],
         val_labs: np.ndarray | None = None) -> FitResult:
     """Train for ``recipe.epochs``; keep the epoch with the best validation score
-    (``recipe.selection``: macro-F1, pooled or per lab (``selection_score``), or the
-    lowest validation loss).
+    (``recipe.selection``: macro-F1, pooled or per lab (``selection_score``), the lowest
+    validation loss, or the last epoch, the validation split then only calibrating).
 
     Args:
         model: the ``WBCNet`` (its weights end at the best epoch).
@@ -292,8 +292,9 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
                                                          torch.as_tensor(val[1])))
             record.update(val_macro_f1=f1, val_loss=val_loss)
             # Ties in macro-F1 (common on a small validation split) go to the lower loss;
-            # selection=loss takes the lower loss first.
-            key = (-val_loss, f1) if recipe.selection == "loss" else (f1, -val_loss)
+            # selection=loss takes the lower loss first, selection=last the last epoch.
+            key = {"loss": (-val_loss, f1), "last": (epoch,)}.get(recipe.selection,
+                                                                  (f1, -val_loss))
             if best_key is None or key > best_key:
                 best, best_key = (f1, val_loss), key
                 best_epoch = epoch
