@@ -52,7 +52,7 @@ from wbc_spark.sources import krd_wbc  # noqa: E402
 ADAPTING = ("train.align=false", "train.sampling=lab_class_equal",
             "model.freeze_until=inception4c", "train.block_lr_factor=0.3", "augment.hed=0",
             "augment.grey=0", "augment.density=0", "augment.resolution=0",
-            "augment.frame_edge=0")
+            "augment.frame_edge=0", "train.selection=last")
 
 
 def folder_catalog(lab: Path) -> pd.DataFrame:

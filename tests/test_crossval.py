@@ -230,8 +230,8 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
     labs, feats, keys = _two_labs()
     seen = {}
 
-    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
-        seen["val"] = val[0]
+    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts, val_labs=None):
+        seen["val"], seen["val_labs"] = val[0], val_labs
         return type("R", (), {"temperature": 1.0})()
 
     def fake_predict(model, f, temperature):
@@ -249,6 +249,8 @@ def test_train_and_test_with_align_feeds_the_head_aligned_outputs_and_refuses_wi
                 tr, va, te, crossval.Recipe(epochs=1, batch_size=8), 2)
         crossval.train_and_test(*args, labs=labs, align=False)
         plain = seen.pop("test")[0]
+        # The validation rows' labs go to fit (train.selection=lab_mean weighs them).
+        assert list(seen["val_labs"]) == list(labs[va])
         crossval.train_and_test(*args, labs=labs, align=True, keys=keys)
         aligned = seen.pop("test")[0]
         with pytest.raises(ValueError, match="SHA-256"):
@@ -271,7 +273,7 @@ def test_flipped_views_are_scored_with_a_temperature_fitted_on_the_validation_vi
     labs, feats, keys = _two_labs()
     calls = {"fit_temperature": [], "predict": [], "mean_probs": []}
 
-    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts):
+    def fake_fit(model, head, batches, steps, val, recipe, num_classes, counts, val_labs=None):
         return type("R", (), {"temperature": 1.5})()
 
     def fake_temperature(logits, labels):
