@@ -114,9 +114,7 @@ def test_fit_learns_a_separable_problem_and_keeps_best_epoch():
     net = TinyNet()
     # Two classes: dark vs bright 64 x 64 images.
     def batch(n):
-        y = rng.integers(0, 2, n)
-        x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (n, 64, 64, 3))
-        return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y)
+        return dark_or_bright(rng, n)
     images, labels = batch(32)
     val = (net.embed_frozen(images), labels.numpy())
     head = HeadOnly(net)
@@ -154,55 +152,45 @@ def test_lab_mean_selection_weighs_a_small_lab_as_much_as_a_large_one():
         selection_score(labels, predicted, 3, "lab_max", labs)
 
 
+def dark_or_bright(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` 64 x 64 images of two classes, dark (0) and bright (1), with their labels."""
+    y = rng.integers(0, 2, n)
+    x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (n, 64, 64, 3))
+    return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y)
+
+
 def test_fit_chooses_the_epoch_by_the_recipes_selection_rule():
     # Validation: 60 images of lab A, 6 of lab B whose classes the model cannot tell apart
-    # (their images are the mean image). Both rules see the same history; lab_mean scores
+    # (their images are the mean image). Every rule sees the same history; lab_mean scores
     # every epoch lower (lab B's macro-F1 is at most about a half), pooled does not.
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     net = TinyNet()
-
-    def batch(n):
-        y = rng.integers(0, 2, n)
-        x = np.where(y[:, None, None, None] == 1, 200, 40) + rng.integers(-20, 20, (n, 64, 64, 3))
-        return torch.from_numpy(x.astype(np.uint8)), torch.from_numpy(y)
-    images, labels = batch(60)
+    images, labels = dark_or_bright(np.random.default_rng(0), 60)
     grey = torch.full((6, 64, 64, 3), 120, dtype=torch.uint8)
-    val_images = torch.cat([images, grey])
-    val_labels = np.concatenate([labels.numpy(), [0, 1, 0, 1, 0, 1]])
+    val = (net.embed_frozen(torch.cat([images, grey])),
+           np.concatenate([labels.numpy(), [0, 1, 0, 1, 0, 1]]))
     val_labs = np.array(["A"] * 60 + ["B"] * 6)
-    val = (net.embed_frozen(val_images), val_labels)
     fresh = {k: v.clone() for k, v in net.state_dict().items()}
-    results = {}
-    for rule in ("pooled", "lab_mean"):
+
+    def train(rule):
         net.load_state_dict(fresh)
         torch.manual_seed(1)
         rng = np.random.default_rng(1)
-        results[rule] = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
-                                                          (batch(16) for _ in range(10))),
-                            10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0,
-                                            selection=rule), 2, [30, 30], val_labs=val_labs)
-    pooled, lab_mean = results["pooled"], results["lab_mean"]
-    net.load_state_dict(fresh)
-    torch.manual_seed(1)
-    rng = np.random.default_rng(1)
-    by_loss = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
-                                                 (batch(16) for _ in range(10))),
-                  10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0, selection="loss"), 2,
-                  [30, 30])
-    losses = [h["val_loss"] for h in by_loss.history]
-    assert by_loss.history[by_loss.best_epoch]["val_loss"] == min(losses)
-    assert pooled.best_epoch != by_loss.best_epoch  # the rules disagree here, so this tests
-    net.load_state_dict(fresh)
-    last = fit(net, HeadOnly(net), lambda e: ((net.embed_frozen(i), y) for i, y in
-                                              (batch(16) for _ in range(10))),
-               10, val, Recipe(epochs=3, lr=5e-2, label_smoothing=0.0, selection="last"), 2,
-               [30, 30])
-    assert last.best_epoch == 2
-    assert last.best_val_macro_f1 == last.history[2]["val_macro_f1"]
+        batches = lambda epoch: ((net.embed_frozen(i), y) for i, y in  # noqa: E731
+                                 (dark_or_bright(rng, 16) for _ in range(10)))
+        return fit(net, HeadOnly(net), batches, 10, val,
+                   Recipe(epochs=3, lr=5e-2, label_smoothing=0.0, selection=rule), 2, [30, 30],
+                   val_labs=val_labs)
+
+    pooled, lab_mean, by_loss, last = map(train, ("pooled", "lab_mean", "loss", "last"))
     assert pooled.best_val_macro_f1 > 0.85
     assert lab_mean.best_val_macro_f1 < 0.8
     assert lab_mean.best_val_macro_f1 == max(h["val_macro_f1"] for h in lab_mean.history)
+    losses = [h["val_loss"] for h in by_loss.history]
+    assert by_loss.history[by_loss.best_epoch]["val_loss"] == min(losses)
+    assert pooled.best_epoch != by_loss.best_epoch  # the rules disagree here, so this tests
+    assert last.best_epoch == 2
+    assert last.best_val_macro_f1 == last.history[2]["val_macro_f1"]
 
 
 def test_bf16_training_steps_keep_fp32_weights_and_learn():
