@@ -4,8 +4,8 @@ The recipe (``Recipe``) is one thing, used by the distributed worker
 (``wbc_spark.training_worker``: batches from petastorm) and by the cross-validation benchmark
 (``wbc_spark.evaluation.crossval``: batches from memory): AdamW with a lower learning rate for
 the pretrained upper blocks than for the new head, cosine decay, label smoothing, class-weighted
-loss, the best epoch chosen on validation macro-F1, then temperature scaling fitted on the same
-validation split.
+loss, the epoch chosen on the validation split (``train.selection``), then temperature scaling
+fitted on the same validation split.
 """
 
 from __future__ import annotations
