@@ -364,6 +364,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                               precision)
         test = frozen_features(model, converter_batches(job.conv_test, size, rows),
                                precision)
+    val_labs = np.asarray([job.sources[r] for r in val_rows]) if main else None
     view_bytes = frozen_bytes(model, size)
     views = cached_views(job.views, job.n_train / world, view_bytes, job.cache_gib)
     if views < job.views:
@@ -417,8 +418,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
         alignment.apply(train_feats, train_labs, inplace=True)
         if main:
             val_pooled, test_pooled = review.pooled(val[0]), review.pooled(test[0])
-            val = (alignment.apply(val[0], [job.sources[r] for r in val_rows], inplace=True),
-                   val[1])
+            val = (alignment.apply(val[0], val_labs, inplace=True), val[1])
             test = (alignment.apply(test[0], [job.sources[r] for r in rows], inplace=True),
                     test[1])
     per_rank, steps = rank_batches(job.n_train, recipe.batch_size, world)
@@ -427,7 +427,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                  lambda epoch: feature_batches(train_feats, train_labels, per_rank,
                                                steps, rng, recipe.sampling, train_labs),
                  steps, val, recipe, len(classes), job.class_counts,
-                 val_labs=np.asarray([job.sources[r] for r in val_rows]) if main else None)
+                 val_labs=val_labs)
 
     summary = None
     if main:
@@ -453,7 +453,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                result.temperature, len(classes), job.review,
                                plain_pooled=plain_pooled, plain_labels=plain_labels,
                                plain_labs=plain_labs,
-                               val_labs=np.asarray([job.sources[r] for r in val_rows]),
+                               val_labs=val_labs,
                                val_pooled=val_pooled, seed=recipe.seed, val_probs=val_probs)
         test_feats, labels = test
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
