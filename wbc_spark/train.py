@@ -306,8 +306,8 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
     if best_state is not None:
         model.load_state_dict(best_state)
         temperature = fit_temperature(head_logits(model, val[0]), val[1])
-        log.info("best epoch %d (val macro-F1 %.4f); temperature %.3f", best_epoch, best[0],
-                 temperature)
+        log.info("epoch %d kept (train.selection=%s; val macro-F1 %.4f); temperature %.3f",
+                 best_epoch, recipe.selection, best[0], temperature)
     return FitResult(best_epoch, best[0], temperature, history)
 
 
