@@ -42,7 +42,7 @@ def test_mass_on_cell_scores_maps_on_and_off_the_cell():
 def test_maps_explain_the_predicted_class():
     torch.manual_seed(0)
     model = WBCNet(BVLCGoogLeNet(), CAFFE_CONVENTION, 3).eval()
-    feats = torch.relu(torch.randn(2, 832, 7, 7))
+    feats = torch.relu(torch.randn(2, 512, 14, 14))  # inception4c's output, the default cut
     maps, preds = class_activation_maps(model, feats)
     assert maps.shape == (2, 7, 7) and (maps >= 0).all()
     with torch.no_grad():

@@ -110,7 +110,7 @@ def test_distributed_training_beats_the_bar_on_held_out_data(krd_run):
     assert set(test["per_class"]) == set(CLASSES)
     assert (root / "model" / "confusion.png").stat().st_size > 1000
     raw = torch.load(root / "model" / "model.pt", weights_only=True)
-    assert raw["classes"] == CLASSES and raw["architecture"]["freeze_until"] == "inception4e"
+    assert raw["classes"] == CLASSES and raw["architecture"]["freeze_until"] == "inception4c"
     assert raw["weights_provenance"]["source"] == "bvlc"
     assert 0.05 < raw["temperature"] < 20
     assert ev["model_id"] == raw["model_id"]  # the evaluation describes this artifact

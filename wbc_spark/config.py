@@ -123,7 +123,9 @@ class DataConfig:
 class ModelConfig:
     source: str = "bvlc"  # "bvlc" (raw Caffe blobs, offline) or "torchvision" (download)
     weights_dir: str = ""  # explicit BVLC folder; empty: the documented lookup order
-    freeze_until: str = "inception4e"  # this block and every block before it stay frozen
+    # This block and every block before it stay frozen; inception4d, 4e, 5a, 5b and the head
+    # are trained (inception4e until session 53: docs/RESULTS.md, "Session 53").
+    freeze_until: str = "inception4c"
     dropout: float = 0.4
     # Each image scored on the mean of its first test_views flips and rotations
     # (wbc_spark.transforms.dihedral; 1: the image alone). A property of the model: its
@@ -141,8 +143,8 @@ class TrainConfig:
     # Augmented views of each training image passed once through the frozen layers and
     # cached; epochs then train on the cache (each epoch draws one view per image).
     views: int = 4
-    # Memory for those cached outputs per process (81.5 KB a view at inception4e): on a
-    # large dataset fewer views are cached, and a logged warning says so.
+    # Memory for those cached outputs per process (200.7 KB a view at inception4c, 81.5 KB at
+    # inception4e): on a large dataset fewer views are cached, and a logged warning says so.
     cache_gib: float = 4.0
     # Views per training step, all processes together (each draws batch_size /
     # num_processes): the same steps in one process or many. Until session 40 it was per

@@ -156,7 +156,7 @@ class WBCNet(nn.Module):
     """GoogLeNet trunk (frozen up to ``freeze_until``), trainable upper blocks, new head."""
 
     def __init__(self, net: nn.Module, convention: InputConvention, num_classes: int, *,
-                 freeze_until: str = "inception4e", dropout: float = 0.4) -> None:
+                 freeze_until: str = "inception4c", dropout: float = 0.4) -> None:
         super().__init__()
         stages = googlenet_stages(net)
         names = list(stages)
@@ -228,7 +228,7 @@ def parameter_summary(model: WBCNet) -> dict:
 
 
 def build_classifier(pretrained: PretrainedModel, num_classes: int, *,
-                     freeze_until: str = "inception4e", dropout: float = 0.4) -> WBCNet:
+                     freeze_until: str = "inception4c", dropout: float = 0.4) -> WBCNet:
     """Replace the 1000-way ImageNet classifier with a ``num_classes`` head and freeze."""
     model = WBCNet(pretrained.model, pretrained.convention, num_classes,
                    freeze_until=freeze_until, dropout=dropout)
