@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from wbc_spark.model.blocks import BLOCKS  # the architecture's block names (no torch)
+from wbc_spark.model.blocks import BLOCKS, DEFAULT_FREEZE_UNTIL  # block names (no torch)
 
 CLASSES: tuple[str, ...] = ("Neutrophil", "Lymphocyte", "Monocyte", "Eosinophil", "Basophil")
 
@@ -123,9 +123,7 @@ class DataConfig:
 class ModelConfig:
     source: str = "bvlc"  # "bvlc" (raw Caffe blobs, offline) or "torchvision" (download)
     weights_dir: str = ""  # explicit BVLC folder; empty: the documented lookup order
-    # This block and every block before it stay frozen; inception4d, 4e, 5a, 5b and the head
-    # are trained (inception4e until session 53: docs/RESULTS.md, "Session 53").
-    freeze_until: str = "inception4c"
+    freeze_until: str = DEFAULT_FREEZE_UNTIL  # this block and every block before it stay frozen
     dropout: float = 0.4
     # Each image scored on the mean of its first test_views flips and rotations
     # (wbc_spark.transforms.dihedral; 1: the image alone). A property of the model: its

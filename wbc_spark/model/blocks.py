@@ -19,3 +19,8 @@ INCEPTION_CONFIG: dict[str, tuple[int, int, int, int, int, int, int]] = {
 
 #: The network's blocks in forward order; ``freeze_until`` names one of them.
 BLOCKS: tuple[str, ...] = ("conv1", "conv2", *INCEPTION_CONFIG, "fc")
+
+#: The default ``model.freeze_until``: this block and every one before it stay frozen, so
+#: inception4d, 4e, 5a, 5b and the head are trained (inception4e until session 53:
+#: docs/RESULTS.md, "Session 53").
+DEFAULT_FREEZE_UNTIL = "inception4c"

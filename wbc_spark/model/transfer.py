@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wbc_spark.model.googlenet import BLOCKS, BVLCGoogLeNet
+from wbc_spark.model.blocks import BLOCKS, DEFAULT_FREEZE_UNTIL
+from wbc_spark.model.googlenet import BVLCGoogLeNet
 from wbc_spark.config import SCORE_DEVICES, SCORE_PRECISIONS
 from wbc_spark.model.weights import (InputConvention, Normalize, PretrainedModel,
                                      build_architecture)
@@ -156,7 +157,7 @@ class WBCNet(nn.Module):
     """GoogLeNet trunk (frozen up to ``freeze_until``), trainable upper blocks, new head."""
 
     def __init__(self, net: nn.Module, convention: InputConvention, num_classes: int, *,
-                 freeze_until: str = "inception4c", dropout: float = 0.4) -> None:
+                 freeze_until: str = DEFAULT_FREEZE_UNTIL, dropout: float = 0.4) -> None:
         super().__init__()
         stages = googlenet_stages(net)
         names = list(stages)
@@ -228,7 +229,7 @@ def parameter_summary(model: WBCNet) -> dict:
 
 
 def build_classifier(pretrained: PretrainedModel, num_classes: int, *,
-                     freeze_until: str = "inception4c", dropout: float = 0.4) -> WBCNet:
+                     freeze_until: str = DEFAULT_FREEZE_UNTIL, dropout: float = 0.4) -> WBCNet:
     """Replace the 1000-way ImageNet classifier with a ``num_classes`` head and freeze."""
     model = WBCNet(pretrained.model, pretrained.convention, num_classes,
                    freeze_until=freeze_until, dropout=dropout)
