@@ -37,6 +37,7 @@ def test_unknown_key_is_an_error_naming_valid_keys(tmp_path):
     ("data.stain=macenko", "choose none or field"),
     ("data.framing=pad", "choose fit or reflect"),
     ("score.precision=fp16", "choose auto or fp32 or bf16 or int8"),
+    ("score.trained_precision=int8", "choose auto or fp32 or bf16"),
     ("score.device=tpu", "choose cpu or cuda or auto"),
     ("train.frozen_precision=int8", "choose auto or fp32 or bf16"),
     ("train.int8_calibration=-1", "0 for none"),

@@ -181,10 +181,14 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     debris.mkdir(parents=True)
     res.head(2).to_parquet(debris / "part-0.parquet")
     smear(seed=555).save(lake / "s1" / "late.jpg")
-    second = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
+    # This run's trained layers in bf16 (score.trained_precision), recorded beside the frozen.
+    second = run_ok("score", *score_args(tmp_path, lake, tiny_artifact),
+                    "score.trained_precision=bf16").stdout
     assert "scored 1 new images (0 with errors)" in second
     res2 = pd.read_parquet(tmp_path / "res")
     assert len(res2) == 9 and res2.path.is_unique
+    late = res2[res2.path.str.endswith("late.jpg")].iloc[0]
+    assert late.precision == f"{resolve_precision('auto')}/bf16", late.precision
     assert not debris.exists()
     third = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
     assert "scored 0 new images" in third

@@ -117,6 +117,33 @@ def test_score_device_cuda_is_refused_without_a_gpu(tiny_artifact, monkeypatch):
     score.resolve_device.cache_clear()
 
 
+def test_trained_layers_in_bf16_run_in_bf16_and_follow_fp32(tiny_artifact):
+    """score.trained_precision=bf16: every convolution and matrix product after the frozen
+    layers computes in bfloat16, the table's probabilities stay fp32 and near fp32's, and the
+    precision column names both parts."""
+    import torch
+
+    model, meta = artifact.load(tiny_artifact)
+    data = pd.Series([jpeg_bytes(smear(seed=s)) for s in range(8)] + [b"junk"])
+    seen = []
+    layers = [m for m in [*model.trainable.modules(), model.fc]
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for m in layers]
+    fp32 = classify_frame(data, model, meta, "image", "fp32")
+    assert layers and set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = classify_frame(data, model, meta, "image", "fp32", trained_precision="bf16")
+    for h in hooks:
+        h.remove()
+    assert set(seen) == {torch.bfloat16} and len(seen) >= len(layers)
+    assert list(bf16.precision) == [*["fp32/bf16"] * 8, None]
+    probs = [f"p_{c}" for c in CLASSES]
+    a, b = fp32[probs].to_numpy(float)[:8], bf16[probs].to_numpy(float)[:8]
+    np.testing.assert_allclose(b.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=0.03)
+    assert np.isfinite(bf16.cell_distance.to_numpy(float)[:8]).all()
+
+
 def test_the_accelerator_path_gives_the_cpu_path_s_results(tiny_artifact):
     """Off the CPU the network takes the batch whole and its outputs come back to the host
     for the tables; run here on the device "cpu:0", that path gives the CPU path's numbers."""

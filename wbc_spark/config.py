@@ -242,8 +242,13 @@ class ScoreConfig:
     tasks_per_core: int = 4
     # Frozen layers in "bf16" (CPU autocast), "fp32" or "auto" (as train.frozen_precision,
     # chosen by each Python worker's CPU), or "int8" (x86 quantisation, from the calibration
-    # stored in the model; asked for, never chosen); the trained layers always in fp32.
+    # stored in the model; asked for, never chosen); the trained layers as trained_precision.
     precision: str = "auto"
+    # The trained layers (the blocks after model.freeze_until and the head): "fp32" (the
+    # default: the arithmetic the temperature and the review thresholds were fitted with),
+    # "bf16" (CPU autocast) or "auto" (bf16 where the worker's CPU computes it natively, as
+    # score.precision; fp32 on a GPU). Measured in docs/PERFORMANCE.md.
+    trained_precision: str = "fp32"
     # Where each Python worker runs the network: "cpu", "cuda" (the GPU Spark assigned the
     # task with spark.task.resource.gpu.amount, else the first; refused where torch sees
     # none) or "auto" (a GPU where there is one, else the CPU). On a GPU, "auto" precision is
@@ -468,6 +473,7 @@ def validate(config: Config) -> None:
             ("train.frozen_precision", config.train.frozen_precision, PRECISIONS),
             ("train.step_precision", config.train.step_precision, PRECISIONS),
             ("score.precision", config.score.precision, SCORE_PRECISIONS),
+            ("score.trained_precision", config.score.trained_precision, PRECISIONS),
             ("score.device", config.score.device, SCORE_DEVICES)):
         if value not in choices:
             raise ConfigError(f"{name}={value!r}; choose {' or '.join(choices)}")

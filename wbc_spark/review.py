@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from wbc_spark.metrics import softmax, wilson
+from wbc_spark.model.transfer import inference_precision
 
 REASONS = ("unreadable", "no_cell_found", "not_a_known_cell", "low_confidence")
 
@@ -128,26 +129,30 @@ class LabDetector:
                    list(state["labs"]), np.asarray(state["thresholds"], float))
 
 
-def embed(model, frozen: torch.Tensor, batch: int = 256, lab_features: np.ndarray | None = None
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed(model, frozen: torch.Tensor, batch: int = 256, lab_features: np.ndarray | None = None,
+          precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, head-space features, frozen pooled features) of frozen-layer outputs.
     ``lab_features``: the third part when it is not ``frozen``'s own (``frozen`` aligned,
     ``wbc_spark.align``: the lab detector compares the unaligned outputs); nothing is pooled
-    then."""
+    then. ``precision``: the trained layers' arithmetic, as ``head``."""
     if lab_features is None:
         lab_features = pooled(frozen, batch)
-    return (*head(model, frozen, batch), lab_features)
+    return (*head(model, frozen, batch, precision), lab_features)
 
 
-def head(model, frozen: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def head(model, frozen: torch.Tensor, batch: int = 256, precision: str = "fp32"
+         ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, head-space features) of frozen-layer outputs: ``embed`` without the pooled
-    features (where only the cells' side is wanted, as for the training cells in ``fit``)."""
+    features (where only the cells' side is wanted, as for the training cells in ``fit``).
+    ``precision``: the trained layers' arithmetic, "fp32" (what the temperature and the
+    thresholds were fitted with) or "bf16" (autocast, ``inference_precision``); both
+    answers are fp32."""
     logits, cell = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_precision(precision, frozen.device.type):
         for i in range(0, len(frozen), batch):
             pen = model.trainable(frozen[i:i + batch].float())
-            logits.append(model.fc(pen))  # dropout is the identity in eval mode
-            cell.append(pen)
+            logits.append(model.fc(pen).float())  # dropout is the identity in eval mode
+            cell.append(pen.float())
     return torch.cat(logits).cpu().numpy(), torch.cat(cell).cpu().numpy()
 
 

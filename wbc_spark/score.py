@@ -212,24 +212,25 @@ def thresholds_of(meta: dict, settings) -> dict:
 
 
 def view_logits(model, meta: dict, crops: np.ndarray, precision: str, device: str,
-                channel_map: ChannelMap | None) -> np.ndarray:
+                channel_map: ChannelMap | None, trained_precision: str = "fp32") -> np.ndarray:
     """The head's logits of uint8 ``crops`` (one flip or rotation of a batch)."""
     with torch.inference_mode():
         frozen = frozen_pass(model, meta, torch.from_numpy(crops), precision, device)
     if channel_map is not None:
         frozen = channel_map(frozen)
-    return review.head(model, frozen)[0]
+    return review.head(model, frozen, precision=trained_precision)[0]
 
 
 def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str = "fp32",
                    thresholds: dict | None = None, channel_map: ChannelMap | None = None,
-                   device: str = "cpu") -> pd.DataFrame:
+                   device: str = "cpu", trained_precision: str = "fp32") -> pd.DataFrame:
     """Classify one batch of encoded images (``kind="image"``) or stored crops (``"crop"``),
-    the frozen layers in ``precision`` (see ``inference_precision``) and the network on
-    ``device`` (the model's; images are decoded and cropped on the CPU), and flag the cells that
-    need review (``wbc_spark.review``; ``thresholds`` replace the model's). ``channel_map``:
-    the lab's alignment of the frozen outputs (a model trained with ``train.align``); the lab
-    detector still compares the unaligned outputs.
+    the frozen layers in ``precision`` (see ``inference_precision``), the trained layers in
+    ``trained_precision`` (``score.trained_precision``) and the network on ``device`` (the
+    model's; images are decoded and cropped on the CPU), and flag the cells that need review
+    (``wbc_spark.review``; ``thresholds`` replace the model's). ``channel_map``: the lab's
+    alignment of the frozen outputs (a model trained with ``train.align``); the lab detector
+    still compares the unaligned outputs.
 
     A file that cannot be read gets an ``error``, no prediction and the review reason
     ``unreadable``; the batch goes on.
@@ -264,21 +265,23 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
     if crops:
         # "auto" as this worker's CPU (or GPU) decides
         precision = resolve_precision(precision, device=device)
+        trained_precision = resolve_precision(trained_precision, device=device)
         stack = np.stack(crops)
         with torch.inference_mode():
-            # The frozen layers in ``precision``, the trained layers in fp32: the same
-            # arithmetic as training and calibration (cached features, fp32 head).
+            # The frozen layers in ``precision``, the trained layers in ``trained_precision``
+            # (fp32 by default: the arithmetic the temperature and thresholds were fitted with).
             frozen = frozen_pass(model, meta, torch.from_numpy(stack), precision, device)
         lab_features = None
         if channel_map is not None:
             lab_features = review.pooled(frozen)  # the lab detector's: unaligned
             frozen = channel_map(frozen)
         logits, cell_features, lab_features = review.embed(model, frozen,
-                                                           lab_features=lab_features)
+                                                           lab_features=lab_features,
+                                                           precision=trained_precision)
         # A model with test_views > 1 averages its views' probabilities (temperature fitted
         # on that mean); the detectors compare the image itself.
         views = [logits] + [view_logits(model, meta, dihedral(stack, k), precision, device,
-                                        channel_map)
+                                        channel_map, trained_precision)
                             for k in range(1, int(meta.get("test_views", 1)))]
         probs = mean_probs(np.stack(views), float(meta["temperature"]))
         cell_d, lab_d, beyond, nearest = detectors.distances(cell_features, lab_features)
@@ -295,26 +298,29 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
                                out.loc[idx, "cell_found"].to_numpy(bool), detectors)
         out.loc[idx, "review_reason"] = pd.Series(reasons, index=idx, dtype=object)
         out.loc[idx, "needs_review"] = [r is not None for r in reasons]
-        out.loc[idx, "precision"] = precision
+        out.loc[idx, "precision"] = (precision if trained_precision == "fp32"
+                                     else f"{precision}/{trained_precision}")
     return out
 
 
 def classify_batches(batches: Iterator[pd.Series], model_path: str, kind: str,
                      threads: int = 1, precision: str = "fp32",
                      thresholds: dict | None = None, channel_map: ChannelMap | None = None,
-                     device: str = "cpu") -> Iterator[pd.DataFrame]:
+                     device: str = "cpu", trained_precision: str = "fp32"
+                     ) -> Iterator[pd.DataFrame]:
     """Body of the iterator pandas UDF: the model is loaded once (on ``device``, as
     ``resolve_device`` takes ``score.device``), then each batch scored."""
     device = worker_device(device)
     model, meta = load_model_once(model_path, threads, device)
     for data in batches:
         yield classify_frame(data.reset_index(drop=True), model, meta, kind, precision,
-                             thresholds, channel_map, device)
+                             thresholds, channel_map, device, trained_precision)
 
 
 def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
              precision: str = "fp32", thresholds: dict | None = None,
-             channel_map: ChannelMap | None = None, device: str = "cpu"):
+             channel_map: ChannelMap | None = None, device: str = "cpu",
+             trained_precision: str = "fp32"):
     """The Spark pandas UDF; ``model_file`` is the name given to ``SparkContext.addFile``."""
     from pyspark import SparkFiles
     from pyspark.sql.functions import pandas_udf
@@ -322,7 +328,8 @@ def make_udf(model_file: str, kind: str, classes: list[str], threads: int,
     @pandas_udf(prediction_schema(classes))
     def classify(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
         yield from classify_batches(batches, SparkFiles.get(model_file), kind, threads,
-                                    precision, thresholds, channel_map, device)
+                                    precision, thresholds, channel_map, device,
+                                    trained_precision)
 
     return classify
 
@@ -690,14 +697,14 @@ def _score_locked(spark: SparkSession, config: Config, model_path: str, meta: di
     elif s.precision == "int8":
         detail = (f" ({meta['int8']['backend']} quantisation, activation ranges from "
                   f"{meta['int8']['images']} training crops)")
-    log.info("scoring with model %s, frozen layers in %s%s, trained layers in fp32", model_id,
-             s.precision, detail)
+    log.info("scoring with model %s, frozen layers in %s%s, trained layers in %s", model_id,
+             s.precision, detail, s.trained_precision)
     channel_map, profile = lab_channel_map(spark, config, meta, Path(model_path).name, frame,
                                            kind, run_id)
     if channel_map is not None:
         log.info("lab alignment (train.align): every image mapped by %s", profile)
     udf = make_udf(Path(model_path).name, kind, classes, s.threads_per_worker, s.precision,
-                   thresholds, channel_map, s.device)
+                   thresholds, channel_map, s.device, s.trained_precision)
     predicted = [f.name for f in prediction_schema(classes).fields if f.name != "sha256"]
     unnamed = folder.unlistable(s.input) if kind == "image" else []
     scored = (todo.withColumn("_p", udf("data")).drop("data")
