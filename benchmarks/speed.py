@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/speed.py [--images 10000] [--slides 20] [--repeats 3]
     .venv/bin/python benchmarks/speed.py --job-only fp32,int8 [--images 2000] [--repeats 1]
-    (each precision: the job's rate, then its fixed cost per run and marginal rate per image)
+    (each precision: the job's rate, then its fixed cost per run and marginal rate per image;
+    FROZEN/TRAINED, e.g. auto/bf16, sets score.trained_precision too)
     .venv/bin/python benchmarks/speed.py --knobs [--images 2000]
     (the job under each scoring setting of KNOBS: Arrow batch, workers x threads, tasks)
 
@@ -10,10 +11,12 @@
    small crops, so no two contents are equal) under runs/bench_lake (kept between runs), in 20
    slide folders; ``--slides K`` times the paths on the first K folders only.
 2. Precision: the model's predictions on its held-out test-fold images (``test_predictions.csv``
-   beside the model; without it, the 600 KRD-WBC images) in fp32, in bf16 (where the CPU has it
-   natively) and, where the model has its calibration, in int8 (agreement with fp32, macro-F1
-   of each per lab), since the scoring job runs in ``score.precision`` (``--precision`` sets it
-   for this run).
+   beside the model; without it, the 600 KRD-WBC images), each lab's mapped by its stored
+   moments, in fp32, in bf16 (the frozen layers, then the trained layers too, where the CPU has
+   it natively) and, where the model has its calibration, in int8 (agreement with fp32 of the
+   predictions and the review flags, macro-F1 of each per lab), since the scoring job runs in
+   ``score.precision`` and ``score.trained_precision`` (``--precision`` sets the first for
+   this run).
 3. Scoring, in images per second (median of ``--repeats`` runs each, paths interleaved):
    - the scoring job (wbc_spark.score.run_scoring: iterator pandas UDF, model loaded once per
      worker, ``score.precision``, tables written), each repeat into a fresh results table;
@@ -58,6 +61,7 @@ import torch
 from PIL import Image
 
 from wbc_spark import artifact, metrics
+from wbc_spark.align import LabAlignment
 from wbc_spark.config import SCORE_PRECISIONS, load_config, shared_lake
 from wbc_spark.model.googlenet import use_torch_lrn
 from wbc_spark.model.inference import frozen_pass
@@ -134,22 +138,34 @@ def held_out(model_path: str, classes: list[str]
 
 
 def precision_check(model_path: str) -> str:
-    """Predictions on the model's held-out images in fp32, bf16 and (where the model has its
-    calibration) int8 arithmetic."""
+    """Predictions and review flags on the model's held-out images in fp32, bf16 (the frozen
+    layers; then the trained layers too: "bf16/bf16") and, where the model has its
+    calibration, int8 arithmetic. A model trained with ``train.align`` maps each lab's images
+    by that lab's stored moments (``score.lab``), as the jobs score a training lab."""
     model, meta = artifact.load(model_path)
     classes = list(meta["classes"])
     files, y, what, labs = held_out(model_path, classes)
     data = [f.read_bytes() for f in files]
-    preds = {}
+    alignment = LabAlignment.from_state(meta["alignment"]) if meta.get("alignment") else None
+    preds, flags = {}, {}
     # bf16 where the CPU computes it (emulated elsewhere: about 5x slower, and never chosen).
     native_bf16 = resolve_precision("auto") == "bf16"
-    for precision in ["fp32"] + ["bf16"] * native_bf16 + ["int8"] * bool(meta.get("int8")):
-        out = pd.concat([classify_frame(pd.Series(data[i:i + 64]), model, meta, "image",
-                                        precision) for i in range(0, len(data), 64)])
-        preds[precision] = np.array([classes.index(c) for c in out.predicted_class])
+    for spec in (["fp32"] + ["bf16", "bf16/bf16"] * native_bf16
+                 + ["int8"] * bool(meta.get("int8"))):
+        frozen, _, trained = spec.partition("/")
+        preds[spec], flags[spec] = np.zeros(len(y), int), np.zeros(len(y), bool)
+        for lab in sorted(set(labs)):
+            rows = np.flatnonzero(labs == lab)
+            for part in np.array_split(rows, -(-len(rows) // 64)):
+                out = classify_frame(pd.Series([data[k] for k in part]), model, meta, "image",
+                                     frozen, channel_map=alignment and alignment.map_for(lab),
+                                     trained_precision=trained or "fp32")
+                preds[spec][part] = [classes.index(c) for c in out.predicted_class]
+                flags[spec][part] = out.needs_review.to_numpy(bool)
     low = [p for p in preds if p != "fp32"]
     lines = [f"precision: {p} and fp32 predictions agree on "
-             f"{(preds['fp32'] == preds[p]).mean():.1%} of {what}" for p in low]
+             f"{(preds['fp32'] == preds[p]).mean():.1%} of {what}, review flags on "
+             f"{(flags['fp32'] == flags[p]).mean():.1%}" for p in low]
     if not native_bf16:
         lines.append("precision: bf16 not checked (this CPU would emulate it)")
     for lab in sorted(set(labs)):
@@ -161,9 +177,11 @@ def precision_check(model_path: str) -> str:
     return "\n".join(lines)
 
 
-def network_alone(model_path: str, precision: str, threads: int, n: int = 256) -> float:
-    """Images/s of the whole network (frozen layers in ``precision``, the rest in fp32, as
-    scoring runs it) on random crops, batch 64, after a warm-up batch."""
+def network_alone(model_path: str, precision: str, threads: int, n: int = 256,
+                  trained: str = "fp32") -> float:
+    """Images/s of the whole network (frozen layers in ``precision``, the rest in ``trained``,
+    as scoring runs it with ``score.trained_precision``) on random crops, batch 64, after a
+    warm-up batch."""
     from wbc_spark import review
 
     torch.set_num_threads(threads)
@@ -172,7 +190,7 @@ def network_alone(model_path: str, precision: str, threads: int, n: int = 256) -
 
     def batch(x):
         with torch.inference_mode():
-            review.embed(model, frozen_pass(model, meta, x, precision))
+            review.embed(model, frozen_pass(model, meta, x, precision), precision=trained)
     batch(crops[:64])
     start = time.perf_counter()
     for i in range(0, n, 64):
@@ -213,8 +231,12 @@ def split_line(kind: str, lake: Path, args_for: Callable[[Path, Path], list[str]
 
 
 def score_args_for(model: str, precision: str) -> Callable[[Path, Path], list[str]]:
+    """The scoring job's overrides for ``precision``: score.precision's value, or
+    "FROZEN/TRAINED" for score.precision and score.trained_precision."""
+    frozen, _, trained = precision.partition("/")
+    extra = [f"score.trained_precision={trained}"] if trained else []
     return lambda lake, out: [f"score.input={lake}", f"score.model={model}",
-                              f"score.results={out}", f"score.precision={precision}"]
+                              f"score.results={out}", f"score.precision={frozen}", *extra]
 
 
 def ingest_args_for(lake: Path, out: Path) -> list[str]:
@@ -492,7 +514,8 @@ def main() -> int:
                              "conf/local.yaml's)")
     parser.add_argument("--job-only", default="", metavar="PRECISIONS",
                         help="time only the scoring job, once per comma-separated precision "
-                             "(e.g. fp32,int8), and stop")
+                             "(e.g. fp32,int8; auto/bf16 sets score.trained_precision=bf16 "
+                             "too), and stop")
     parser.add_argument("--knobs", action="store_true",
                         help="time only the scoring job under each setting of KNOBS (Arrow "
                              "batch, workers x threads, tasks per core), and stop")
@@ -536,8 +559,10 @@ def main() -> int:
             rate = statistics.median(rates_p)
             print(f"scoring job, score.precision={precision}: {rate:.1f} images/s "
                   f"(runs: {', '.join(f'{x:.1f}' for x in rates_p)})")
+            frozen, _, trained = precision.partition("/")
             print(split_line("job", lake, args_for, rate, len(paths),
-                             network_alone(args.model, precision, threads=2)), flush=True)
+                             network_alone(args.model, frozen, threads=2,
+                                           trained=trained or "fp32")), flush=True)
         return 0
     print(precision_check(args.model))
 
