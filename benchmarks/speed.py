@@ -310,13 +310,14 @@ def ingest_lines(lake: Path, timed: Path, n: int, repeats: int) -> str:
 
 
 def plain_loop(paths: list[Path], model_path: str, batch: int, threads: int,
-               precision: str) -> float:
+               precision: str, trained_precision: str = "fp32") -> float:
     torch.set_num_threads(threads)
     model, meta = artifact.load(model_path)
     start = time.perf_counter()
     for i in range(0, len(paths), batch):
         data = pd.Series([p.read_bytes() for p in paths[i:i + batch]])
-        classify_frame(data, model, meta, "image", precision)
+        classify_frame(data, model, meta, "image", precision,
+                       trained_precision=trained_precision)
     return len(paths) / (time.perf_counter() - start)
 
 
@@ -562,7 +563,8 @@ def main() -> int:
             frozen, _, trained = precision.partition("/")
             print(split_line("job", lake, args_for, rate, len(paths),
                              network_alone(args.model, frozen, threads=2,
-                                           trained=trained or "fp32")), flush=True)
+                                           trained=trained or cfg.score.trained_precision)),
+                  flush=True)
         return 0
     print(precision_check(args.model))
 
@@ -574,7 +576,8 @@ def main() -> int:
             rates[name].append(rate)
             memory[name] = max(memory.get(name, 0), mib)
         rates["plain loop"].append(plain_loop(paths, args.model, cfg.score.batch_size, 2,
-                                              cfg.score.precision))
+                                              cfg.score.precision,
+                                              cfg.score.trained_precision))
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in rates.items():
         print(f"{k:<12} {med[k]:7.1f} images/s (runs: {', '.join(f'{x:.1f}' for x in v)})")
@@ -582,9 +585,11 @@ def main() -> int:
           "(target >= 6x)")
     print(f"scoring job / plain loop: {med['scoring job'] / med['plain loop']:.0%} "
           "(target >= 80%)")
-    alone = network_alone(args.model, cfg.score.precision, threads=2)
+    alone = network_alone(args.model, cfg.score.precision, threads=2,
+                          trained=cfg.score.trained_precision)
     print(f"network alone ({cfg.score.precision}: {resolve_precision(cfg.score.precision)} "
-          "frozen layers, fp32 trained layers, 2 threads, "
+          f"frozen layers, {resolve_precision(cfg.score.trained_precision)} trained layers, "
+          "2 threads, "
           f"random 224 x 224 crops): {alone:.1f} images/s; scoring job / network alone: "
           f"{med['scoring job'] / alone:.0%} (target >= 80%)")
     print(split_line("job", lake, score_for, med["scoring job"], len(paths), alone))
@@ -602,7 +607,8 @@ def main() -> int:
         print("where each scored image's time goes (benchmarks/stages.py, one worker's thread):",
               flush=True)
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "stages.py"), "--model",
-                        args.model, "--images", "300", "--precision", cfg.score.precision],
+                        args.model, "--images", "300", "--precision", cfg.score.precision,
+                        "--trained-precision", cfg.score.trained_precision],
                        check=True, cwd=REPO)
 
     print(ingest_lines(lake, timed, len(paths), 1), flush=True)

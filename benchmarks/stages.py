@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from wbc_spark import artifact, images, review
-from wbc_spark.config import SCORE_PRECISIONS, load_config
+from wbc_spark.config import PRECISIONS, SCORE_PRECISIONS, load_config
 from wbc_spark.model.inference import frozen_pass, int8_frozen
 from wbc_spark.model.transfer import resolve_precision
 from wbc_spark.preprocessing import Preprocessing
@@ -122,11 +122,15 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", choices=SCORE_PRECISIONS,
                         help="the path the stages add up along (auto: as the scoring job "
                              "chooses on this CPU)")
+    parser.add_argument("--trained-precision", default="auto", choices=PRECISIONS,
+                        help="the trained layers' arithmetic (score.trained_precision; auto: "
+                             "as the scoring job chooses on this CPU)")
     parser.add_argument("--ingest", action="store_true",
                         help="also the ingest job's per-file stages (KRD-WBC, with masks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     chosen = resolve_precision(args.precision)
+    trained = resolve_precision(args.trained_precision)
     model, meta = artifact.load(args.model)
     # The chosen one last, so ``run`` is left in it.
     precisions = [p for p in ("fp32", "bf16", "int8")
@@ -167,10 +171,11 @@ def main() -> int:
     frozen_net.chunk_per_thread = args.batch  # the whole scoring batch in one pass, as before
     _, t[f"frozen layers ({chosen}, unchunked)"] = timed(run)
     frozen_net.chunk_per_thread = chunk
-    (logits, cell_f, lab_f), t["trained layers + head"] = timed(
-        lambda: review.embed(model, frozen[chosen]))
+    (logits, cell_f, lab_f), t[f"trained layers + head ({trained})"] = timed(
+        lambda: review.embed(model, frozen[chosen], precision=trained))
     _, t["review distances"] = timed(lambda: detectors.distances(cell_f, lab_f))
-    out = classify_frame(pd.Series(data[:args.batch]), model, meta, "image", chosen)
+    out = classify_frame(pd.Series(data[:args.batch]), model, meta, "image", chosen,
+                         trained_precision=trained)
 
     def arrow_and_write():
         frame = pd.concat([out] * (n // len(out) + 1)).iloc[:n]
@@ -182,12 +187,12 @@ def main() -> int:
                     if not any(f"({p})" in k for p in precisions[:-1]) and "unchunked" not in k}
     total = sum(whole_stages.values())
     _, whole = timed(lambda: [classify_frame(pd.Series(data[i:i + args.batch]), model, meta,
-                                             "image", chosen)
+                                             "image", chosen, trained_precision=trained)
                               for i in range(0, n, args.batch)])
     print(f"{n} images from {folder}, torch threads {args.threads}, batch {args.batch} "
           f"(frozen layers {model.chunk_per_thread * args.threads} at a time), "
           f"model {meta['model_id']} (crop {pre.crop_size}, stain {pre.stain}); scoring path "
-          f"in {chosen} (--precision {args.precision})")
+          f"in {chosen} (--precision {args.precision}), trained layers in {trained}")
     print(f"{'stage':<36} {'ms/image':>9} {'share':>7}")
     for k, v in t.items():
         share = f"{v / total:6.1%}" if k in whole_stages else "   (alt)"

@@ -151,8 +151,11 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     good = res[res.error.isna()]
     assert good.predicted_class.notna().all() and set(good.slide) == {"s1", "s2"}
     assert good.lab_distance.notna().all() and good.beyond_lab_range.notna().all()
-    # score.precision=auto, resolved by each worker's CPU (this machine's) and recorded.
-    assert (good.precision == resolve_precision("auto")).all() and broken.precision is None
+    # score.precision=auto and score.trained_precision=auto, resolved by each worker's CPU
+    # (this machine's) and recorded: the trained layers' only where they are not fp32.
+    auto = resolve_precision("auto")
+    expected = auto if auto == "fp32" else f"{auto}/{auto}"
+    assert (good.precision == expected).all() and broken.precision is None
     per = pd.read_parquet(tmp_path / "res_per_class")
     overall = per[per.slide.isna()]
     assert overall["count"].sum() == 7 and (overall.classified == 7).all()
@@ -181,14 +184,16 @@ def test_scoring_is_incremental_and_records_errors(tmp_path, tiny_artifact):
     debris.mkdir(parents=True)
     res.head(2).to_parquet(debris / "part-0.parquet")
     smear(seed=555).save(lake / "s1" / "late.jpg")
-    # This run's trained layers in bf16 (score.trained_precision), recorded beside the frozen.
-    second = run_ok("score", *score_args(tmp_path, lake, tiny_artifact),
-                    "score.trained_precision=bf16").stdout
+    # This run's trained layers in fp32 (score.trained_precision), recorded as the frozen.
+    proc = run_ok("score", *score_args(tmp_path, lake, tiny_artifact),
+                  "score.trained_precision=fp32")
+    second = proc.stdout
+    assert "trained layers in fp32" in proc.stdout + proc.stderr
     assert "scored 1 new images (0 with errors)" in second
     res2 = pd.read_parquet(tmp_path / "res")
     assert len(res2) == 9 and res2.path.is_unique
     late = res2[res2.path.str.endswith("late.jpg")].iloc[0]
-    assert late.precision == f"{resolve_precision('auto')}/bf16", late.precision
+    assert late.precision == auto, late.precision
     assert not debris.exists()
     third = run_ok("score", *score_args(tmp_path, lake, tiny_artifact)).stdout
     assert "scored 0 new images" in third

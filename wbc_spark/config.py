@@ -244,11 +244,12 @@ class ScoreConfig:
     # chosen by each Python worker's CPU), or "int8" (x86 quantisation, from the calibration
     # stored in the model; asked for, never chosen); the trained layers as trained_precision.
     precision: str = "auto"
-    # The trained layers (the blocks after model.freeze_until and the head): "fp32" (the
-    # default: the arithmetic the temperature and the review thresholds were fitted with),
-    # "bf16" (CPU autocast) or "auto" (bf16 where the worker's CPU computes it natively, as
-    # score.precision; fp32 on a GPU). Measured in docs/PERFORMANCE.md.
-    trained_precision: str = "fp32"
+    # The trained layers (the blocks after model.freeze_until and the head): "auto" (the
+    # default: bf16 autocast where the worker's CPU computes it natively, as score.precision,
+    # else fp32; fp32 on a GPU), "bf16" or "fp32" (the arithmetic the temperature and the
+    # review thresholds were fitted in). On 739 held-out cells bf16 changed no prediction and
+    # 0.1% of the review flags, and scored 4% faster (docs/PERFORMANCE.md, session 54).
+    trained_precision: str = "auto"
     # Where each Python worker runs the network: "cpu", "cuda" (the GPU Spark assigned the
     # task with spark.task.resource.gpu.amount, else the first; refused where torch sees
     # none) or "auto" (a GPU where there is one, else the CPU). On a GPU, "auto" precision is
