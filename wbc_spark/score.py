@@ -269,7 +269,8 @@ def classify_frame(data: pd.Series, model, meta: dict, kind: str, precision: str
         stack = np.stack(crops)
         with torch.inference_mode():
             # The frozen layers in ``precision``, the trained layers in ``trained_precision``
-            # (fp32 by default: the arithmetic the temperature and thresholds were fitted with).
+            # (fp32: the arithmetic the temperature and thresholds were fitted with; the job's
+            # "auto" runs them in bf16 where the CPU has it, which changed no held-out call).
             frozen = frozen_pass(model, meta, torch.from_numpy(stack), precision, device)
         lab_features = None
         if channel_map is not None:
