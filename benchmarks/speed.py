@@ -137,6 +137,13 @@ def held_out(model_path: str, classes: list[str]
         f"the model's {len(files)} held-out test-fold images ({counts})", test.source.to_numpy()
 
 
+def precision_parts(spec: str, trained: str = "fp32") -> tuple[str, str]:
+    """(score.precision, score.trained_precision) of a precision as this script names it: one
+    value for the frozen layers (the trained layers then ``trained``), or "FROZEN/TRAINED"."""
+    frozen, _, given = spec.partition("/")
+    return frozen, given or trained
+
+
 def precision_check(model_path: str) -> str:
     """Predictions and review flags on the model's held-out images in fp32, bf16 (the frozen
     layers; then the trained layers too: "bf16/bf16") and, where the model has its
@@ -152,14 +159,14 @@ def precision_check(model_path: str) -> str:
     native_bf16 = resolve_precision("auto") == "bf16"
     for spec in (["fp32"] + ["bf16", "bf16/bf16"] * native_bf16
                  + ["int8"] * bool(meta.get("int8"))):
-        frozen, _, trained = spec.partition("/")
+        frozen, trained = precision_parts(spec)
         preds[spec], flags[spec] = np.zeros(len(y), int), np.zeros(len(y), bool)
         for lab in sorted(set(labs)):
             rows = np.flatnonzero(labs == lab)
             for part in np.array_split(rows, -(-len(rows) // 64)):
                 out = classify_frame(pd.Series([data[k] for k in part]), model, meta, "image",
                                      frozen, channel_map=alignment and alignment.map_for(lab),
-                                     trained_precision=trained or "fp32")
+                                     trained_precision=trained)
                 preds[spec][part] = [classes.index(c) for c in out.predicted_class]
                 flags[spec][part] = out.needs_review.to_numpy(bool)
     low = [p for p in preds if p != "fp32"]
@@ -233,7 +240,7 @@ def split_line(kind: str, lake: Path, args_for: Callable[[Path, Path], list[str]
 def score_args_for(model: str, precision: str) -> Callable[[Path, Path], list[str]]:
     """The scoring job's overrides for ``precision``: score.precision's value, or
     "FROZEN/TRAINED" for score.precision and score.trained_precision."""
-    frozen, _, trained = precision.partition("/")
+    frozen, trained = precision_parts(precision, "")
     extra = [f"score.trained_precision={trained}"] if trained else []
     return lambda lake, out: [f"score.input={lake}", f"score.model={model}",
                               f"score.results={out}", f"score.precision={frozen}", *extra]
@@ -560,10 +567,9 @@ def main() -> int:
             rate = statistics.median(rates_p)
             print(f"scoring job, score.precision={precision}: {rate:.1f} images/s "
                   f"(runs: {', '.join(f'{x:.1f}' for x in rates_p)})")
-            frozen, _, trained = precision.partition("/")
+            frozen, trained = precision_parts(precision, cfg.score.trained_precision)
             print(split_line("job", lake, args_for, rate, len(paths),
-                             network_alone(args.model, frozen, threads=2,
-                                           trained=trained or cfg.score.trained_precision)),
+                             network_alone(args.model, frozen, threads=2, trained=trained)),
                   flush=True)
         return 0
     print(precision_check(args.model))
