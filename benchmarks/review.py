@@ -299,7 +299,8 @@ def main() -> int:
                                   alignment.apply(f, np.broadcast_to(lab_of, len(f))))
 
             original = eval_feats["original"]
-            det = review.fit(model, train_feats, train_labels, by(source[va])(original[va]),
+            det = review.fit(model, *review.training_cells(model, train_feats, train_labels),
+                             by(source[va])(original[va]),
                              labels[va],
                              result.temperature, len(classes), r,
                              plain_pooled=review.pooled(original[tr]),

@@ -120,7 +120,8 @@ def smear_review(model, n: int = 40):
     labels = np.arange(n) % len(CLASSES)
     labs = np.array(["synthetic"] * n)
     half = n // 2
-    return review.fit(model, frozen[:half], labels[:half], frozen[half:], labels[half:], 1.0,
+    return review.fit(model, *review.training_cells(model, frozen[:half], labels[:half]),
+                      frozen[half:], labels[half:], 1.0,
                       len(CLASSES), ReviewConfig(), plain_pooled=review.pooled(frozen[:half]),
                       plain_labels=labels[:half], plain_labs=labs[:half], val_labs=labs[half:])
 

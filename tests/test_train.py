@@ -425,3 +425,64 @@ def test_split_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fak
     with pytest.raises(RuntimeError, match="another order"):
         split_view_logits(model, Converter(), 224, 2, "fp32", [7, 6, 5, 4, 3], ["lab"] * 8,
                           None)
+
+
+def _two_ranks(rank: int, world: int, port: int, out: str) -> None:
+    """One of the training's processes: the validation split shared out and the review's
+    cells gathered, as ``training_worker.distributed_worker`` does them."""
+    import os
+
+    import torch.distributed as dist
+
+    from wbc_spark.training_worker import review_cells, share_validation
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)  # the same weights in every process, as DDP keeps them
+    net = TinyNet().eval()
+    feats = torch.linspace(0, 1, 33 * 3).view(33, 3)
+    labels = np.arange(33) % 2
+    labs = np.array(["north"] * 20 + ["south"] * 13)
+    val = (feats, labels) if rank == 0 else None
+    (part, part_labels), got_labs, logits = share_validation(
+        val, labs if rank == 0 else None, world)
+    train = torch.rand(11 + rank, 3, generator=torch.Generator().manual_seed(rank))
+    cells = review_cells(net, train, np.full(len(train), rank), world, seed=0)
+    torch.save({"part": part, "labels": part_labels, "labs": got_labs, "logits": logits(net),
+                "train": train, "cells": cells}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_share_the_validation_and_the_review_cells(tmp_path):
+    """Two gloo processes: each scores its part of rank 0's validation split, and every rank
+    gets all the logits in order, as rank 0 alone computes them; the review's cells come
+    from half of each rank's views, joined on rank 0 only."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from wbc_spark import review
+    from wbc_spark.train import head_logits
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_ranks, args=(2, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    feats = torch.linspace(0, 1, 33 * 3).view(33, 3)
+    assert len(r0["part"]) == 17 and len(r1["part"]) == 16
+    assert torch.equal(torch.cat([r0["part"], r1["part"]]), feats)
+    for r in (r0, r1):
+        assert np.array_equal(r["labels"], np.arange(33) % 2)
+        assert list(r["labs"]) == ["north"] * 20 + ["south"] * 13
+        np.testing.assert_allclose(r["logits"], head_logits(net, feats), rtol=1e-6)
+    assert r1["cells"] is None
+    cells, cell_labels = r0["cells"]
+    # ceil(11 / 2) of rank 0's views and ceil(12 / 2) of rank 1's
+    assert len(cells) == 12 and list(cell_labels) == [0] * 6 + [1] * 6
+    _, all_cells = review.head(net, torch.cat([r0["train"], r1["train"]]))
+    matches = (np.abs(cells[:, None] - all_cells[None]).max(-1) < 1e-6).sum(1)
+    assert (matches == 1).all()  # each a distinct training view's, through the trained layers

@@ -224,15 +224,34 @@ class ReviewModel:
                 [self.lab.labs[i] for i in lab])
 
 
-def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen: torch.Tensor,
+# Training views the cell detector is fitted on, at most (``training_cells``).
+CELL_SAMPLE = 20_000
+
+
+def training_cells(model, train_frozen: torch.Tensor, train_labels: np.ndarray,
+                   limit: int = CELL_SAMPLE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(head-space features, labels) of training views for the cell detector (``fit``): all
+    of ``train_frozen`` (frozen outputs of augmented views, what the head learnt from), or
+    ``limit`` of them drawn at random (``seed``) where there are more. In fp32, as the
+    validation cells its threshold is set on. A distributed training calls it on each rank's
+    share and joins the parts."""
+    model.eval()
+    pick = np.arange(len(train_frozen))
+    if len(pick) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(pick), limit, replace=False))
+    _, cells = head(model, train_frozen[torch.as_tensor(pick)])
+    return cells, np.asarray(train_labels)[pick]
+
+
+def fit(model, train_cells: np.ndarray, train_labels: np.ndarray, val_frozen: torch.Tensor,
         val_labels: np.ndarray, temperature: float, num_classes: int, settings, *,
         plain_pooled: np.ndarray, plain_labels: np.ndarray, plain_labs: np.ndarray,
-        val_labs: np.ndarray, val_pooled: np.ndarray | None = None, max_train: int = 20_000,
-        seed: int = 0, val_probs: np.ndarray | None = None) -> ReviewModel:
+        val_labs: np.ndarray, val_pooled: np.ndarray | None = None,
+        val_probs: np.ndarray | None = None) -> ReviewModel:
     """Fit the detectors and set the thresholds on the validation split.
 
-    The cell detector is fitted on training views (``train_frozen``, at most ``max_train``,
-    drawn at random; the head learnt from augmented views), the lab detector on unaugmented
+    The cell detector is fitted on training views' head-space features (``train_cells``, with
+    their labels: ``training_cells``), the lab detector on unaugmented
     training crops (``plain_pooled``, their frozen outputs as ``pooled`` gives them, with their
     labels and labs). Thresholds: the confidence threshold for ``settings.target_accuracy`` of
     the unflagged (expected from the calibrated probabilities: ``confidence_threshold``); the
@@ -244,11 +263,7 @@ def fit(model, train_frozen: torch.Tensor, train_labels: np.ndarray, val_frozen:
     (a model that averages test-time views, ``model.test_views``).
     """
     model.eval()
-    pick = np.arange(len(train_frozen))
-    if len(pick) > max_train:
-        pick = np.sort(np.random.default_rng(seed).choice(len(pick), max_train, replace=False))
-    _, cell_tr = head(model, train_frozen[torch.as_tensor(pick)])
-    cell = Gaussian.fit(cell_tr, np.asarray(train_labels)[pick], num_classes)
+    cell = Gaussian.fit(np.asarray(train_cells), np.asarray(train_labels), num_classes)
     lab = LabDetector.fit(np.asarray(plain_pooled), plain_labs, plain_labels)
     logits, cell_va, lab_va = embed(model, val_frozen, lab_features=val_pooled)
     probs = softmax(logits, temperature) if val_probs is None else val_probs

@@ -259,7 +259,8 @@ def selection_score(labels: np.ndarray, predicted: np.ndarray, num_classes: int,
 def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         steps_per_epoch: int, val: tuple[torch.Tensor, np.ndarray] | None,
         recipe: Recipe, num_classes: int, class_counts: list[int],
-        val_labs: np.ndarray | None = None) -> FitResult:
+        val_labs: np.ndarray | None = None,
+        val_logits: Callable[[nn.Module], np.ndarray] | None = None) -> FitResult:
     """Train for ``recipe.epochs``; keep the epoch with the best validation score
     (``recipe.selection``: macro-F1, pooled or per lab (``selection_score``), the lowest
     validation loss, or the last epoch, the validation split then only calibrating).
@@ -272,7 +273,12 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
         val: frozen features and labels of the validation images, or None on ranks that do
             not evaluate.
         val_labs: the validation images' labs (``recipe.selection="lab_mean"`` needs them).
+        val_logits: model -> the logits of every validation image, where they are not
+            ``head_logits(model, val[0])``: a distributed training scores each rank's part of
+            the validation split and gathers them (every rank then chooses the same epoch).
     """
+    logits_of = val_logits or (lambda m: head_logits(m, val[0]))
+
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(class_counts, recipe.class_weighting),
                                   label_smoothing=recipe.label_smoothing)
     optimizer, scheduler = make_optimizer(model, recipe, recipe.epochs * steps_per_epoch)
@@ -285,7 +291,7 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
                                recipe.step_precision)
         record = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - start}
         if val is not None:
-            logits = head_logits(model, val[0])
+            logits = logits_of(model)
             f1 = selection_score(val[1], logits.argmax(1), num_classes, recipe.selection,
                                  val_labs)
             val_loss = float(nn.functional.cross_entropy(torch.as_tensor(logits),
@@ -305,7 +311,7 @@ def fit(model, head: nn.Module, epoch_batches: Callable[[int], Iterable[Batch]],
     temperature = 1.0
     if best_state is not None:
         model.load_state_dict(best_state)
-        temperature = fit_temperature(head_logits(model, val[0]), val[1])
+        temperature = fit_temperature(logits_of(model), val[1])
         log.info("epoch %d kept (train.selection=%s; val macro-F1 %.4f); temperature %.3f",
                  best_epoch, recipe.selection, best[0], temperature)
     return FitResult(best_epoch, best[0], temperature, history)

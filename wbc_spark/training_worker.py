@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -242,14 +242,23 @@ class TestViews(NamedTuple):
 PLAIN_BATCHES = 16
 
 
+class PlainSample(NamedTuple):
+    """What ``plain_sample`` sends from the rank that reads it to rank 0."""
+
+    pooled: np.ndarray  # the crops' frozen outputs, pooled (review.pooled)
+    labels: np.ndarray
+    labs: np.ndarray
+    alignment: dict | None  # LabAlignment.to_state(), with train.align
+
+
 def plain_sample(model, job: TrainingJob, precision: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict | None]:
+                 ) -> tuple[PlainSample, torch.Tensor | None]:
     """The lab detector's training data: the first ``PLAIN_BATCHES`` batches of unaugmented
     training crops through the frozen layers, pooled (``review.pooled``), with their labels
-    and labs; the int8 calibration (``quantize.calibration_state``, empty when
-    ``job.int8_calibration`` is 0) from evenly spaced crops of the same batches; and, with
-    ``job.align``, the lab alignment's state (``lab_alignment``), else None. Small enough to
-    send from one rank to another."""
+    and labs, and with ``job.align`` the lab alignment's state (``lab_alignment``): small
+    enough to send from one rank to another. Beside it, the crops the int8 calibration
+    observes (``int8_calibration``; None when ``job.int8_calibration`` is 0): evenly spaced
+    crops of the same batches, kept on this rank."""
     rows: list[int] = []
     kept: list[torch.Tensor] = []
     stream = converter_batches(job.conv_train, job.crop_size, rows)
@@ -268,17 +277,66 @@ def plain_sample(model, job: TrainingJob, precision: str
     alignment = None
     if job.align:
         alignment = lab_alignment(model, job, precision, frozen, labs, stream, rows).to_state()
-    int8 = {}
+    calibration = None
     if kept:
         sample = torch.cat(kept)
         kept.clear()
         pick = np.unique(np.linspace(0, len(sample) - 1, job.int8_calibration).round()
                          .astype(int))
-        start = time.perf_counter()
-        int8 = quantize.calibration_state(model, sample[torch.from_numpy(pick)])
-        log.info("int8 calibration on %d unaugmented training crops in %.1f s",
-                 int8["images"], time.perf_counter() - start)
-    return review.pooled(frozen), labels, labs, int8, alignment
+        calibration = sample[torch.from_numpy(pick)]
+    return PlainSample(review.pooled(frozen), labels, labs, alignment), calibration
+
+
+def int8_calibration(model, crops: torch.Tensor) -> dict:
+    """``quantize.calibration_state`` of the frozen layers on ``crops``, timed. The frozen
+    layers never change, so the rank holding the crops runs it after training, while rank 0
+    evaluates, instead of making every rank wait for it before the frozen pass."""
+    start = time.perf_counter()
+    state = quantize.calibration_state(model, crops)
+    log.info("int8 calibration on %d unaugmented training crops in %.1f s", state["images"],
+             time.perf_counter() - start)
+    return state
+
+
+def share_validation(val: tuple[torch.Tensor, np.ndarray] | None, val_labs: np.ndarray | None,
+                     world: int) -> tuple[tuple[torch.Tensor, np.ndarray], np.ndarray,
+                                          Callable[[Any], np.ndarray]]:
+    """Rank 0's validation split, cut into one part per rank for ``fit``: this rank's (part of
+    the frozen outputs, every label), every image's lab, and the function that scores each
+    rank's part and gathers the logits in order. Every rank then scores an epoch in
+    1/``world`` of the time rank 0 alone took, while the others waited, and all choose the
+    same epoch."""
+    parts = None
+    if is_main_process():
+        chunks = np.array_split(np.arange(len(val[1])), world)
+        parts = [(val[0][torch.from_numpy(c)], val[1], val_labs) for c in chunks]
+    received: list = [None]
+    dist.scatter_object_list(received, parts, src=0)
+    part, labels, labs = received[0]
+
+    def logits(model) -> np.ndarray:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, head_logits(model, part))
+        return np.concatenate(gathered)
+
+    return (part, labels), labs, logits
+
+
+def review_cells(model, train_feats: torch.Tensor, train_labels: np.ndarray, world: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cell detector's training views (``review.training_cells``) from every rank's
+    shard: each rank passes 1/``world`` of its cached views through the trained layers (as
+    many in all as one shard holds, up to ``review.CELL_SAMPLE``), and rank 0 gets them all
+    (the other ranks None)."""
+    limit = min(review.CELL_SAMPLE // world, -(-len(train_feats) // world))
+    cells = review.training_cells(model, train_feats, train_labels, limit, seed + rank())
+    if world == 1:
+        return cells
+    parts: list | None = [None] * world if is_main_process() else None
+    dist.gather_object(cells, parts, dst=0)
+    if parts is None:
+        return None
+    return np.concatenate([c for c, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def lab_alignment(model, job: TrainingJob, precision: str, frozen: torch.Tensor,
@@ -353,12 +411,12 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     # 0 does not pass them through the frozen layers alone after training. Only the training
     # data streams through a petastorm reader, and it is the only reader in the process: with
     # petastorm 0.13.1 a second reader in one process was seen to come back empty now and then.
-    val = test = plain = None
+    val = test = plain = calibration = None
     rows: list[int] = []
     val_rows: list[int] = []
     plain_rank = world - 1
     if rank() == plain_rank:
-        plain = plain_sample(model, job, precision)
+        plain, calibration = plain_sample(model, job, precision)
     if main:
         val = frozen_features(model, converter_batches(job.conv_val, size, val_rows),
                               precision)
@@ -410,7 +468,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
         shared = [plain]
         dist.broadcast_object_list(shared, src=plain_rank)
         plain = shared[0]
-    alignment = LabAlignment.from_state(plain[4]) if plain[4] else None
+    alignment = LabAlignment.from_state(plain.alignment) if plain.alignment else None
     val_pooled = test_pooled = None
     if alignment:
         # The lab detector compares unaligned outputs (a lab's shift is what it detects); the
@@ -423,15 +481,19 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                     test[1])
     per_rank, steps = rank_batches(job.n_train, recipe.batch_size, world)
     rng = np.random.default_rng([recipe.seed, rank()])
+    fit_val, fit_val_labs, val_logits = val, val_labs, None
+    if world > 1:
+        fit_val, fit_val_labs, val_logits = share_validation(val, val_labs, world)
     result = fit(model, train_head,
                  lambda epoch: feature_batches(train_feats, train_labels, per_rank,
                                                steps, rng, recipe.sampling, train_labs),
-                 steps, val, recipe, len(classes), job.class_counts,
-                 val_labs=val_labs)
+                 steps, fit_val, recipe, len(classes), job.class_counts,
+                 val_labs=fit_val_labs, val_logits=val_logits)
+    cells = review_cells(model, train_feats, train_labels, world, recipe.seed)
+    int8 = int8_calibration(model, calibration) if calibration is not None else {}
 
-    summary = None
+    summary = embedded = detectors = views = None
     if main:
-        views = None
         val_probs = None
         if job.test_views > 1:
             # Test-time flips: every validation and test image's views through the network,
@@ -446,24 +508,27 @@ def distributed_worker(job: TrainingJob) -> dict | None:
             val_probs = metrics.mean_probs(val_views, views.temperature)
             log.info("%d test-time views: temperature %.3f (one view's %.3f)", job.test_views,
                      views.temperature, result.temperature)
-        # The review detectors: fitted on this rank's training views, thresholds on the
+        # The review detectors: fitted on the ranks' training views, thresholds on the
         # validation split (the test fold is only evaluated).
-        plain_pooled, plain_labels, plain_labs, int8, alignment_state = plain
-        detectors = review.fit(model, train_feats, train_labels, val[0], val[1],
+        detectors = review.fit(model, *cells, val[0], val[1],
                                result.temperature, len(classes), job.review,
-                               plain_pooled=plain_pooled, plain_labels=plain_labels,
-                               plain_labs=plain_labs,
-                               val_labs=val_labs,
-                               val_pooled=val_pooled, seed=recipe.seed, val_probs=val_probs)
-        test_feats, labels = test
+                               plain_pooled=plain.pooled, plain_labels=plain.labels,
+                               plain_labs=plain.labs, val_labs=val_labs,
+                               val_pooled=val_pooled, val_probs=val_probs)
+        embedded = review.embed(model, test[0], lab_features=test_pooled)
+    if plain_rank != 0:  # the int8 calibration, from the rank that ran it while rank 0 evaluated
+        shared = [int8]
+        dist.broadcast_object_list(shared, src=plain_rank)
+        int8 = shared[0]
+    if main:
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
         run = {"processes": world, "local_mode": job.local_mode,
                "backend": "gloo" if world > 1 else None,
                "python": sys.prefix, "frozen_pass_seconds": round(frozen_seconds, 1),
                "epoch_seconds": [round(h["seconds"], 2) for h in result.history]}
-        summary = write_evaluation(job, model, pretrained, result, test_feats, labels, rows,
+        summary = write_evaluation(job, model, pretrained, result, embedded, test[1], rows,
                                    parameter_summary(model), detectors, run, int8,
-                                   alignment_state, test_pooled, views)
+                                   plain.alignment, views)
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
@@ -475,18 +540,18 @@ def distributed_worker(job: TrainingJob) -> dict | None:
 
 
 def write_evaluation(job: TrainingJob, model, pretrained, result: FitResult,
-                     test_feats: torch.Tensor, labels: np.ndarray, rows: list[int], params: dict,
-                     detectors: review.ReviewModel, run: dict, int8: dict | None = None,
-                     alignment: dict | None = None, test_pooled: np.ndarray | None = None,
+                     embedded: tuple[np.ndarray, np.ndarray, np.ndarray], labels: np.ndarray,
+                     rows: list[int], params: dict, detectors: review.ReviewModel, run: dict,
+                     int8: dict | None = None, alignment: dict | None = None,
                      views: TestViews | None = None) -> dict:
     """Rank 0: test-fold report, predictions, confusion PNG and the model artifact.
-    ``test_pooled``: the test crops' unaligned pooled outputs, for the lab detector, when
-    ``test_feats`` are aligned. ``views``: with ``model.test_views`` > 1, the report, flags
+    ``embedded``: ``review.embed``'s (logits, head-space features, unaligned pooled frozen
+    outputs) of the test crops. ``views``: with ``model.test_views`` > 1, the report, flags
     and confusion are the views' mean's, and one view's figures are kept beside."""
     classes = job.classes
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
-    logits, cell_f, lab_f = review.embed(model, test_feats, lab_features=test_pooled)
+    logits, cell_f, lab_f = embedded
     probs = metrics.softmax(logits, result.temperature)
     labs = np.asarray([job.sources[r] for r in rows])
     temperature = result.temperature
