@@ -74,6 +74,28 @@ def test_apply_maps_each_image_by_its_own_lab_views_too():
     assert alignment.apply(in_place, mixed, inplace=True, chunk=7) is in_place
 
 
+def test_a_map_leaves_its_input_alone_and_a_one_lab_chunk_is_mapped_where_it_lies():
+    """The map works on its own fp32 copy (an fp32 input is not overwritten), and ``apply``
+    maps a chunk holding one lab's rows in place of its index copy: both give exactly
+    ``(x * scale + shift).clamp(0)`` in fp32, cast back to the cache's fp16, channels-last."""
+    a, b = relu_features(16, 8), relu_features(16, 9, offset=1.5)
+    x = torch.cat([a, b])
+    labs = np.array(["a"] * 16 + ["b"] * 16)
+    alignment = LabAlignment.fit(x, labs)
+    kept = x.clone()
+    alignment.map_for("b")(x)
+    assert torch.equal(x, kept)
+    cache = x.half().contiguous(memory_format=torch.channels_last)
+    expected = torch.cat([
+        (cache[labs == lab].float() * m.scale.view(-1, 1, 1) + m.shift.view(-1, 1, 1))
+        .clamp_min(0).half() for lab, m in (("a", alignment.map_for("a")),
+                                            ("b", alignment.map_for("b")))])
+    for chunk in (16, 8, 5):  # one lab per chunk, then chunks across the labs' boundary
+        out = alignment.apply(cache.clone(), labs, inplace=True, chunk=chunk)
+        assert torch.equal(out, expected)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_an_unknown_lab_is_refused_unless_measured():
     x = relu_features(10, 8)
     alignment = LabAlignment.fit(x, np.array(["KRD-WBC"] * 10))

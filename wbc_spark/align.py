@@ -98,8 +98,11 @@ class ChannelMap:
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats``: ... x C x H x W (images, or views x images)."""
         scale, shift = self.scale.to(feats.device), self.shift.to(feats.device)
-        out = feats.float() * scale.view(-1, 1, 1) + shift.view(-1, 1, 1)
-        return out.clamp_min(0).to(feats.dtype)
+        # In place on one fp32 copy: the same arithmetic as ``x * scale + shift`` (each
+        # product rounded to fp32, then the sum), without three more temporaries.
+        out = feats.to(torch.float32, copy=True)
+        out.mul_(scale.view(-1, 1, 1)).add_(shift.view(-1, 1, 1)).clamp_(min=0)
+        return out.to(feats.dtype)
 
 
 @dataclass
@@ -142,7 +145,11 @@ class LabAlignment:
         for start in range(0, n, chunk):
             part = out.narrow(-4, start, min(chunk, n - start))  # a view into ``out``
             part_labs = labs[start:start + part.shape[-4]]
-            for lab in np.unique(part_labs):
+            present = np.unique(part_labs)
+            if len(present) == 1:  # the usual chunk: rows of one lab, mapped where they are
+                part.copy_(maps[present[0]](part))
+                continue
+            for lab in present:
                 at = torch.from_numpy(np.flatnonzero(part_labs == lab))
                 part.index_copy_(-4, at, maps[lab](part.index_select(-4, at)))
         return out
