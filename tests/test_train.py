@@ -427,7 +427,7 @@ def test_split_view_logits_score_each_flip_of_a_split_in_row_order(tmp_path, fak
                           None)
 
 
-def _two_ranks(rank: int, world: int, port: int, out: str) -> None:
+def _two_ranks(rank: int, world: int, port: int, out: str, n_val: int = 33) -> None:
     """One of the training's processes: the validation split shared out and the review's
     cells gathered, as ``training_worker.distributed_worker`` does them."""
     import os
@@ -441,9 +441,9 @@ def _two_ranks(rank: int, world: int, port: int, out: str) -> None:
                             world_size=world)
     torch.manual_seed(0)  # the same weights in every process, as DDP keeps them
     net = TinyNet().eval()
-    feats = torch.linspace(0, 1, 33 * 3).view(33, 3)
-    labels = np.arange(33) % 2
-    labs = np.array(["north"] * 20 + ["south"] * 13)
+    feats = torch.linspace(0, 1, n_val * 3).view(n_val, 3)
+    labels = np.arange(n_val) % 2
+    labs = np.array(["north"] * 20 + ["south"] * 13)[:n_val]
     val = (feats, labels) if rank == 0 else None
     (part, part_labels), got_labs, logits = share_validation(
         val, labs if rank == 0 else None, world)
@@ -465,10 +465,12 @@ def test_ranks_share_the_validation_and_the_review_cells(tmp_path):
     from wbc_spark import review
     from wbc_spark.train import head_logits
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_ranks, args=(2, port, str(tmp_path)), nprocs=2)
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    mp.spawn(_two_ranks, args=(2, free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     torch.manual_seed(0)
     net = TinyNet().eval()
@@ -486,3 +488,12 @@ def test_ranks_share_the_validation_and_the_review_cells(tmp_path):
     _, all_cells = review.head(net, torch.cat([r0["train"], r1["train"]]))
     matches = (np.abs(cells[:, None] - all_cells[None]).max(-1) < 1e-6).sum(1)
     assert (matches == 1).all()  # each a distinct training view's, through the trained layers
+
+    # One validation image for two ranks: the second scores an empty part.
+    mp.spawn(_two_ranks, args=(2, free_port(), str(tmp_path), 1), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["part"]) == 1 and len(r1["part"]) == 0
+    for r in (r0, r1):
+        assert r["logits"].shape == (1, 2)
+        np.testing.assert_allclose(r["logits"], head_logits(net, torch.linspace(0, 1, 3)[None]),
+                                   rtol=1e-6)

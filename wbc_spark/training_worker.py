@@ -316,7 +316,10 @@ def share_validation(val: tuple[torch.Tensor, np.ndarray] | None, val_labs: np.n
 
     def logits(model) -> np.ndarray:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, head_logits(model, part))
+        # More ranks than validation images leave some parts empty.
+        mine = (head_logits(model, part) if len(part) else
+                np.zeros((0, model.fc.out_features), np.float32))
+        dist.all_gather_object(gathered, mine)
         return np.concatenate(gathered)
 
     return (part, labels), labs, logits
