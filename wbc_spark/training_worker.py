@@ -298,6 +298,13 @@ def int8_calibration(model, crops: torch.Tensor) -> dict:
     return state
 
 
+def broadcast(obj: Any, src: int) -> Any:
+    """``obj`` as rank ``src`` holds it, on every rank (a picklable object)."""
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=src)
+    return shared[0]
+
+
 def share_validation(val: tuple[torch.Tensor, np.ndarray] | None, val_labs: np.ndarray | None,
                      world: int) -> tuple[tuple[torch.Tensor, np.ndarray], np.ndarray,
                                           Callable[[Any], np.ndarray]]:
@@ -468,9 +475,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
              "(%s) in %.1f s; training steps in %s", len(train_feats), precision,
              frozen_seconds, resolve_precision(recipe.step_precision))
     if plain_rank != 0:
-        shared = [plain]
-        dist.broadcast_object_list(shared, src=plain_rank)
-        plain = shared[0]
+        plain = broadcast(plain, plain_rank)
     alignment = LabAlignment.from_state(plain.alignment) if plain.alignment else None
     val_pooled = test_pooled = None
     if alignment:
@@ -520,9 +525,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
                                val_pooled=val_pooled, val_probs=val_probs)
         embedded = review.embed(model, test[0], lab_features=test_pooled)
     if plain_rank != 0:  # the int8 calibration, from the rank that ran it while rank 0 evaluated
-        shared = [int8]
-        dist.broadcast_object_list(shared, src=plain_rank)
-        int8 = shared[0]
+        int8 = broadcast(int8, plain_rank)
     if main:
         # Where and how it ran: a cluster run's Python is the executors' (a shipped archive).
         run = {"processes": world, "local_mode": job.local_mode,
@@ -535,9 +538,7 @@ def distributed_worker(job: TrainingJob) -> dict | None:
     if world > 1:
         # TorchDistributor keeps whichever rank's return value is written last: give every
         # rank rank 0's summary.
-        shared = [summary]
-        dist.broadcast_object_list(shared, src=0)
-        summary = shared[0]
+        summary = broadcast(summary, 0)
         dist.destroy_process_group()
     return summary
 
